@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 CELLPROFILER := $(CURDIR)/$(CP_VENV)/bin/cellprofiler
 CP_VERSION := 5.0.0.dev784
 # Python 3.8 (the official CellProfiler 4.2 image's Python) for worker compatibility tests.
-PYTHON38 ?= $(shell command -v python3.8 2>/dev/null || ls $$HOME/.pyenv/versions/3.8*/bin/python3.8 2>/dev/null | tail -n 1)
+# (pyenv shims exist for versions that are not active, so each candidate is tried.)
+PYTHON38 ?= $(shell for p in $$HOME/.pyenv/versions/3.8*/bin/python3.8 $$(command -v python3.8); do \
+	  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && { echo "$$p"; break; }; done)
 PY38_VENV := .venv-py38
 
 export CPB_CELLPROFILER ?= $(CELLPROFILER)
