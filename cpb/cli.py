@@ -1,0 +1,400 @@
+"""`cpb`: submit CellProfiler work to the stack, watch it, collect results.
+
+Every command finds the stack the same way (cpb.stack), prints one clear line
+on failure (a traceback only with `cpb --debug`), and uses the same modules
+the demo and the tests use, so what is tested is what scientists run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from cpb import results as results_mod
+from cpb import status as status_mod
+from cpb import submit as submit_mod
+from cpb import upload as upload_mod
+from cpb.aws import Clients, make_clients
+from cpb.progress import byte_bar, say
+from cpb.stack import StackConfig, StackError, discover
+
+# Exit codes of `cpb status` (documented in docs/CLI.md).
+EXIT_OK, EXIT_FAILED, EXIT_RUNNING = 0, 1, 3
+
+
+class UserError(click.ClickException):
+    """An error meant for a person: printed as one line, exit code 1."""
+
+    def show(self, file: Any = None) -> None:  # noqa: D102 - one line, no "Error:" noise
+        click.echo(f"cpb: {self.format_message()}", err=True)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from cpb.requeue import RequeueError
+    return (StackError, submit_mod.SubmitError, results_mod.IncompleteRun, results_mod.ResultsError,
+            RequeueError, ClientError, BotoCoreError, FileNotFoundError, PermissionError, ValueError)
+
+
+class CpbGroup(click.Group):
+    """Turns expected failures into one line; `--debug` shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _expected_errors() as exc:
+            if ctx.meta.get("cpb.debug") or os.environ.get("CPB_DEBUG"):
+                raise
+            raise UserError(_one_line(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception as one readable line (botocore errors are long)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def stack_options(command: Callable) -> Callable:
+    """Options every AWS-facing command takes to find the stack."""
+    options = [
+        click.option("--stack", "stack_name", help="Pulumi stack to read outputs from (e.g. dev)."),
+        click.option("--bucket", help="Data bucket (else stack output bucketName / $CPB_BUCKET)."),
+        click.option("--queue-url", help="Job queue URL (else stack output queueUrl / $CPB_QUEUE_URL)."),
+        click.option("--dlq-url", help="Dead-letter queue URL (else deadLetterQueueUrl / $CPB_DLQ_URL)."),
+        click.option("--job-queue", help="Batch job queue ARN (else jobQueueArn / $CPB_JOB_QUEUE)."),
+        click.option("--region", help="AWS region (else stack output region / $CPB_REGION / AWS_REGION)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, stack_name: Optional[str], bucket: Optional[str], queue_url: Optional[str],
+                dlq_url: Optional[str], job_queue: Optional[str], region: Optional[str], **kwargs: Any) -> Any:
+        stack = discover(stack_name, {"bucket": bucket, "queue_url": queue_url, "dlq_url": dlq_url,
+                                      "job_queue": job_queue, "region": region})
+        return command(*args, stack=stack, **kwargs)
+
+    return wrapper  # functools.wraps carries click's __click_params__ over
+
+
+def _clients(stack: StackConfig) -> Clients:
+    return make_clients(stack.region)
+
+
+@click.group(cls=CpbGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Run CellProfiler pipelines on the stack's AWS Batch, or locally."""
+    ctx.meta["cpb.debug"] = debug
+
+
+# --------------------------------------------------------------------------- submit
+
+@cli.command()
+@click.option("--pipeline", help="Bucket key of the .cppipe (or a local file with --upload).")
+@click.option("--input", "input_prefix", help="Bucket key prefix of the input images.")
+@click.option("--output", help="Bucket key prefix for the results.")
+@click.option("--data-file", help="Bucket key of a LoadData CSV (or a local file with --upload).")
+@click.option("--image-sets-per-job", type=int, help="Split into an array job, this many image sets per child.")
+@click.option("--memory", type=int, help="MiB of memory per job (job_memory).")
+@click.option("--vcpus", type=int, help="vCPUs per job (job_vcpu).")
+@click.option("--job-name", help="Readable name for the Batch job(s).")
+@click.option("--unsplittable", is_flag=True, help="Run as one CellProfiler process (stateful pipelines).")
+@click.option("--message-file", "message_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON message file (one object or a list) instead of the flags above.")
+@click.option("--upload", "upload_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Upload this local folder of images to --input first (skips unchanged files).")
+@click.option("--dry-run", is_flag=True, help="Validate and print the messages without sending.")
+@click.option("--no-check", is_flag=True, help="Skip checking that pipeline and inputs exist in the bucket.")
+@stack_options
+def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[str], output: Optional[str],
+           data_file: Optional[str], image_sets_per_job: Optional[int], memory: Optional[int],
+           vcpus: Optional[int], job_name: Optional[str], unsplittable: bool, message_file: Optional[Path],
+           upload_dir: Optional[Path], dry_run: bool, no_check: bool) -> None:
+    """Validate job messages like the Lambda does, then send them to the queue."""
+    stack.require("bucket", *(() if dry_run else ("queue_url",)))
+    say(stack.describe_sources())
+    clients = _clients(stack)
+    if message_file is not None:
+        if any(v is not None for v in (pipeline, input_prefix, output, data_file, image_sets_per_job)):
+            raise UserError("give either --message-file or --pipeline/--input/--output, not both")
+        body = submit_mod.read_message_file(message_file)
+    else:
+        missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
+        if missing:
+            raise UserError(f"missing {', '.join(missing)} (or pass --message-file FILE)")
+        if upload_dir is not None:
+            pipeline, data_file = upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
+                                                pipeline, data_file)
+        body = json.dumps(submit_mod.message_from_flags(
+            pipeline, input_prefix, output, data_file, image_sets_per_job, memory, vcpus, job_name, unsplittable))
+    limits = submit_mod.limits_for(stack.bucket, stack.job_queue, None, os.environ)
+    requests = submit_mod.validate(body, limits)
+    if not no_check:
+        checked = submit_mod.check_in_bucket(clients.s3, requests, limits)
+        for item in checked:
+            if item.image_set_count is not None:
+                say(f"{item.request.output}: {item.image_set_count} image sets in {item.request.data_file}")
+    if dry_run:
+        for request in requests:
+            click.echo(json.dumps(request.to_message(), sort_keys=True))
+        say(f"dry run: {len(requests)} message(s) valid, nothing sent")
+        return
+    report = submit_mod.send(clients.sqs, stack.queue_url, requests)
+    for sent in report.sent:
+        click.echo(f"sent {sent.message_id}  results: s3://{stack.bucket}/{sent.request.output}/")
+    for request, reason in report.failed:
+        click.echo(f"NOT sent ({request.output}): {reason}", err=True)
+    if report.sent:
+        say(f"follow with: cpb status {' '.join(sorted({s.request.output for s in report.sent}))}")
+    if report.failed:
+        raise UserError(f"{len(report.failed)} of {len(requests)} message(s) were not accepted by SQS")
+
+
+def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipeline: str,
+                  data_file: Optional[str]) -> tuple[str, Optional[str]]:
+    """Upload the image folder, plus the pipeline/data file when they are local files.
+
+    A local pipeline goes to `pipelines/<sha256[:12]>/<name>`: content-addressed,
+    so re-uploading an edited pipeline never changes the one running jobs read.
+    A data file inside the folder is uploaded with it; one outside goes to
+    `<input>/<name>`. Returns the (pipeline, data_file) bucket keys.
+    """
+    files, hidden = upload_mod.local_files(folder)
+    pairs = [(p, upload_mod.join_key(input_prefix, p.relative_to(folder).as_posix())) for p in files]
+    pipeline_path = Path(pipeline)
+    if pipeline_path.is_file():
+        digest = upload_mod.sha256_file(pipeline_path)
+        pipeline = f"pipelines/{digest[:12]}/{pipeline_path.name}"
+        pairs.append((pipeline_path, pipeline))
+    if data_file and Path(data_file).is_file():
+        local = Path(data_file).resolve()
+        try:
+            data_file = upload_mod.join_key(input_prefix, local.relative_to(folder.resolve()).as_posix())
+        except ValueError:
+            data_file = upload_mod.join_key(input_prefix, local.name)
+            pairs.append((local, data_file))
+    total = upload_mod.total_bytes(p for p, _ in pairs)
+    with byte_bar(total, f"upload {len(pairs)} files") as advance:
+        report = upload_mod.upload_files(s3, bucket, pairs, advance)
+    say(f"uploaded {len(report.uploaded)} file(s), {report.bytes_sent} bytes; "
+        f"{len(report.skipped)} unchanged file(s) skipped")
+    if hidden:
+        say(f"not uploaded (hidden files): {', '.join(p.relative_to(folder).as_posix() for p in hidden)}")
+    return pipeline, data_file
+
+
+# --------------------------------------------------------------------------- status
+
+@cli.command()
+@click.argument("outputs", nargs=-1, required=True)
+@click.option("--watch", is_flag=True, help="Refresh until every job has finished.")
+@click.option("--interval", type=float, default=15.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--timeout", type=float, help="Give up watching after this many seconds.")
+@click.option("--parts", type=int, help="Expected array children (when there is no submission record).")
+@click.option("--no-dlq", is_flag=True, help="Do not look into the dead-letter queue.")
+@stack_options
+def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: float,
+           timeout: Optional[float], parts: Optional[int], no_dlq: bool) -> None:
+    """Show the jobs writing to OUTPUT prefix(es); exit 0 all succeeded, 1 failed, 3 running."""
+    stack.require("bucket")
+    clients = _clients(stack)
+
+    def fetch() -> list[status_mod.OutputStatus]:
+        return [status_mod.output_status(clients.s3, clients.batch, stack.bucket, o, parts) for o in outputs]
+
+    if watch:
+        states = status_mod.watch(fetch, lambda s: click.echo(render_status(s, stack.bucket)), interval, timeout)
+    else:
+        states = fetch()
+        click.echo(render_status(states, stack.bucket))
+    if stack.dlq_url and not no_dlq:
+        click.echo(render_dlq(clients.sqs, stack.dlq_url, stack))
+    verdicts = {s.verdict for s in states}
+    if "failed" in verdicts:
+        sys.exit(EXIT_FAILED)
+    if verdicts - {"succeeded"}:
+        sys.exit(EXIT_RUNNING)
+
+
+def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
+    """Human-readable status of several outputs."""
+    lines = []
+    for state in states:
+        lines.append(f"s3://{bucket}/{state.output}/: {state.verdict.upper()}")
+        if not state.jobs:
+            lines.append("  no submission record yet (message still in the queue, or rejected: see the DLQ)")
+        for job in state.jobs:
+            progress = ""
+            if job.array_size:
+                done = job.children.get("SUCCEEDED", 0) - len(job.failed_children)
+                progress = f"  {max(done, 0)}/{job.array_size} children succeeded" + (
+                    f", {len(job.failed_children)} failed" if job.failed_children else "")
+            lines.append(f"  job {job.name} {job.job_id}: {job.status}{progress}"
+                         + (f"  [log stream {job.log_stream}]" if job.log_stream and not job.array_size else ""))
+        done_parts = sum(p.status == "succeeded" for p in state.run.parts)
+        if state.run.parts:
+            lines.append(f"  run records: {done_parts}/{len(state.run.parts)} succeeded")
+        for problem in state.problems():
+            lines.append(f"  ! {problem}")
+    return "\n".join(lines)
+
+
+def render_dlq(sqs: Any, dlq_url: str, stack: StackConfig) -> str:
+    """The dead-letter queue's content, each message with the reason it is there."""
+    limits = submit_mod.limits_for(stack.bucket, stack.job_queue, None, os.environ)
+    total, letters = status_mod.peek_dlq(sqs, dlq_url, lambda body: explain(body, limits))
+    if not total:
+        return "dead-letter queue: empty"
+    lines = [f"dead-letter queue: {total} message(s)"]
+    for letter in letters:
+        lines.append(f"  {letter.message_id} (received {letter.receive_count}x) output={letter.output or '?'}: "
+                     f"{letter.reason}")
+    lines.append("  fix the cause, then: cpb requeue --dlq")
+    return "\n".join(lines)
+
+
+def explain(body: str, limits: Any) -> str:
+    """Why a dead-lettered message failed, as far as the client can tell."""
+    try:
+        submit_mod.validate(body, limits)
+    except submit_mod.SubmitError as exc:
+        return str(exc)
+    return "valid message; the Lambda could not submit it (see its log group)"
+
+
+# --------------------------------------------------------------------------- results
+
+@cli.command()
+@click.argument("output")
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Local folder to write the (merged) results into.")
+@click.option("--parts", type=int, help="Expected array children (when there is no submission record).")
+@stack_options
+def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int]) -> None:
+    """Download OUTPUT's results, merging array parts; refuses incomplete runs."""
+    stack.require("bucket")
+    clients = _clients(stack)
+    bar = _LazyBar("download")
+    try:
+        report = results_mod.collect(clients.s3, stack.bucket, output, dest, parts, bar.advance, bar.start)
+    finally:
+        bar.close()
+    merged = f" (merged from {report.parts} array parts)" if report.parts else ""
+    click.echo(f"{len(report.files)} file(s) in {dest}{merged}")
+    for name, rows in sorted(report.rows.items()):
+        click.echo(f"  {name}: {rows} rows")
+
+
+class _LazyBar:
+    """A byte progress bar created once the total is known."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self._cm, self._advance = label, None, None
+
+    def start(self, total: int) -> None:
+        self._cm = byte_bar(total, self.label)
+        self._advance = self._cm.__enter__()
+
+    def advance(self, n: int) -> None:
+        if self._advance:
+            self._advance(n)
+
+    def close(self) -> None:
+        if self._cm:
+            self._cm.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- requeue
+
+@cli.command()
+@click.argument("outputs", nargs=-1)
+@click.option("--dlq", "from_dlq", is_flag=True, help="Move dead-letter messages back to the job queue.")
+@click.option("--force", is_flag=True, help="With --dlq: also move messages that still fail validation.")
+@click.option("--dry-run", is_flag=True, help="Say what would be resubmitted, change nothing.")
+@stack_options
+def requeue(stack: StackConfig, outputs: tuple[str, ...], from_dlq: bool, force: bool, dry_run: bool) -> None:
+    """Resubmit the failed jobs / array children of OUTPUT(s), or redrive the DLQ."""
+    from cpb import requeue as requeue_mod
+    if not outputs and not from_dlq:
+        raise UserError("give OUTPUT prefix(es) whose failed jobs to resubmit, or --dlq")
+    stack.require("bucket")
+    clients = _clients(stack)
+    for output in outputs:
+        done = requeue_mod.requeue_failed(clients.s3, clients.batch, stack.bucket, output, dry_run=dry_run)
+        for line in done:
+            click.echo(line)
+        if not done:
+            click.echo(f"{output}: nothing failed, nothing to resubmit")
+    if from_dlq:
+        stack.require("queue_url", "dlq_url")
+        limits = submit_mod.limits_for(stack.bucket, stack.job_queue, None, os.environ)
+        moved, kept = requeue_mod.redrive_dlq(clients.sqs, stack.dlq_url, stack.queue_url,
+                                              lambda body: submit_mod.validate(body, limits), force, dry_run)
+        verb = "would move" if dry_run else "moved"
+        click.echo(f"dead-letter queue: {verb} {len(moved)} message(s) back to the job queue")
+        for message_id, reason in kept:
+            click.echo(f"  kept {message_id}: {reason} (fix it and send again, or --force)")
+
+
+# --------------------------------------------------------------------------- run --local
+
+@cli.command()
+@click.option("--local", "local", is_flag=True, required=True,
+              help="Run on this machine (the only mode; AWS runs go through `cpb submit`).")
+@click.option("--pipeline", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Local .cppipe file.")
+@click.option("--input", "input_dir", required=True, type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Local folder of input images.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Local folder for the results.")
+@click.option("--data-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="LoadData CSV listing the image sets.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="CellProfiler processes to run side by side.")
+@click.option("--unsplittable", is_flag=True, help="Run as one CellProfiler process (stateful pipelines).")
+def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_file: Optional[Path],
+        workers: int, unsplittable: bool) -> None:
+    """Run the worker here with real CellProfiler, exactly as a Batch job would."""
+    from cpb.runlocal import run_local
+    outcome = run_local(pipeline, input_dir, output_dir, data_file, workers, unsplittable)
+    click.echo(outcome.summary)
+    if not outcome.ok:
+        sys.exit(outcome.exit_code or 1)
+
+
+# --------------------------------------------------------------------------- demo
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("demo-output"),
+              show_default=True, help="Where the demo writes results and the plate picture.")
+@click.option("--wells", type=click.IntRange(1, 96), default=2, show_default=True, help="Wells on the plate.")
+@click.option("--sites", type=click.IntRange(1, 16), default=4, show_default=True, help="Sites per well.")
+@click.option("--sets-per-job", type=click.IntRange(1, 1000), default=2, show_default=True,
+              help="Image sets per array child.")
+@click.option("--parallel", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="Jobs the local Batch runner runs at once.")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Largest relative error of a well's nuclei count.")
+def demo(out_dir: Path, wells: int, sites: int, sets_per_job: int, parallel: int, tolerance: float) -> None:
+    """Run the whole system end to end on AWS emulated on 127.0.0.1 (no account)."""
+    from cpb.demo import DemoSettings, run_demo
+    ok = run_demo(DemoSettings(out_dir=out_dir, wells=wells, sites=sites, sets_per_job=sets_per_job,
+                               parallel=parallel, tolerance=tolerance))
+    if not ok:
+        sys.exit(1)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point (`cpb`)."""
+    cli.main(args=argv, prog_name="cpb")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

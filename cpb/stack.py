@@ -1,0 +1,140 @@
+"""Where the deployed stack lives: bucket, queues, Batch job queue.
+
+Scientists should not have to copy ARNs around. The first choice is the
+Pulumi stack's outputs (`pulumi stack output --json`, contract names in
+docs/CONTRACTS.md); without the Pulumi CLI the same values come from flags or
+`CPB_*` environment variables. Every value remembers where it came from so
+the CLI can say which source it used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+# Stack output name -> (StackConfig attribute, environment variable).
+OUTPUTS: dict[str, tuple[str, str]] = {
+    "bucketName": ("bucket", "CPB_BUCKET"),
+    "queueUrl": ("queue_url", "CPB_QUEUE_URL"),
+    "deadLetterQueueUrl": ("dlq_url", "CPB_DLQ_URL"),
+    "jobQueueArn": ("job_queue", "CPB_JOB_QUEUE"),
+    "jobDefinitionArn": ("job_definition", "CPB_JOB_DEFINITION"),
+    "region": ("region", "CPB_REGION"),
+    "logGroupName": ("log_group", "CPB_LOG_GROUP"),
+}
+
+HOW_TO_FIX = ("select a deployed stack (install the Pulumi CLI, then `pulumi stack select dev` "
+              "or pass --stack dev), or set CPB_BUCKET and CPB_QUEUE_URL (also CPB_DLQ_URL, "
+              "CPB_JOB_QUEUE, CPB_REGION) or pass --bucket/--queue-url")
+
+
+class StackError(Exception):
+    """The stack's settings cannot be found; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The deployed resources the client talks to, and where each came from."""
+
+    bucket: Optional[str] = None
+    queue_url: Optional[str] = None
+    dlq_url: Optional[str] = None
+    job_queue: Optional[str] = None
+    job_definition: Optional[str] = None
+    region: Optional[str] = None
+    log_group: Optional[str] = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def require(self, *names: str) -> "StackConfig":
+        """Fail with one clear line when a command needs a value nobody gave."""
+        missing = [n for n in names if not getattr(self, n)]
+        if missing:
+            wanted = ", ".join(_describe(n) for n in missing)
+            raise StackError(f"no {wanted} known: {HOW_TO_FIX}")
+        return self
+
+    def describe_sources(self) -> str:
+        """One line naming where the settings came from, for the user."""
+        used = sorted(set(self.sources.values()))
+        return "stack settings from " + (", ".join(used) if used else "nowhere")
+
+
+def _describe(attribute: str) -> str:
+    for output, (attr, env) in OUTPUTS.items():
+        if attr == attribute:
+            return f"{attribute.replace('_', ' ')} (stack output {output} / {env})"
+    return attribute
+
+
+def pulumi_outputs(stack: Optional[str], cwd: Optional[str] = None,
+                   runner=subprocess.run) -> Optional[dict]:
+    """The stack's outputs from the Pulumi CLI, or None when it is not installed.
+
+    A selected stack that fails (not logged in, no such stack) is an error the
+    user must see, not something to silently paper over with env vars.
+    """
+    exe = shutil.which("pulumi")
+    if exe is None:
+        if stack:
+            raise StackError(f"--stack {stack} needs the Pulumi CLI, which is not on PATH: "
+                             "install it, or set the CPB_* variables instead")
+        return None
+    cmd = [exe, "stack", "output", "--json"] + (["--stack", stack] if stack else [])
+    proc = runner(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
+    if proc.returncode != 0:
+        if not stack:
+            return None  # no stack selected here: fall back to flags/env
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise StackError(f"`pulumi stack output --stack {stack}` failed: "
+                         f"{detail[-1] if detail else 'no output'}")
+    try:
+        outputs = json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError as exc:
+        raise StackError(f"`pulumi stack output --json` printed something that is not JSON: {exc}")
+    return outputs if isinstance(outputs, dict) else None
+
+
+def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[str]]] = None,
+             env: Optional[Mapping[str, str]] = None, use_pulumi: bool = True,
+             runner=subprocess.run) -> StackConfig:
+    """Merge flags > environment > Pulumi outputs into one StackConfig.
+
+    Flags win so a user can point one command elsewhere; the environment wins
+    over Pulumi so CI and the demo can be explicit.
+    """
+    env = os.environ if env is None else env
+    flags = flags or {}
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    outputs = pulumi_outputs(stack, runner=runner) if use_pulumi else None
+    if outputs:
+        label = f"pulumi stack {stack}" if stack else "the selected pulumi stack"
+        for output, (attr, _env) in OUTPUTS.items():
+            if outputs.get(output):
+                values[attr], sources[attr] = str(outputs[output]), label
+    for output, (attr, var) in OUTPUTS.items():
+        if env.get(var):
+            values[attr], sources[attr] = env[var], f"${var}"
+    for attr, value in flags.items():
+        if value:
+            values[attr], sources[attr] = value, f"--{attr.replace('_', '-')}"
+    if not values.get("region"):
+        region = _region_from(values) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region:
+            values["region"], sources["region"] = region, "queue URL / AWS_REGION"
+    return StackConfig(**values, sources=sources)
+
+
+def _region_from(values: Mapping[str, str]) -> Optional[str]:
+    """Queue URLs and ARNs carry their region; use it before guessing."""
+    url = values.get("queue_url", "")
+    if url.startswith("https://sqs.") and ".amazonaws.com" in url:
+        return url.split(".")[1]
+    for key in ("job_queue", "job_definition"):
+        parts = values.get(key, "").split(":")
+        if len(parts) > 3 and parts[0] == "arn":
+            return parts[3]
+    return None
