@@ -1,0 +1,167 @@
+"""LoadData CSVs: count image sets, find the image files a range needs,
+and rewrite image locations to where the worker staged them.
+
+A LoadData CSV names each image set's files in `Image_FileName_<name>` plus
+`Image_PathName_<name>` (a folder), or in `Image_URL_<name>`. Relative or
+absent folders are relative to the input folder. In S3 mode the worker
+downloads only the rows of its range and points the CSV at local copies.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import unquote, urlparse
+
+from .errors import BadInput
+
+_KINDS = ("Image_FileName_", "Image_PathName_", "Image_URL_",
+          "Image_ObjectsFileName_", "Image_ObjectsPathName_", "Image_ObjectsURL_")
+
+
+@dataclass
+class DataFile:
+    """A LoadData CSV held in memory (they are small: one row per image set)."""
+
+    path: Path
+    header: List[str]
+    rows: List[List[str]]
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def channels(self) -> List[Tuple[str, str, Optional[str], Optional[str]]]:
+        """(kind, name, file column, path-or-url column) per image/object channel."""
+        out = []
+        for prefix, path_prefix, url_prefix in (("Image_FileName_", "Image_PathName_", "Image_URL_"),
+                                                ("Image_ObjectsFileName_", "Image_ObjectsPathName_",
+                                                 "Image_ObjectsURL_")):
+            names = {c[len(prefix):] for c in self.header if c.startswith(prefix)}
+            names |= {c[len(url_prefix):] for c in self.header if c.startswith(url_prefix)}
+            for name in sorted(names):
+                out.append((prefix, name,
+                            prefix + name if prefix + name in self.header else None,
+                            url_prefix + name if url_prefix + name in self.header else
+                            (path_prefix + name if path_prefix + name in self.header else None)))
+        return out
+
+
+def read_data_file(path: Path) -> DataFile:
+    """Read and validate a LoadData CSV; BadInput names the broken row/column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise BadInput(f"data file not found: {path} (check the message's 'data_file' key)") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"data file {path.name} is not UTF-8 text (save the CSV as UTF-8)") from None
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise BadInput(f"data file {path.name} is empty: it needs a header row and one row per image set") from None
+    header = [h.strip() for h in header]
+    if not any(h.startswith(("Image_FileName_", "Image_URL_", "Image_ObjectsFileName_", "Image_ObjectsURL_"))
+               for h in header):
+        raise BadInput(f"data file {path.name} has no Image_FileName_<name> or Image_URL_<name> column "
+                       "(LoadData needs one per image channel)")
+    if len(set(header)) != len(header):
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        raise BadInput(f"data file {path.name} repeats column(s) {', '.join(dupes)}")
+    rows = []
+    for number, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # blank lines (e.g. a trailing newline) are not image sets
+        if len(row) != len(header):
+            raise BadInput(f"data file {path.name} line {number} has {len(row)} fields, "
+                           f"the header has {len(header)}: fix that row")
+        rows.append(row)
+    if not rows:
+        raise BadInput(f"data file {path.name} lists no image sets (only a header)")
+    return DataFile(path=path, header=header, rows=rows)
+
+
+def row_range(data: DataFile, module_settings: Dict[str, str]) -> Tuple[int, int]:
+    """The image-set numbers LoadData will produce, honouring its row-range setting."""
+    total = data.count
+    if module_settings.get("Process just a range of rows?") == "Yes":
+        bounds = module_settings.get("Rows to process", "1,100000").split(",")
+        try:
+            lo, hi = int(bounds[0]), int(bounds[1])
+        except (ValueError, IndexError):
+            raise BadInput("LoadData 'Rows to process' must be two numbers like 1,100") from None
+        return 1, max(0, min(hi, total) - lo + 1)
+    return 1, total
+
+
+def image_locations(data: DataFile, first: int, last: int) -> List[Tuple[int, str, str]]:
+    """(image set number, column, location) of every image file rows first..last use.
+
+    `location` is a relative path (to the input folder), an absolute path, or
+    an `s3://`/`file://`/`http(s)://` URL, exactly as the CSV states it."""
+    channels = data.channels()
+    out = []
+    for number in range(first, last + 1):
+        row = dict(zip(data.header, data.rows[number - 1]))
+        for _, _, file_col, where_col in channels:
+            where = (row.get(where_col) or "").strip() if where_col else ""
+            name = (row.get(file_col) or "").strip() if file_col else ""
+            if where_col and where_col.startswith(("Image_URL_", "Image_ObjectsURL_")):
+                if not where:
+                    raise BadInput(f"data file {data.path.name} row {number + 1}: {where_col} is empty")
+                out.append((number, where_col, where))
+                continue
+            if not name:
+                raise BadInput(f"data file {data.path.name} row {number + 1}: {file_col} is empty")
+            out.append((number, file_col, (where.rstrip("/") + "/" + name) if where else name))
+    return out
+
+
+def url_to_path(location: str) -> Optional[str]:
+    """A local path for a `file:` URL or plain path; None for remote URLs."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return unquote(parsed.path)
+    if parsed.scheme in ("", ) or (len(parsed.scheme) == 1 and location[1:3] in (":\\", ":/")):
+        return location
+    return None
+
+
+def rewrite(data: DataFile, resolve, dest: Path) -> Path:
+    """Write a copy of the CSV whose image columns point at local files.
+
+    `resolve(location) -> local absolute path` maps what the CSV says to where
+    the worker staged the file. PathName/URL columns are replaced by
+    PathName/FileName pairs because LoadData reads those the same way in
+    CellProfiler 4.2 and 5."""
+    channels = data.channels()
+    drop = {col for _, _, _, col in channels if col}
+    header = [h for h in data.header if h not in drop]
+    added: List[str] = []
+    for prefix, name, file_col, _ in channels:
+        path_col = prefix.replace("FileName", "PathName") + name
+        if file_col is None:
+            file_col = prefix + name
+            added.append(file_col)
+        added.append(path_col)
+    header_out = [h for h in header if h not in added] + [c for c in added]
+    with open(dest, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header_out)
+        for row_values in data.rows:
+            row = dict(zip(data.header, row_values))
+            for prefix, name, file_col, where_col in channels:
+                where = (row.get(where_col) or "").strip() if where_col else ""
+                if where_col and where_col.startswith(("Image_URL_", "Image_ObjectsURL_")):
+                    location = where
+                else:
+                    base = (row.get(file_col) or "").strip()
+                    location = (where.rstrip("/") + "/" + base) if where else base
+                local = Path(resolve(location))
+                row[file_col or prefix + name] = local.name
+                row[prefix.replace("FileName", "PathName") + name] = str(local.parent)
+            writer.writerow([row.get(h, "") for h in header_out])
+    return dest

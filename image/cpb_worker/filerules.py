@@ -1,0 +1,245 @@
+"""Count image sets of an Images/NamesAndTypes pipeline from file names alone.
+
+Why not ask CellProfiler? Its only ways to list image sets without running
+the pipeline (`--print-groups`, `--get-batch-commands`) read a Batch_data.h5
+that a CreateBatchFiles run must write first: one more CellProfiler start
+(~2-3 s) per job, and that module's settings differ between 4.2 and 5. File
+rules are evaluated in milliseconds, so the worker evaluates the common rule
+forms itself (file/directory/extension predicates, and/or, "Order" matching,
+"Metadata" matching on file-name regular expressions) and returns None for
+anything else; the caller then runs one unsplit process. Either way the
+count is checked afterwards against CellProfiler's own `Group_Length`, so a
+miscount fails loudly instead of dropping image sets.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .pipeline import Pipeline
+
+Rule = Callable[[str, str], bool]  # (relative directory, file name) -> matches
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".jp2", ".dib",
+                    ".pbm", ".pgm", ".ppm", ".flex", ".zvi", ".c01", ".dcm", ".npy")
+_MULTI_PLANE = (".flex", ".zvi", ".c01", ".czi", ".nd2", ".lif", ".mov", ".avi", ".stk", ".ome.tif",
+                ".ome.tiff")
+
+
+class Unsupported(Exception):
+    """A rule form this evaluator does not understand."""
+
+
+
+
+def _tokens(text: str) -> List[str]:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isspace():
+            i += 1
+        elif ch in "()":
+            out.append(ch)
+            i += 1
+        elif ch == '"':
+            j, buf = i + 1, []
+            while j < len(text) and text[j] != '"':
+                if text[j] == "\\" and j + 1 < len(text):  # CellProfiler literals: backslash-anything
+                    buf.append(text[j + 1])
+                    j += 2
+                    continue
+                buf.append(text[j])
+                j += 1
+            out.append('"' + "".join(buf))
+            i = j + 1
+        else:
+            j = i
+            while j < len(text) and not text[j].isspace() and text[j] not in "()":
+                j += 1
+            out.append(text[i:j])
+            i = j
+    return out
+
+
+def _predicate(subject: str, verb: str, op: str, value: Optional[str]) -> Rule:
+    def target(directory: str, name: str) -> str:
+        if subject == "file":
+            return name
+        if subject == "directory":
+            return directory
+        if subject == "extension":
+            return name.lower()
+        raise Unsupported(subject)
+
+    if subject not in ("file", "directory", "extension"):
+        raise Unsupported(f"rule subject {subject}")
+    if op == "contain":
+        test = lambda s: value in s  # noqa: E731
+    elif op == "containregexp":
+        pattern = re.compile(value or "")
+        test = lambda s: pattern.search(s) is not None  # noqa: E731
+    elif op == "startwith":
+        test = lambda s: s.startswith(value)  # noqa: E731
+    elif op == "endwith":
+        test = lambda s: s.endswith(value)  # noqa: E731
+    elif op == "eq":
+        test = lambda s: s == value  # noqa: E731
+    elif op == "isimage":
+        test = lambda s: s.endswith(IMAGE_EXTENSIONS)  # noqa: E731
+    elif op == "istif":
+        test = lambda s: s.endswith((".tif", ".tiff"))  # noqa: E731
+    elif op == "ispng":
+        test = lambda s: s.endswith(".png")  # noqa: E731
+    elif op == "isjpeg":
+        test = lambda s: s.endswith((".jpg", ".jpeg"))  # noqa: E731
+    else:
+        raise Unsupported(f"rule operator {op}")
+    negate = verb == "doesnot"
+    if verb not in ("does", "doesnot"):
+        raise Unsupported(f"rule verb {verb}")
+    return lambda d, n: test(target(d, n)) != negate
+
+
+def parse_rule(text: str) -> Rule:
+    """Parse `and (file does contain "d0.tif") (...)` into a predicate."""
+    tokens = _tokens(text)
+    pos = 0
+
+    def expr() -> Rule:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise Unsupported("empty rule")
+        head = tokens[pos]
+        if head in ("and", "or"):
+            pos += 1
+            parts = []
+            while pos < len(tokens) and tokens[pos] == "(":
+                pos += 1
+                parts.append(expr())
+                if pos >= len(tokens) or tokens[pos] != ")":
+                    raise Unsupported("unbalanced rule")
+                pos += 1
+            if head == "and":
+                return lambda d, n: all(p(d, n) for p in parts)
+            return lambda d, n: any(p(d, n) for p in parts)
+        words = []
+        while pos < len(tokens) and tokens[pos] not in ("(", ")"):
+            words.append(tokens[pos])
+            pos += 1
+        if len(words) == 3:
+            return _predicate(words[0], words[1], words[2], None)
+        if len(words) == 4 and words[3].startswith('"'):
+            return _predicate(words[0], words[1], words[2], words[3][1:])
+        raise Unsupported(f"rule {' '.join(words)}")
+
+    rule = expr()
+    if pos != len(tokens):
+        raise Unsupported("trailing rule text")
+    return rule
+
+
+def list_files(root: Path) -> List[Tuple[str, str]]:
+    """(relative directory, file name) of every file under root, sorted like CellProfiler's URLs."""
+    found = []
+    for directory, _, files in os.walk(root):
+        rel = os.path.relpath(directory, root)
+        rel = "" if rel == "." else rel
+        for name in files:
+            found.append((rel, name))
+    found.sort(key=lambda item: (os.path.join(root, item[0], item[1])))
+    return found
+
+
+def count_image_sets(pipeline: Pipeline, root: Path) -> Optional[int]:
+    """Image sets the Images/Metadata/NamesAndTypes modules would make, or None."""
+    try:
+        return _count(pipeline, root)
+    except (Unsupported, re.error, ValueError, SyntaxError):
+        return None
+
+
+def _count(pipeline: Pipeline, root: Path) -> Optional[int]:
+    names = pipeline.enabled("NamesAndTypes")
+    if len(names) != 1:
+        return None
+    files = list_files(root)
+    if any(name.lower().endswith(_MULTI_PLANE) for _, name in files):
+        return None  # one file may hold many image sets
+    for images in pipeline.enabled("Images"):
+        mode = images.get("Filter images?", "Images only")
+        if mode == "Images only":
+            files = [f for f in files if f[1].lower().endswith(IMAGE_EXTENSIONS)]
+        elif mode == "Custom":
+            rule = parse_rule(images.get("Select the rule criteria", ""))
+            files = [f for f in files if rule(*f)]
+        elif mode != "No filtering":
+            return None
+    module = names[0]
+    if module.get("Process as 3D?") == "Yes":
+        return None
+    if module.get("Assign a name to") == "All images":
+        return len(files) or None
+    assignments = int(module.get("Assignments count", "0") or 0)
+    rules = [parse_rule(r) for r in module.get_all("Select the rule criteria")[:assignments]]
+    if not rules:
+        return None
+    channels = [[f for f in files if rule(*f)] for rule in rules]
+    method = module.get("Image set matching method", "Order")
+    if method == "Order":
+        sizes = {len(c) for c in channels}
+        return sizes.pop() if len(sizes) == 1 and 0 not in sizes else None
+    if method == "Metadata":
+        return _count_by_metadata(pipeline, module, channels)
+    return None
+
+
+def _count_by_metadata(pipeline: Pipeline, names, channels: List[List[Tuple[str, str]]]) -> Optional[int]:
+    """Distinct metadata keys present in every channel (file/folder-name regexes only)."""
+    extract: List[Tuple[str, re.Pattern]] = []
+    for meta in pipeline.enabled("Metadata"):
+        if meta.get("Extract metadata?") != "Yes":
+            continue
+        methods = meta.get_all("Metadata extraction method")
+        sources = meta.get_all("Metadata source")
+        file_res = meta.get_all("Regular expression to extract from file name")
+        dir_res = meta.get_all("Regular expression to extract from folder name")
+        scopes = meta.get_all("Extract metadata from")
+        for i, method in enumerate(methods):
+            if method != "Extract from file/folder names" or (scopes[i:i + 1] or ["All images"])[0] != "All images":
+                return None
+            source = sources[i]
+            regex = file_res[i] if source == "File name" else dir_res[i]
+            extract.append((source, re.compile(regex)))
+    if not extract:
+        return None
+    raw = names.get("Match metadata", "[]")
+    matching = ast.literal_eval(raw) if raw.strip() else []
+    if not matching:
+        return None
+    order = list(dict.fromkeys(k for entry in matching for k in entry))  # channel names, in order
+    image_names = names.get_all("Name to assign these images")[1:]  # [0] is the 'All images' name
+    keysets = []
+    for index, files in enumerate(channels):
+        if index >= len(image_names) or image_names[index] not in order:
+            return None
+        channel = image_names[index]
+        keys = [entry[channel] for entry in matching]
+        seen = set()
+        for directory, name in files:
+            values: Dict[str, str] = {}
+            for source, pattern in extract:
+                found = pattern.search(name if source == "File name" else directory)
+                if found:
+                    values.update({k: v for k, v in found.groupdict().items() if v is not None})
+            if not all(k in values for k in keys):
+                return None
+            key = tuple(values[k] for k in keys)
+            if key in seen:
+                return None  # duplicates: CellProfiler would complain; let it decide in one process
+            seen.add(key)
+        keysets.append(seen)
+    common = set.intersection(*keysets) if keysets else set()
+    return len(common) or None

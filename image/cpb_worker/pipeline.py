@@ -1,0 +1,193 @@
+"""Read a CellProfiler text pipeline (.cppipe) far enough to plan a run.
+
+The worker never imports CellProfiler; it only needs to know which modules are
+enabled and a few of their settings: whether the pipeline can be split into
+image-set ranges, whether it loads images with LoadData (and from which CSV),
+and how NamesAndTypes names the images. The text format (header
+`CellProfiler Pipeline: http://www.cellprofiler.org`, `Version:5`) is the same
+for CellProfiler 4.2 and 5, so one parser serves the container and laptops.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from .errors import BadInput
+
+HEADER = "CellProfiler Pipeline: http://www.cellprofiler.org"
+_MODULE_LINE = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*):\[(?P<attrs>.*)\]\s*$")
+
+
+@dataclass
+class Module:
+    """One module of the pipeline: its name, position, state and settings."""
+
+    name: str
+    number: int
+    enabled: bool
+    settings: List[Tuple[str, str]] = field(default_factory=list)
+
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        """The first setting named `key` (settings may repeat, e.g. per channel)."""
+        for name, value in self.settings:
+            if name == key:
+                return value
+        return default
+
+    def get_all(self, key: str) -> List[str]:
+        return [value for name, value in self.settings if name == key]
+
+
+@dataclass
+class Pipeline:
+    """A parsed pipeline plus the bytes it came from (for the sha256)."""
+
+    path: Path
+    sha256: str
+    modules: List[Module]
+
+    def enabled(self, name: str) -> List[Module]:
+        return [m for m in self.modules if m.enabled and m.name == name]
+
+    def has(self, name: str) -> bool:
+        return bool(self.enabled(name))
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Parse `path`; raise BadInput naming the problem when it is not a usable .cppipe."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"pipeline not found: {path} (check the message's 'pipeline' key)") from None
+    except OSError as exc:
+        raise BadInput(f"pipeline {path} cannot be read: {exc}") from None
+    if raw[:8] == b"\x89HDF\r\n\x1a\n":
+        raise BadInput(f"pipeline {path.name} is a CellProfiler project (.cpproj); "
+                       "save it with File > Export > Pipeline as a .cppipe")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"pipeline {path.name} is not UTF-8 text; export it from CellProfiler as a .cppipe") from None
+    modules = parse_modules(text, path.name)
+    return Pipeline(path=path, sha256=hashlib.sha256(raw).hexdigest(), modules=modules)
+
+
+def parse_modules(text: str, label: str = "pipeline") -> List[Module]:
+    """Split pipeline text into modules; check the header and ModuleCount."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith(HEADER):
+        raise BadInput(f"{label} does not start with '{HEADER}': it is not a CellProfiler .cppipe "
+                       "(export the pipeline from CellProfiler)")
+    header = {}
+    index = 1
+    while index < len(lines) and lines[index].strip():
+        key, _, value = lines[index].partition(":")
+        header[key.strip()] = value.strip()
+        index += 1
+    if header.get("Version") not in ("5", "6"):
+        raise BadInput(f"{label} has pipeline format Version:{header.get('Version')}; "
+                       "re-save it with CellProfiler 4.2 or later")
+    modules: List[Module] = []
+    current: Optional[Module] = None
+    for line in lines[index:]:
+        if not line.strip():
+            current = None
+            continue
+        if line[0].isspace():
+            if current is None:
+                raise BadInput(f"{label} is corrupt: setting line '{line.strip()[:60]}' outside a module")
+            key, sep, value = line.strip().partition(":")
+            if not sep:
+                raise BadInput(f"{label} is corrupt: setting line '{line.strip()[:60]}' has no ':'")
+            current.settings.append((key, value))
+            continue
+        match = _MODULE_LINE.match(line)
+        if not match:
+            raise BadInput(f"{label} is corrupt: cannot read module line '{line[:60]}'")
+        attrs = match.group("attrs")
+        number = re.search(r"module_num:(\d+)", attrs)
+        enabled = re.search(r"\|enabled:(True|False)", attrs)
+        if not number:
+            raise BadInput(f"{label} is corrupt: module {match.group('name')} has no module_num")
+        current = Module(name=match.group("name"), number=int(number.group(1)),
+                         enabled=(enabled is None or enabled.group(1) == "True"))
+        modules.append(current)
+    expected = header.get("ModuleCount")
+    if expected is not None and expected.isdigit() and int(expected) != len(modules):
+        raise BadInput(f"{label} is corrupt or truncated: header says ModuleCount:{expected} "
+                       f"but {len(modules)} modules were found (re-export the pipeline)")
+    if not modules:
+        raise BadInput(f"{label} has no modules")
+    return modules
+
+
+def unsplittable_reasons(pipeline: Pipeline) -> List[str]:
+    """Why this pipeline must see all its image sets in one CellProfiler process.
+
+    Splitting by `-f/-l` ranges is only correct when every image set is
+    processed independently. These modules/settings carry state across image
+    sets (or aggregate over them), so a split would silently change results.
+    """
+    reasons: List[str] = []
+
+    def add(module: Module, why: str) -> None:
+        reasons.append(f"{module.name} (module {module.number}) {why}")
+
+    for module in pipeline.modules:
+        if not module.enabled:
+            continue
+        name = module.name
+        if name in ("TrackObjects", "MakeProjection", "CalculateStatistics", "CreateBatchFiles"):
+            add(module, "aggregates or tracks across image sets")
+        elif name == "CorrectIlluminationCalculate":
+            if (module.get("Calculate function for each image individually, or based on all images?") or "").startswith("All"):
+                add(module, "computes an illumination function over all image sets")
+        elif name == "Crop":
+            if (module.get("Apply which cycle's cropping pattern?") or "") == "First":
+                add(module, "crops every image set with the first set's pattern")
+        elif name == "Tile":
+            if (module.get("Tile assembly method") or "").startswith("Across"):
+                add(module, "tiles images across cycles")
+        elif name == "Groups":
+            if (module.get("Do you want to group your images?") or "No") == "Yes":
+                add(module, "groups image sets")
+        elif name == "LoadData":
+            if (module.get("Group images by metadata?") or "No") == "Yes":
+                add(module, "groups image sets by metadata")
+        elif name == "SaveImages":
+            when = module.get("When to save") or ""
+            if when in ("First cycle", "Last cycle"):
+                add(module, f"saves only on the {when.lower()}")
+            if (module.get("Saved file format") or "") == "movie":
+                add(module, "saves a movie across image sets")
+        elif name == "ExportToSpreadsheet":
+            for key in ("Calculate the per-well mean values of objects?",
+                        "Calculate the per-well median values of objects?",
+                        "Calculate the per-well standard deviation values of objects?"):
+                if module.get(key) == "Yes":
+                    add(module, "computes per-well aggregates over image sets")
+                    break
+    return reasons
+
+
+def export_module(pipeline: Pipeline) -> Module:
+    """The ExportToSpreadsheet module whose Image.csv proves which sets ran.
+
+    Without it CellProfiler writes no per-image table and the worker could
+    not tell a complete run from an empty one, so it is required."""
+    modules = pipeline.enabled("ExportToSpreadsheet")
+    if not modules:
+        raise BadInput(f"pipeline {pipeline.path.name} has no enabled ExportToSpreadsheet module: "
+                       "add one (exporting Image measurements) so results can be checked and merged")
+    module = modules[0]
+    if module.get("Add a prefix to file names?") == "Yes":
+        raise BadInput(f"pipeline {pipeline.path.name}: ExportToSpreadsheet adds a file name prefix; "
+                       "set 'Add a prefix to file names?' to No (the worker looks for Image.csv)")
+    if module.get("Output file location", "").split("|")[0] not in ("Default Output Folder", ""):
+        raise BadInput(f"pipeline {pipeline.path.name}: ExportToSpreadsheet must write to the "
+                       "Default Output Folder (set 'Output file location')")
+    return module
