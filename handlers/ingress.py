@@ -1,0 +1,206 @@
+"""The SQS -> AWS Batch Lambda: validate each job message and submit its jobs exactly once.
+
+Entry point `handlers.ingress.handler(event, context)` (docs/CONTRACTS.md).
+Configuration is the "Lambda environment" of docs/CONTRACTS.md, read into
+`handlers.schema.Limits`.
+
+Per SQS record (Powertools `BatchProcessor`, partial batch responses):
+
+1. parse and validate the body (`handlers.schema.parse_body`);
+2. check each job against the bucket (`handlers.s3checks.check_request`):
+   pipeline exists, data file is a readable CSV whose rows size the array;
+3. submit each job exactly once (`handlers.submission.Submitter`).
+
+A record that fails any step is returned in `batchItemFailures` (SQS retries
+it, then moves it to the DLQ) with one structured log line saying why; the
+other records go on. A list message is all-or-nothing: nothing is submitted
+until every entry passed steps 1-2, and a submission failure rolls back the
+entries already submitted. Throttling and 5xx are retried by botocore
+(`adaptive` mode, bounded attempts); no message and no AWS call starts when
+too little of the invocation's time is left, so the Lambda returns its
+failures itself instead of timing out (a timeout is still safe: redelivery
+finds the submission records and jobs by name).
+
+`boto3` comes from the Lambda runtime and `aws_lambda_powertools` from the
+AWS-managed Powertools layer the stack attaches; nothing is vendored here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from botocore.config import Config
+
+from handlers.s3checks import check_request
+from handlers.schema import Limits, MessageError, parse_body
+from handlers.submission import InProgress, PlannedJob, Submitter
+
+__all__ = ["handler", "process_event", "services", "reset_services", "Services", "Budget", "OutOfTime",
+           "RETRY_CONFIG", "MESSAGE_MARGIN_S", "CALL_MARGIN_S", "logger"]
+
+logger = Logger(service="cpb-ingress")
+
+#: botocore retries throttling (TooManyRequestsException, SlowDown...) and 5xx with
+#: exponential backoff; `adaptive` also slows the client down after throttling.
+#: 5 attempts keep one call's worst case (backoff <= 1+2+4+8 s) inside CALL_MARGIN_S + timeouts.
+RETRY_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 5}, connect_timeout=5, read_timeout=20)
+#: Do not start a message with less time left than this (seconds).
+MESSAGE_MARGIN_S = 20.0
+#: Do not start an AWS call with less time left than this (seconds).
+CALL_MARGIN_S = 10.0
+#: Without a Lambda context (local runs), assume this much time.
+DEFAULT_BUDGET_S = 300.0
+
+
+class OutOfTime(RuntimeError):
+    """Too little of the invocation is left to start more work; the message is retried later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """AWS clients and limits, built once per Lambda container and reused across invocations."""
+
+    s3: Any
+    batch: Any
+    limits: Limits
+
+
+@functools.lru_cache(maxsize=1)
+def _services_for(settings: tuple) -> Services:
+    environ = dict(settings)
+    session = boto3.session.Session()
+    return Services(s3=session.client("s3", config=RETRY_CONFIG),
+                    batch=session.client("batch", config=RETRY_CONFIG),
+                    limits=Limits.from_env(environ))
+
+
+def services() -> Services:
+    """The clients for the current environment (rebuilt when CPB_*/AWS region/endpoint settings change)."""
+    relevant = ("CPB_", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+    return _services_for(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(relevant))))
+
+
+def reset_services() -> None:
+    """Forget cached clients (tests start a fresh moto backend per test)."""
+    _services_for.cache_clear()
+
+
+class Budget:
+    """The invocation's remaining time, from the Lambda context."""
+
+    def __init__(self, context: Any, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        remaining_ms = None
+        if context is not None and hasattr(context, "get_remaining_time_in_millis"):
+            remaining_ms = context.get_remaining_time_in_millis()
+        self.deadline = clock() + (remaining_ms / 1000.0 if remaining_ms is not None else DEFAULT_BUDGET_S)
+
+    def remaining(self) -> float:
+        return self.deadline - self.clock()
+
+    def require(self, seconds: float, what: str) -> None:
+        left = self.remaining()
+        if left < seconds:
+            raise OutOfTime(f"only {left:.1f} s of the invocation left, not enough to {what}; "
+                            "the message will be retried")
+
+
+def handler(event: dict, context: Any) -> dict:
+    """Lambda entry point: returns `{"batchItemFailures": [...]}` for the records that failed."""
+    return process_event(event, context, services())
+
+
+def process_event(event: dict, context: Any, svc: Services, clock: Callable[[], float] = time.time) -> dict:
+    """Process one SQS event with the given services (the handler's body; tests pass a clock)."""
+    if not isinstance(event, dict) or not event.get("Records"):
+        logger.warning("event without SQS records ignored", extra={"event_keys": sorted(event)[:20]
+                                                                    if isinstance(event, dict) else None})
+        return {"batchItemFailures": []}
+    budget = Budget(context, clock)
+    owner = f"{getattr(context, 'aws_request_id', None) or 'local'}/{uuid.uuid4().hex[:8]}"
+    submitter = Submitter(s3=svc.s3, batch=svc.batch, limits=svc.limits, owner=owner,
+                          lease_until=budget.deadline, clock=clock,
+                          before_call=lambda what: budget.require(CALL_MARGIN_S, what))
+
+    def record_handler(record: SQSRecord) -> dict:
+        return _process_record(record, svc, budget, submitter)
+
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor,
+                                    context=context)
+
+
+def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter: Submitter) -> dict:
+    """Validate, check and submit one message; any exception marks it a batch item failure."""
+    message_id = record.message_id
+    receive_count = _receive_count(record)
+    try:
+        budget.require(MESSAGE_MARGIN_S, "start this message")
+        requests = parse_body(record.body, svc.limits)
+        is_list = record.body.lstrip().startswith("[")
+        jobs = []
+        for position, request in enumerate(requests):
+            index = position if is_list else None
+            try:
+                checked = check_request(svc.s3, request, svc.limits)
+            except MessageError as exc:
+                raise exc.at(index) from None
+            jobs.append(PlannedJob(checked=checked, sqs_message_id=message_id, index=index))
+        records = _submit_all(jobs, submitter, budget)
+    except MessageError as exc:
+        _log_failure(message_id, receive_count, "invalid", str(exc), field=exc.field, entry=exc.index)
+        raise
+    except (InProgress, OutOfTime) as exc:
+        _log_failure(message_id, receive_count, "deferred", str(exc))
+        raise
+    except Exception as exc:  # AWS errors left after retries, S3 outages...
+        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", type(exc).__name__))
+        _log_failure(message_id, receive_count, "aws", f"{code}: {exc}", error_code=code)
+        raise
+    logger.info("jobs submitted", extra={
+        "message_id": message_id, "receive_count": receive_count,
+        "jobs": [{"job_id": r["job_id"], "job_name": r["job_name"], "array_size": r["array_size"],
+                  "output": r["request"]["output"], "adopted": r.get("adopted")} for r in records]})
+    return {"message_id": message_id, "job_ids": [r["job_id"] for r in records]}
+
+
+def _submit_all(jobs: list, submitter: Submitter, budget: Budget) -> list:
+    """Submit every job of one message; on failure of a list, roll the others back (all-or-nothing)."""
+    records = []
+    try:
+        for job in jobs:
+            records.append(submitter.ensure_submitted(job))
+    except (InProgress, OutOfTime):
+        raise  # someone else is on it / no time: a later delivery completes the message
+    except Exception as exc:
+        if len(jobs) > 1:
+            try:
+                terminated = submitter.rollback(jobs, f"entry failed to submit: {exc}")
+                logger.warning("list message rolled back", extra={"message_id": jobs[0].sqs_message_id,
+                                                                   "terminated_job_ids": terminated})
+            except Exception as rollback_exc:  # the records still say what runs; redelivery completes it
+                logger.error("rollback incomplete", extra={"message_id": jobs[0].sqs_message_id,
+                                                          "error": str(rollback_exc)})
+        raise
+    return records
+
+
+def _receive_count(record: SQSRecord) -> Optional[int]:
+    try:
+        return int(record.attributes.approximate_receive_count)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def _log_failure(message_id: str, receive_count: Optional[int], kind: str, reason: str, **extra: Any) -> None:
+    """The one structured line per failed message (CloudWatch Logs Insights: filter kind/field)."""
+    logger.warning("job message failed", extra={"message_id": message_id, "receive_count": receive_count,
+                                                  "kind": kind, "reason": reason, **extra})

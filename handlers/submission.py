@@ -1,0 +1,340 @@
+"""Exactly-once submission of one job to AWS Batch, recorded in S3.
+
+Why: SQS delivers at least once, and a Lambda can die between "Batch accepted
+the job" and "we noted it". Process memory does not survive that, so each job
+of a message owns a *submission record* at
+`<output>/_cpb/submission-<id>.json` (docs/CONTRACTS.md), created with an S3
+conditional write (`IfNoneMatch="*"`) and advanced with `IfMatch=<etag>`, so
+two deliveries never both think they own it.
+
+Protocol for one job (`Submitter.ensure_submitted`):
+
+1. no record            -> create `pending` (conditional), holding a *lease*
+                           until this invocation's deadline;
+2. `submitted`          -> done: return the recorded job (a redelivery);
+3. `pending`, lease live-> another invocation is submitting it right now:
+                           `InProgress` (the message is retried later);
+4. `pending`, lease over-> the owner died (timeout/crash): take the lease over
+                           (conditional replace);
+5. `cancelled`          -> rolled back earlier: take it with generation + 1;
+6. holding the lease: look for a job already submitted under the job's
+   deterministic name (the crash window between submit and record) with
+   `ListJobs` filtered by name; adopt it, else `SubmitJob`; then mark the
+   record `submitted` with the job id (conditional on our etag).
+
+Job names are deterministic: a readable part (the message's `job_name`, else
+the output prefix) plus a hash of (message id, entry, generation), so they are
+unique per job and findable after a crash. A list message is all-or-nothing:
+`Submitter.rollback` terminates its already-submitted jobs and marks their
+records `cancelled`, so a later delivery submits every entry afresh.
+
+Record (JSON object): `status` (pending|submitted|cancelled), `message_id`
+(CPB_MESSAGE_ID), `sqs_message_id`, `entry` (list index or null),
+`generation`, `job_name`, `job_queue`, `job_definition`, `job_id`, `job_arn`,
+`array_size` (null for a plain job), `image_set_count`, `request` (the
+message entry, normalised), `lease_until` (epoch s), `owner`, `updated_at`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import unicodedata
+from typing import Any, Callable, Optional
+
+from handlers.s3checks import CheckedRequest
+from handlers.schema import Limits, entry_message_id, submission_id
+
+__all__ = ["PlannedJob", "Submitter", "InProgress", "LostRecord", "job_name_for", "record_key",
+           "container_environment", "submit_arguments"]
+
+logger = logging.getLogger("cpb-ingress.submission")
+NAME_LIMIT = 128
+_HASH_CHARS = 12
+
+
+class InProgress(RuntimeError):
+    """Another live invocation holds this job's lease; retry the message later."""
+
+
+class LostRecord(RuntimeError):
+    """The submission record changed under us in a way the protocol does not expect."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedJob:
+    """One job of one SQS message, checked against the bucket and ready to submit."""
+
+    checked: CheckedRequest
+    sqs_message_id: str
+    index: Optional[int]  # list entry, None for a single-object message
+
+    @property
+    def message_id(self) -> str:
+        """CPB_MESSAGE_ID: the SQS message id, plus `#n` for list entry n."""
+        return entry_message_id(self.sqs_message_id, self.index)
+
+    @property
+    def array_size(self) -> Optional[int]:
+        """Children of the Batch array job, or None for a plain job (Batch forbids size 1)."""
+        request, count = self.checked.request, self.checked.image_set_count
+        if request.image_sets_per_job is None or count is None:
+            return None
+        size = -(-count // request.image_sets_per_job)
+        return size if size >= 2 else None
+
+
+def record_key(job: PlannedJob) -> str:
+    return f"{job.checked.request.output}/_cpb/submission-{submission_id(job.message_id)}.json"
+
+
+def job_name_for(job: PlannedJob, generation: int) -> str:
+    """Readable, Batch-valid (`[A-Za-z0-9][A-Za-z0-9_-]{0,127}`), deterministic and unique per job."""
+    request = job.checked.request
+    readable = request.job_name or request.output
+    ascii_text = unicodedata.normalize("NFKD", readable).encode("ascii", "ignore").decode("ascii")
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", ascii_text)
+    base = re.sub(r"-{2,}", "-", base).strip("-_")
+    if not base:
+        base = "cpb"
+    digest = hashlib.sha256(f"{job.sqs_message_id}\0{job.index}\0{generation}".encode()).hexdigest()[:_HASH_CHARS]
+    base = base[: NAME_LIMIT - _HASH_CHARS - 1].rstrip("-_") or "cpb"
+    return f"{base}-{digest}"
+
+
+def container_environment(job: PlannedJob, limits: Limits) -> list:
+    """The "Job environment" of docs/CONTRACTS.md, as Batch `containerOverrides.environment`."""
+    request, count = job.checked.request, job.checked.image_set_count
+    env = {
+        "CPB_BUCKET": limits.bucket,
+        "CPB_PIPELINE": request.pipeline,
+        "CPB_INPUT": request.input,
+        "CPB_OUTPUT": request.output,
+        "CPB_VCPUS": str(request.vcpus(limits)),
+        "CPB_MESSAGE_ID": job.message_id,
+    }
+    if request.data_file is not None:
+        env["CPB_DATA_FILE"] = request.data_file
+    if count is not None:
+        env["CPB_IMAGE_SET_COUNT"] = str(count)
+    if job.array_size is not None:
+        env["CPB_IMAGE_SETS_PER_JOB"] = str(request.image_sets_per_job)
+    if request.unsplittable:
+        env["CPB_UNSPLITTABLE"] = "1"
+    return [{"name": name, "value": value} for name, value in env.items()]
+
+
+def _tag_value(text: str) -> str:
+    """Batch tag values: <= 256 chars of letters, digits, spaces and `_.:/=+-@`."""
+    return re.sub(r"[^\w .:/=+@-]", "_", text)[:256]
+
+
+def submit_arguments(job: PlannedJob, limits: Limits, generation: int) -> dict:
+    """Keyword arguments of `batch.submit_job` for this job."""
+    request = job.checked.request
+    arguments: dict = {
+        "jobName": job_name_for(job, generation),
+        "jobQueue": request.queue(limits),
+        "jobDefinition": request.definition(limits),
+        "containerOverrides": {
+            "environment": container_environment(job, limits),
+            "resourceRequirements": [
+                {"type": "VCPU", "value": str(request.vcpus(limits))},
+                {"type": "MEMORY", "value": str(request.memory_mib(limits))},
+            ],
+        },
+        "tags": {
+            "cpb:message-id": _tag_value(job.sqs_message_id),
+            "cpb:entry": "single" if job.index is None else str(job.index),
+            "cpb:output": _tag_value(request.output),
+        },
+        "propagateTags": True,
+    }
+    if job.array_size is not None:
+        arguments["arrayProperties"] = {"size": job.array_size}
+    return arguments
+
+
+def _now_iso(clock: Callable[[], float]) -> str:
+    return dt.datetime.fromtimestamp(clock(), dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _rejected(exc: Exception) -> bool:
+    """True when AWS answered the call with a 4xx: the request was refused, so it did nothing."""
+    status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return 400 <= int(status or 0) < 500
+
+
+def _error_code(exc: Exception) -> str:
+    return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
+
+
+@dataclasses.dataclass
+class Submitter:
+    """Submits planned jobs exactly once for one Lambda invocation.
+
+    `lease_until` is this invocation's deadline (epoch seconds): past it, a
+    later delivery may assume we died and take our pending records over.
+    `before_call` is invoked before each AWS call (the handler passes its
+    time-budget check, so no new call starts too close to the deadline).
+    """
+
+    s3: Any
+    batch: Any
+    limits: Limits
+    owner: str
+    lease_until: float
+    clock: Callable[[], float]
+    before_call: Callable[[str], None] = lambda what: None
+
+    # ---------------------------------------------------------------- records
+    def _read(self, key: str) -> tuple:
+        self.before_call("read submission record")
+        try:
+            obj = self.s3.get_object(Bucket=self.limits.bucket, Key=key)
+        except Exception as exc:
+            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None, None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
+
+    def _write(self, key: str, record: dict, etag: Optional[str]) -> Optional[str]:
+        """Create (etag None) or replace (etag given) the record; None when someone else got there first."""
+        self.before_call("write submission record")
+        record = dict(record, updated_at=_now_iso(self.clock))
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            response = self.s3.put_object(Bucket=self.limits.bucket, Key=key, ContentType="application/json",
+                                          Body=json.dumps(record, indent=1, sort_keys=True).encode(), **condition)
+        except Exception as exc:
+            # 412: the precondition failed; 409: a concurrent conditional write won.
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return None
+            raise
+        return response["ETag"]
+
+    def _pending(self, job: PlannedJob, generation: int) -> dict:
+        request = job.checked.request
+        return {
+            "status": "pending", "message_id": job.message_id, "sqs_message_id": job.sqs_message_id,
+            "entry": job.index, "generation": generation, "job_name": job_name_for(job, generation),
+            "job_queue": request.queue(self.limits), "job_definition": request.definition(self.limits),
+            "job_id": None, "job_arn": None, "array_size": job.array_size,
+            "image_set_count": job.checked.image_set_count, "request": request.to_message(),
+            "lease_until": self.lease_until, "owner": self.owner,
+        }
+
+    # ---------------------------------------------------------------- batch
+    def _find_submitted(self, queue: str, name: str) -> Optional[dict]:
+        """The job already submitted under `name` (an earlier attempt died before recording it)."""
+        found = []
+        token = None
+        while True:
+            self.before_call("look for an already submitted job")
+            kwargs = {"jobQueue": queue, "filters": [{"name": "JOB_NAME", "values": [name]}]}
+            if token:
+                kwargs["nextToken"] = token
+            page = self.batch.list_jobs(**kwargs)
+            # Array children share the parent's name; their ids are "<parent>:<index>".
+            found += [j for j in page.get("jobSummaryList", []) if j.get("jobName") == name and ":" not in j["jobId"]]
+            token = page.get("nextToken")
+            if not token:
+                break
+        found.sort(key=lambda j: j.get("createdAt", 0))
+        return found[0] if found else None
+
+    # ---------------------------------------------------------------- protocol
+    def ensure_submitted(self, job: PlannedJob) -> dict:
+        """Make sure exactly one Batch job exists for `job`; return its (submitted) record."""
+        key = record_key(job)
+        for _ in range(4):  # each lost race re-reads; more than a few means something is wrong
+            record, etag = self._read(key)
+            if record is None:
+                record = self._pending(job, 0)
+                etag = self._write(key, record, None)
+                if etag is None:
+                    continue
+            elif record.get("status") == "submitted":
+                return record
+            elif record.get("status") == "pending":
+                if float(record.get("lease_until", 0)) > self.clock() and record.get("owner") != self.owner:
+                    raise InProgress(f"another invocation ({record.get('owner')}) is submitting this job until "
+                                     f"{record.get('lease_until')}")
+                record = dict(record, lease_until=self.lease_until, owner=self.owner)
+                etag = self._write(key, record, etag)
+                if etag is None:
+                    continue
+            elif record.get("status") == "cancelled":
+                record = self._pending(job, int(record.get("generation", 0)) + 1)
+                etag = self._write(key, record, etag)
+                if etag is None:
+                    continue
+            else:
+                raise LostRecord(f"s3://{self.limits.bucket}/{key} has unknown status {record.get('status')!r}")
+            return self._submit_holding_lease(job, key, record, etag)
+        raise LostRecord(f"s3://{self.limits.bucket}/{key} kept changing while we tried to claim it")
+
+    def _submit_holding_lease(self, job: PlannedJob, key: str, record: dict, etag: str) -> dict:
+        generation = int(record["generation"])
+        arguments = submit_arguments(job, self.limits, generation)
+        submit_sent = False
+        try:
+            existing = self._find_submitted(arguments["jobQueue"], arguments["jobName"])
+            if existing is not None:
+                job_id, job_arn, adopted = existing["jobId"], existing.get("jobArn"), True
+            else:
+                self.before_call("submit the Batch job")
+                submit_sent = True
+                response = self.batch.submit_job(**arguments)
+                job_id, job_arn, adopted = response["jobId"], response.get("jobArn"), False
+        except Exception as exc:
+            if not submit_sent or _rejected(exc):
+                self._release(key, record, etag)  # certainly nothing submitted: next delivery needn't wait
+            raise
+        done = dict(record, status="submitted", job_id=job_id, job_arn=job_arn, adopted=adopted,
+                    submitted_at=_now_iso(self.clock))
+        if self._write(key, done, etag) is None:
+            raise LostRecord(f"s3://{self.limits.bucket}/{key} changed while we held its lease; job {job_id} "
+                             "is submitted but not recorded (a later delivery will find it by name)")
+        return done
+
+    def _release(self, key: str, record: dict, etag: str) -> None:
+        """Give up our lease early (best effort) when we know no job was submitted."""
+        try:
+            self._write(key, dict(record, lease_until=0, owner=None), etag)
+        except Exception:  # the lease then simply runs out at our deadline
+            logger.warning("could not release lease on %s", key, exc_info=True)
+
+    def rollback(self, jobs: list, reason: str) -> list:
+        """Terminate the submitted jobs among `jobs` and mark their records `cancelled`.
+
+        Returns the job ids terminated. Best effort per job: a job whose
+        termination fails stays `submitted`, and a later delivery completes
+        the message around it instead of submitting it twice.
+        """
+        terminated = []
+        for job in jobs:
+            key = record_key(job)
+            try:
+                record, etag = self._read(key)
+                if record is None:
+                    continue
+                job_id = record.get("job_id")
+                if record.get("status") == "pending" and record.get("owner") == self.owner:
+                    # Our submit may have reached Batch although the call failed (a timeout): look by name.
+                    found = self._find_submitted(record["job_queue"], record["job_name"])
+                    job_id = found["jobId"] if found else None
+                elif record.get("status") != "submitted":
+                    continue
+                if job_id:
+                    self.before_call("terminate a rolled-back job")
+                    self.batch.terminate_job(jobId=job_id, reason=f"cpb rollback: {reason}"[:1000])
+                    terminated.append(job_id)
+                self._write(key, dict(record, status="cancelled", job_id=job_id, cancelled_reason=reason[:1000]),
+                            etag)
+            except Exception:  # keep rolling the others back; this record still tells the truth
+                logger.warning("rollback of %s incomplete", key, exc_info=True)
+        return terminated
