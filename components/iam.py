@@ -58,11 +58,23 @@ def batch_job_arn_pattern(job_queue_arn: str) -> str:
     return f"{prefix}:job/*"
 
 
+def job_definition_forms(arn: str) -> list[str]:
+    """A job definition ARN with and without its revision.
+
+    IAM's action catalog authorizes SubmitJob against ``job-definition/<name>``
+    while requests name ``job-definition/<name>:<revision>``; listing both
+    keeps the grant to exactly this definition whichever form is evaluated.
+    """
+    base, _, revision = arn.rpartition(":")
+    return [arn, base] if revision.isdigit() and ":job-definition/" in base else [arn]
+
+
 def ingress_policy(queue_arn: str, job_queue_arns: Sequence[str], job_definition_arns: Sequence[str],
                    bucket_arn: str, log_group_arn: str) -> Document:
     """The ingress Lambda: consume its queue, submit/tag jobs on this stack's queue and
     definition only, read the bucket, write only its own submission records."""
-    batch_targets = sorted(set(job_queue_arns) | set(job_definition_arns))
+    batch_targets = sorted(set(job_queue_arns) | {form for arn in job_definition_arns
+                                                  for form in job_definition_forms(arn)})
     return _doc(
         {"Sid": "ConsumeJobMessages", "Effect": "Allow",
          "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes",

@@ -38,6 +38,7 @@ class Registered:
     state: dict[str, Any]
     parent: str = ""
     provider: str = ""
+    providers: dict[str, str] = field(default_factory=dict)  # what remote (awsx) components are handed
     dependencies: list[str] = field(default_factory=list)
     property_dependencies: dict[str, list[str]] = field(default_factory=dict)
 
@@ -103,7 +104,7 @@ class AwsLikeMocks(pulumi.runtime.Mocks):
         elif typ == "aws:fsx/lustreFileSystem:LustreFileSystem":
             resource_id = "fs-" + _digest(name)[:17]
             state.update(arn=arn_prefix.format("fsx") + f"file-system/{resource_id}",
-                         dnsName=f"{resource_id}.fsx.{REGION}.amazonaws.com", mountName=_digest(name)[:8])
+                         dnsName=f"{resource_id}.fsx.{REGION}.amazonaws.com", mountName=_digest(name, "mount")[:8])
         elif typ == "aws:ec2/securityGroup:SecurityGroup":
             resource_id = "sg-" + _digest(name)[:17]
         elif typ == "aws:ec2/launchTemplate:LaunchTemplate":
@@ -149,7 +150,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
             self.registered.append(Registered(
                 type=request.type, name=request.name, urn=response.urn, id=registration.id,
                 inputs=dict(inputs), state=dict(registration.state), parent=request.parent,
-                provider=request.provider, dependencies=list(request.dependencies),
+                provider=request.provider, providers=dict(request.providers), dependencies=list(request.dependencies),
                 property_dependencies={k: list(v.urns) for k, v in request.propertyDependencies.items()}))
         return response
 
@@ -210,3 +211,20 @@ def run_main(config: Optional[dict[str, str]] = None) -> Recorded:
         return exported
 
     return run(build, config)
+
+
+_CACHE: dict[tuple, Recorded] = {}
+
+
+def program(**config: str) -> Recorded:
+    """The real program run once per distinct config (runs are deterministic; tests only read them)."""
+    key = tuple(sorted(config.items()))
+    if key not in _CACHE:
+        _CACHE[key] = run_main(config)
+    return _CACHE[key]
+
+
+def policy_document(resource: Registered, key: str = "policy") -> dict[str, Any]:
+    """A JSON policy input, parsed."""
+    value = resource.inputs[key]
+    return json.loads(value) if isinstance(value, str) else value

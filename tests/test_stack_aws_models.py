@@ -1,0 +1,135 @@
+"""What the stack sends to AWS, checked against AWS's own models rather than our expectations:
+botocore's Batch API model for the job definition, and a real IAM linter (parliament, with
+IAM's action catalog) for every policy document."""
+from __future__ import annotations
+
+import json
+
+import botocore.session
+import pytest
+from botocore.validate import ParamValidator
+from parliament import analyze_policy_string, iam_definition
+
+from components import jobdef
+from stack_harness import Recorded, program
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# Findings accepted on purpose, each with its reason. Nothing else may appear.
+ACCEPTED = {
+    # The ECS agent must log in to ECR to pull the worker image; the token is the credential.
+    ("cpb-compute-execution-role-policy", "CREDENTIALS_EXPOSURE"),
+}
+
+
+@pytest.fixture(params=["true", "false"], ids=["fsx-on", "fsx-off"])
+def stack(request: pytest.FixtureRequest) -> Recorded:
+    return program(fsxEnabled=request.param, alarmEmail="lab@example.org")
+
+
+def register_job_definition_request(stack: Recorded) -> dict:
+    """The RegisterJobDefinition call the provider makes, rebuilt from the registered inputs."""
+    definition = stack.one("aws:batch/jobDefinition:JobDefinition").inputs
+    strategy = definition["retryStrategy"]
+    return {
+        "jobDefinitionName": definition["name"],
+        "type": definition["type"],
+        "platformCapabilities": definition["platformCapabilities"],
+        "propagateTags": definition["propagateTags"],
+        "containerProperties": json.loads(definition["containerProperties"]),
+        "retryStrategy": {"attempts": int(strategy["attempts"]), "evaluateOnExit": [
+            {**{k: v for k, v in rule.items() if k != "action"}, "action": rule["action"].upper()}
+            for rule in strategy["evaluateOnExits"]]},
+        "timeout": {"attemptDurationSeconds": int(definition["timeout"]["attemptDurationSeconds"])},
+    }
+
+
+def test_job_definition_matches_batchs_register_job_definition_shape(stack: Recorded) -> None:
+    model = botocore.session.get_session().get_service_model("batch")
+    shape = model.operation_model("RegisterJobDefinition").input_shape
+    report = ParamValidator().validate(register_job_definition_request(stack), shape)
+    assert not report.has_errors(), report.generate_report()
+
+
+def test_the_shape_check_catches_a_wrong_field() -> None:
+    """The validator really looks: a misspelt or mistyped field fails it."""
+    model = botocore.session.get_session().get_service_model("batch")
+    shape = model.operation_model("RegisterJobDefinition").input_shape
+    props = jobdef.container_properties(image_uri="x@sha256:0", vcpus=1, memory_mib=512, job_role_arn="r",
+                                        execution_role_arn="e", log_group_name="g", region="eu-west-1",
+                                        fsx_mount_path="/fsx")
+    props["mountPoints"][0]["readonly"] = True  # API spells it readOnly
+    props["privileged"] = "false"
+    report = ParamValidator().validate({"jobDefinitionName": "n", "type": "container",
+                                        "containerProperties": props}, shape)
+    assert "readonly" in report.generate_report() and "privileged" in report.generate_report()
+
+
+def identity_documents(stack: Recorded) -> list[tuple[str, str]]:
+    """Every identity or resource policy the stack writes (trust policies are checked separately)."""
+    docs = [(r.name, r.inputs["policy"]) for r in stack.of_type("aws:iam/rolePolicy:RolePolicy")]
+    for typ in ("aws:s3/bucketPolicy:BucketPolicy", "aws:sqs/queuePolicy:QueuePolicy"):
+        docs += [(r.name, r.inputs["policy"]) for r in stack.of_type(typ)]
+    return docs
+
+
+def test_every_policy_document_lints_clean_with_parliament(stack: Recorded) -> None:
+    documents = identity_documents(stack)
+    assert len(documents) >= 6
+    for name, text in documents:
+        findings = analyze_policy_string(text, include_community_auditors=True).findings
+        unexpected = [(f.issue, f.detail) for f in findings if (name, f.issue) not in ACCEPTED]
+        assert not unexpected, f"{name}: {unexpected}"
+
+
+def test_parliament_does_flag_a_broken_statement() -> None:
+    """The linter is not a check that cannot fail: a mismatched resource and an unknown action are caught."""
+    broken = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["batch:SubmitJob"], "Resource": ["arn:aws:s3:::bucket/*"]},
+        {"Effect": "Allow", "Action": ["s3:GetObjekt"], "Resource": ["arn:aws:s3:::bucket/*"]}]}
+    issues = {f.issue for f in analyze_policy_string(json.dumps(broken)).findings}
+    assert {"RESOURCE_MISMATCH", "UNKNOWN_ACTION"} <= issues
+
+
+def _resource_types(action: str) -> list[str]:
+    service, name = action.split(":")
+    for entry in iam_definition:
+        if entry["prefix"] == service:
+            for privilege in entry["privileges"]:
+                if privilege["privilege"] == name:
+                    return [r["resource_type"] for r in privilege["resource_types"] if r["resource_type"]]
+    raise AssertionError(f"{action} is not in IAM's action catalog")
+
+
+def test_no_wildcard_actions_and_star_resources_only_where_iam_has_no_arn(stack: Recorded) -> None:
+    for name, text in identity_documents(stack):
+        for statement in json.loads(text)["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+            if statement["Effect"] == "Deny":
+                continue  # deny-all-over-plain-HTTP statements are meant to be broad
+            assert all("*" not in a for a in actions), f"{name}: wildcard action in {actions}"
+            if "*" in resources:
+                assert resources == ["*"]
+                for action in actions:
+                    assert not _resource_types(action), f"{name}: {action} has ARNs yet is granted on '*'"
+
+
+def test_trust_policies_name_exactly_one_service() -> None:
+    stack = program(fsxEnabled="true")
+    expected = {"instance-role": "ec2.amazonaws.com", "execution-role": "ecs-tasks.amazonaws.com",
+                "job-role": "ecs-tasks.amazonaws.com", "ingress-role": "lambda.amazonaws.com"}
+    roles = stack.of_type("aws:iam/role:Role")
+    assert len(roles) == len(expected)
+    for role in roles:
+        service = next(v for k, v in expected.items() if role.name.endswith(k))
+        [statement] = json.loads(role.inputs["assumeRolePolicy"])["Statement"]
+        assert statement == {"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}
+
+
+def test_job_role_reaches_only_the_data_bucket() -> None:
+    stack = program(fsxEnabled="true")
+    arn = stack.one("aws:s3/bucket:Bucket").state["arn"]
+    document = json.loads(stack.one("aws:iam/rolePolicy:RolePolicy", "job-role").inputs["policy"])
+    resources = {r for s in document["Statement"] for r in s["Resource"]}
+    assert resources == {arn, f"{arn}/*"}

@@ -1,0 +1,300 @@
+"""Per component: the properties issue 2 promises, asserted on the registered inputs."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from stack_harness import REGION, REPO, Recorded, policy_document, program
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+BUCKET = "aws:s3/bucket:Bucket"
+SG = "aws:ec2/securityGroup:SecurityGroup"
+CE = "aws:batch/computeEnvironment:ComputeEnvironment"
+QUEUE = "aws:sqs/queue:Queue"
+
+
+@pytest.fixture(params=["true", "false"], ids=["fsx-on", "fsx-off"])
+def stack(request: pytest.FixtureRequest) -> Recorded:
+    return program(fsxEnabled=request.param)
+
+
+def vpc_state(recorded: Recorded) -> dict:
+    return recorded.one("awsx:ec2:Vpc").state
+
+
+# ---------------------------------------------------------------- Network
+
+def test_vpc_spans_two_azs_with_private_subnets_and_one_nat(stack: Recorded) -> None:
+    vpc = stack.one("awsx:ec2:Vpc").inputs
+    assert vpc["numberOfAvailabilityZones"] == 2
+    assert vpc["cidrBlock"] == "10.0.0.0/16"
+    assert {"type": "Private"} in vpc["subnetSpecs"]
+    assert vpc["natGateways"] == {"strategy": "Single"}
+
+
+def test_nat_strategy_and_cidr_come_from_config() -> None:
+    vpc = program(fsxEnabled="false", natGateways="OnePerAz", vpcCidr="10.20.0.0/20",
+                  availabilityZones="3").one("awsx:ec2:Vpc").inputs
+    assert vpc["natGateways"] == {"strategy": "OnePerAz"}
+    assert (vpc["cidrBlock"], vpc["numberOfAvailabilityZones"]) == ("10.20.0.0/20", 3)
+
+
+def test_s3_gateway_endpoint_is_on_every_route_table(stack: Recorded) -> None:
+    endpoint = stack.one("aws:ec2/vpcEndpoint:VpcEndpoint").inputs
+    assert endpoint["vpcEndpointType"] == "Gateway"
+    assert endpoint["serviceName"] == f"com.amazonaws.{REGION}.s3"
+    assert endpoint["vpcId"] == vpc_state(stack)["vpcId"]
+    tables = [ref["id"] for ref in vpc_state(stack)["routeTables"]]
+    assert sorted(endpoint["routeTableIds"]) == sorted(tables) and len(tables) == 4
+
+
+def test_compute_group_has_egress_and_no_ingress(stack: Recorded) -> None:
+    compute = stack.one(SG, "compute").inputs
+    assert not compute.get("ingress")
+    assert compute["egress"] and compute["vpcId"] == vpc_state(stack)["vpcId"]
+
+
+def test_fsx_group_admits_only_lustre_ports_from_compute_and_itself(stack: Recorded) -> None:
+    compute_id = stack.one(SG, "compute").id
+    rules = stack.one(SG, "fsx").inputs["ingress"]
+    assert sorted((r["fromPort"], r["toPort"]) for r in rules) == [(988, 988), (1018, 1023)]
+    for rule in rules:
+        assert rule["protocol"] == "tcp"
+        assert rule["securityGroups"] == [compute_id]
+        assert rule["self"] is True
+        assert not rule.get("cidrBlocks") and not rule.get("ipv6CidrBlocks") and not rule.get("prefixListIds")
+
+
+def test_compute_runs_in_private_subnets_with_the_compute_group(stack: Recorded) -> None:
+    private = vpc_state(stack)["privateSubnetIds"]
+    for env in stack.of_type(CE):
+        resources = env.inputs["computeResources"]
+        assert resources["subnets"] == private
+        assert resources["securityGroupIds"] == [stack.one(SG, "compute").id]
+
+
+# ---------------------------------------------------------------- LustreStorage
+
+def test_bucket_blocks_public_access_and_acls(stack: Recorded) -> None:
+    bucket = stack.one(BUCKET)
+    block = stack.one("aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock").inputs
+    assert block["bucket"] == bucket.id
+    assert all(block[k] is True for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls",
+                                           "restrictPublicBuckets"))
+    ownership = stack.one("aws:s3/bucketOwnershipControls:BucketOwnershipControls").inputs
+    assert ownership["rule"]["objectOwnership"] == "BucketOwnerEnforced"
+
+
+def test_bucket_is_encrypted_versioned_and_tls_only(stack: Recorded) -> None:
+    bucket = stack.one(BUCKET)
+    sse = stack.one("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration").inputs
+    assert sse["bucket"] == bucket.id
+    assert sse["rules"][0]["applyServerSideEncryptionByDefault"]["sseAlgorithm"] == "AES256"
+    versioning = stack.one("aws:s3/bucketVersioning:BucketVersioning").inputs
+    assert versioning["versioningConfiguration"]["status"] == "Enabled"
+    policy = stack.one("aws:s3/bucketPolicy:BucketPolicy")
+    [statement] = policy_document(policy)["Statement"]
+    assert statement["Effect"] == "Deny" and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    arn = bucket.state["arn"]
+    assert sorted(statement["Resource"]) == sorted([arn, f"{arn}/*"])
+
+
+def test_force_destroy_is_per_stack() -> None:
+    assert program(fsxEnabled="true").one(BUCKET).inputs["forceDestroy"] is False
+    assert program(fsxEnabled="false", forceDestroy="true").one(BUCKET).inputs["forceDestroy"] is True
+
+
+def test_fsx_linked_to_the_bucket_with_auto_import_and_export() -> None:
+    stack = program(fsxEnabled="true")
+    fs = stack.one("aws:fsx/lustreFileSystem:LustreFileSystem")
+    assert (fs.inputs["deploymentType"], fs.inputs["storageCapacity"]) == ("SCRATCH_2", 1200)
+    assert "perUnitStorageThroughput" not in fs.inputs  # SCRATCH_2 takes none
+    assert fs.inputs["subnetIds"] in vpc_state(stack)["privateSubnetIds"]
+    assert fs.inputs["securityGroupIds"] == [stack.one(SG, "fsx").id]
+    link = stack.one("aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation").inputs
+    assert link["fileSystemId"] == fs.id
+    assert link["fileSystemPath"] == "/"
+    assert link["dataRepositoryPath"] == f"s3://{stack.one(BUCKET).id}"
+    for policy in ("autoImportPolicy", "autoExportPolicy"):
+        assert sorted(link["s3"][policy]["events"]) == ["CHANGED", "DELETED", "NEW"]
+
+
+def test_fsx_size_and_throughput_follow_config() -> None:
+    fs = program(fsxEnabled="true", fsxDeploymentType="PERSISTENT_2", fsxStorageCapacityGib="4800",
+                 fsxThroughputPerTib="500").one("aws:fsx/lustreFileSystem:LustreFileSystem").inputs
+    assert (fs["deploymentType"], fs["storageCapacity"], fs["perUnitStorageThroughput"]) == ("PERSISTENT_2", 4800, 500)
+
+
+# ---------------------------------------------------------------- BatchCompute
+
+def test_spot_first_then_on_demand_both_scaling_to_zero(stack: Recorded) -> None:
+    spot, on_demand = stack.one(CE, "spot"), stack.one(CE, "on-demand")
+    assert spot.inputs["computeResources"]["type"] == "SPOT"
+    assert spot.inputs["computeResources"]["allocationStrategy"] == "SPOT_PRICE_CAPACITY_OPTIMIZED"
+    assert on_demand.inputs["computeResources"]["type"] == "EC2"
+    for env in (spot, on_demand):
+        resources = env.inputs["computeResources"]
+        assert resources["minVcpus"] == 0 and resources["maxVcpus"] == 256
+        assert resources["instanceTypes"] == ["c6i", "m6i", "r6i", "c5", "m5"]
+        assert resources["launchTemplate"]["launchTemplateId"] == stack.one(
+            "aws:ec2/launchTemplate:LaunchTemplate").id
+    orders = sorted(stack.one("aws:batch/jobQueue:JobQueue").inputs["computeEnvironmentOrders"],
+                    key=lambda o: o["order"])
+    assert [o["computeEnvironment"] for o in orders] == [spot.state["arn"], on_demand.state["arn"]]
+
+
+def test_spot_off_leaves_only_on_demand() -> None:
+    stack = program(fsxEnabled="false", spotEnabled="false", maxVcpus="32")
+    [env] = stack.of_type(CE)
+    assert env.inputs["computeResources"]["type"] == "EC2" and env.inputs["computeResources"]["maxVcpus"] == 32
+
+
+def test_hosts_require_imdsv2_and_encrypt_their_root_volume(stack: Recorded) -> None:
+    template = stack.one("aws:ec2/launchTemplate:LaunchTemplate").inputs
+    assert template["metadataOptions"]["httpTokens"] == "required"
+    assert template["metadataOptions"]["httpPutResponseHopLimit"] == 1
+    [device] = template["blockDeviceMappings"]
+    assert device["ebs"]["encrypted"] == "true"
+
+
+def test_user_data_mounts_fsx_only_when_fsx_is_on() -> None:
+    stack = program(fsxEnabled="true")
+    fs = stack.one("aws:fsx/lustreFileSystem:LustreFileSystem").state
+    text = base64.b64decode(stack.one("aws:ec2/launchTemplate:LaunchTemplate").inputs["userData"]).decode()
+    assert text.startswith("Content-Type: multipart/mixed")
+    assert "Content-Type: text/x-shellscript" in text
+    assert f"{fs['dnsName']}@tcp:/{fs['mountName']} /fsx lustre" in text
+    assert "mount /fsx" in text and "lustre-client" in text
+    assert program(fsxEnabled="false").one("aws:ec2/launchTemplate:LaunchTemplate").inputs.get("userData") is None
+
+
+def container(stack: Recorded) -> dict:
+    return json.loads(stack.one("aws:batch/jobDefinition:JobDefinition").inputs["containerProperties"])
+
+
+def test_job_definition_runs_our_image_by_digest_unprivileged(stack: Recorded) -> None:
+    props = container(stack)
+    assert props["image"] == stack.outputs["imageUri"] and "@sha256:" in props["image"]
+    assert props["privileged"] is False
+    assert {"type": "VCPU", "value": "4"} in props["resourceRequirements"]
+    assert {"type": "MEMORY", "value": "15000"} in props["resourceRequirements"]
+    assert props["jobRoleArn"] == stack.one("aws:iam/role:Role", "job-role").state["arn"]
+    assert props["logConfiguration"]["logDriver"] == "awslogs"
+    assert props["logConfiguration"]["options"]["awslogs-group"] == stack.outputs["logGroupName"]
+
+
+def test_fsx_volume_and_root_only_when_fsx_is_on() -> None:
+    on, off = container(program(fsxEnabled="true")), container(program(fsxEnabled="false"))
+    assert on["mountPoints"] == [{"sourceVolume": "fsx", "containerPath": "/fsx", "readOnly": True}]
+    assert on["volumes"] == [{"name": "fsx", "host": {"sourcePath": "/fsx"}}]
+    assert {"name": "CPB_FSX_ROOT", "value": "/fsx"} in on["environment"]
+    assert "mountPoints" not in off and "volumes" not in off
+    assert all(e["name"] != "CPB_FSX_ROOT" for e in off["environment"])
+
+
+def test_retry_covers_spot_and_hosts_but_not_pipeline_errors(stack: Recorded) -> None:
+    definition = stack.one("aws:batch/jobDefinition:JobDefinition").inputs
+    strategy = definition["retryStrategy"]
+    assert strategy["attempts"] == 3
+    rules = strategy["evaluateOnExits"]
+    assert {"onStatusReason": "Host EC2*", "action": "retry"} in rules
+    retried = {r["onExitCode"] for r in rules if r.get("onExitCode") and r["action"] == "retry"}
+    assert retried == {"4", "137"}
+    assert rules[-1] == {"onExitCode": "*", "action": "exit"}  # exit codes 2 and 3 fall through to EXIT
+    assert definition["timeout"]["attemptDurationSeconds"] == 14400
+
+
+def test_log_groups_keep_logs_for_the_configured_days() -> None:
+    stack = program(fsxEnabled="false", logRetentionDays="90")
+    groups = stack.of_type("aws:cloudwatch/logGroup:LogGroup")
+    assert len(groups) == 2 and all(g.inputs["retentionInDays"] == 90 for g in groups)
+
+
+# ---------------------------------------------------------------- JobIngress
+
+def test_queues_are_encrypted_and_redrive_to_the_dlq(stack: Recorded) -> None:
+    queue, dlq = stack.one(QUEUE, "ingress-queue"), stack.one(QUEUE, "dlq")
+    assert queue.inputs["sqsManagedSseEnabled"] is True and dlq.inputs["sqsManagedSseEnabled"] is True
+    redrive = json.loads(queue.inputs["redrivePolicy"])
+    assert redrive == {"deadLetterTargetArn": dlq.state["arn"], "maxReceiveCount": 5}
+    function = stack.one("aws:lambda/function:Function").inputs
+    assert queue.inputs["visibilityTimeoutSeconds"] >= 6 * function["timeout"]
+
+
+def test_visibility_timeout_follows_the_lambda_timeout() -> None:
+    stack = program(fsxEnabled="false", lambdaTimeoutSeconds="120")
+    assert stack.one(QUEUE, "ingress-queue").inputs["visibilityTimeoutSeconds"] == 720
+    assert stack.one("aws:lambda/function:Function").inputs["timeout"] == 120
+
+
+def test_event_source_mapping_reports_partial_batch_failures(stack: Recorded) -> None:
+    mapping = stack.one("aws:lambda/eventSourceMapping:EventSourceMapping").inputs
+    assert mapping["functionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["batchSize"] > 1
+    assert mapping["eventSourceArn"] == stack.one(QUEUE, "ingress-queue").state["arn"]
+    assert mapping["functionName"] == stack.one("aws:lambda/function:Function").state["arn"]
+
+
+def test_lambda_is_packaged_from_handlers_with_the_contract_environment(stack: Recorded) -> None:
+    function = stack.one("aws:lambda/function:Function").inputs
+    assert function["runtime"] in ("python3.12", "python3.13")
+    assert function["handler"] == "handlers.ingress.handler"
+    shipped = set(function["code"].assets)
+    expected = {f"handlers/{p.relative_to(REPO / 'handlers').as_posix()}" for p in (REPO / "handlers").rglob("*.py")
+                if "__pycache__" not in p.parts}
+    assert shipped == expected and "handlers/ingress.py" in shipped
+    env = function["environment"]["variables"]
+    assert env["CPB_BUCKET"] == stack.outputs["bucketName"]
+    assert env["CPB_JOB_QUEUE"] == stack.outputs["jobQueueArn"]
+    assert env["CPB_JOB_DEFINITION"] == stack.outputs["jobDefinitionArn"]
+    assert (env["CPB_MAX_VCPU"], env["CPB_MAX_MEMORY_MIB"]) == ("16", "61440")
+    assert (env["CPB_DEFAULT_VCPU"], env["CPB_DEFAULT_MEMORY_MIB"]) == ("4", "15000")
+    assert any(":layer:AWSLambdaPowertoolsPythonV3-python312-x86_64:" in layer for layer in function["layers"])
+
+
+def test_lambda_may_submit_only_to_this_stacks_queue_and_definition(stack: Recorded) -> None:
+    document = policy_document(stack.one("aws:iam/rolePolicy:RolePolicy", "ingress"))
+    submit = next(s for s in document["Statement"] if "batch:SubmitJob" in s["Action"])
+    arns = set(submit["Resource"])
+    assert stack.outputs["jobQueueArn"] in arns and stack.outputs["jobDefinitionArn"] in arns
+    unrevisioned = stack.outputs["jobDefinitionArn"].rsplit(":", 1)[0]  # the form IAM's catalog names
+    assert arns - {stack.outputs["jobQueueArn"], stack.outputs["jobDefinitionArn"]} == {
+        unrevisioned, f"arn:aws:batch:{REGION}:123456789012:job/*"}
+    assert set(submit["Action"]) == {"batch:SubmitJob", "batch:TagResource"}
+
+
+def test_allowed_arns_reach_both_the_policy_and_the_lambda() -> None:
+    other = "arn:aws:batch:eu-west-1:123456789012:job-queue/shared-gpu"
+    stack = program(fsxEnabled="false", allowedJobArns=json.dumps([other]))
+    document = policy_document(stack.one("aws:iam/rolePolicy:RolePolicy", "ingress"))
+    submit = next(s for s in document["Statement"] if "batch:SubmitJob" in s["Action"])
+    assert other in submit["Resource"]
+    assert stack.one("aws:lambda/function:Function").inputs["environment"]["variables"]["CPB_ALLOWED_ARNS"] == other
+
+
+def test_dlq_alarm_and_optional_email() -> None:
+    quiet = program(fsxEnabled="false")
+    alarm = quiet.one("aws:cloudwatch/metricAlarm:MetricAlarm").inputs
+    assert alarm["dimensions"] == {"QueueName": quiet.one(QUEUE, "dlq").state["name"]}
+    assert alarm["metricName"] == "ApproximateNumberOfMessagesVisible" and alarm["threshold"] == 0
+    assert not quiet.of_type("aws:sns/topic:Topic") and not alarm.get("alarmActions")
+    loud = program(fsxEnabled="false", alarmEmail="lab@example.org")
+    topic = loud.one("aws:sns/topic:Topic")
+    assert topic.inputs["kmsMasterKeyId"] == "alias/aws/sns"
+    assert loud.one("aws:sns/topicSubscription:TopicSubscription").inputs["endpoint"] == "lab@example.org"
+    assert loud.one("aws:cloudwatch/metricAlarm:MetricAlarm").inputs["alarmActions"] == [topic.state["arn"]]
+
+
+# ---------------------------------------------------------------- image
+
+def test_image_is_built_from_image_dir_with_the_configured_base_tag() -> None:
+    stack = program(fsxEnabled="false", cellprofilerImageTag="4.2.6")
+    image = stack.one("awsx:ecr:Image").inputs
+    assert image["context"] == str(REPO / "image") and image["platform"] == "linux/amd64"
+    assert image["args"] == {"CELLPROFILER_TAG": "4.2.6"}
+    assert image["repositoryUrl"] == stack.one("awsx:ecr:Repository").state["url"]
+    dockerfile = (REPO / "image" / "Dockerfile").read_text()
+    assert "ARG CELLPROFILER_TAG" in dockerfile and "FROM cellprofiler/cellprofiler:${CELLPROFILER_TAG}" in dockerfile

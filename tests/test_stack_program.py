@@ -1,0 +1,104 @@
+"""The whole Pulumi program (__main__.py) builds under mocks, in both variants."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from stack_harness import REGION, REPO, program, run_main
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pulumi_aws's own imports
+
+CONTRACT_OUTPUTS = {"bucketName", "queueUrl", "deadLetterQueueUrl", "jobQueueArn", "jobDefinitionArn", "imageUri"}
+COMPONENTS = {"cpb:index:Network", "cpb:index:LustreStorage", "cpb:index:BatchCompute", "cpb:index:JobIngress",
+              "cpb:index:CellProfilerImage"}
+
+
+@pytest.mark.parametrize("fsx", ["true", "false"])
+def test_program_builds_and_outputs_resolve(fsx: str) -> None:
+    recorded = program(fsxEnabled=fsx)
+    outputs = recorded.outputs
+    assert CONTRACT_OUTPUTS <= set(outputs)
+    assert all(isinstance(outputs[k], str) and outputs[k] for k in CONTRACT_OUTPUTS)
+    assert re.fullmatch(r"arn:aws:batch:[a-z0-9-]+:\d{12}:job-queue/cpb-test-jobs", outputs["jobQueueArn"])
+    assert re.fullmatch(r"arn:aws:batch:.+:job-definition/cpb-test-worker:\d+", outputs["jobDefinitionArn"])
+    assert re.search(r"\.dkr\.ecr\..+@sha256:[0-9a-f]{64}$", outputs["imageUri"])
+    assert outputs["queueUrl"] != outputs["deadLetterQueueUrl"]
+    assert outputs["logGroupName"] == "/aws/batch/cpb-test"
+    assert outputs["region"] == REGION
+    if fsx == "true":
+        assert outputs["fileSystemId"].startswith("fs-")
+    else:
+        assert "fileSystemId" not in outputs
+    assert {r.type for r in recorded.resources} >= COMPONENTS
+
+
+def test_fsx_off_builds_no_file_system_and_no_mount() -> None:
+    on, off = program(fsxEnabled="true"), program(fsxEnabled="false")
+    fsx_types = {"aws:fsx/lustreFileSystem:LustreFileSystem", "aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation"}
+    assert fsx_types <= {r.type for r in on.resources}
+    assert not fsx_types & {r.type for r in off.resources}
+    assert off.one("aws:ec2/launchTemplate:LaunchTemplate").inputs.get("userData") is None
+
+
+def test_every_resource_sits_in_a_component_and_components_hang_off_the_stack() -> None:
+    recorded = program(fsxEnabled="true")
+    by_urn = {r.urn: r for r in recorded.resources}
+    for resource in recorded.resources:
+        if resource.type in COMPONENTS:
+            assert resource.parent.endswith("pulumi:pulumi:Stack::cellpainting-batch-test"), resource.name
+            assert resource.type.startswith("cpb:index:")
+        elif resource.type.startswith("pulumi:providers:"):
+            continue
+        else:
+            parent = by_urn.get(resource.parent)
+            while parent is not None and parent.type not in COMPONENTS:
+                parent = by_urn.get(parent.parent)
+            assert parent is not None, f"{resource.type} {resource.name} is not inside a cpb component"
+            assert resource.name.startswith(parent.name), f"{resource.name} not prefixed with {parent.name}"
+
+
+def test_every_aws_resource_uses_the_tagging_provider() -> None:
+    recorded = program(fsxEnabled="true")
+    providers = recorded.of_type("pulumi:providers:aws")
+    assert len(providers) == 1
+    provider = providers[0]
+    tags = json.loads(provider.inputs["defaultTags"])["tags"]  # provider config travels as JSON text
+    assert tags == {"Project": "cellpainting-batch", "Stack": "test", "CostCenter": "research-computing",
+                    "Owner": "imaging-platform", "ManagedBy": "pulumi"}
+    assert provider.inputs["region"] == REGION
+    for resource in recorded.resources:
+        if resource.type.startswith("aws:"):
+            assert resource.provider.startswith(provider.urn), f"{resource.type} {resource.name} uses {resource.provider!r}"
+        elif resource.type.startswith("awsx:"):  # remote components pass the provider on to their children
+            assert resource.providers.get("aws", "").startswith(provider.urn), f"{resource.type} {resource.name}"
+
+
+def test_cost_tags_follow_config() -> None:
+    recorded = program(fsxEnabled="false", costCenter="lab-42", owner="jane@example.org")
+    tags = json.loads(recorded.one("pulumi:providers:aws").inputs["defaultTags"])["tags"]
+    assert (tags["CostCenter"], tags["Owner"]) == ("lab-42", "jane@example.org")
+    compute_tags = recorded.one("aws:batch/computeEnvironment:ComputeEnvironment", "on-demand").inputs[
+        "computeResources"]["tags"]
+    assert compute_tags["CostCenter"] == "lab-42"  # Batch copies these onto the instances it launches
+
+
+def test_dev_stack_file_builds() -> None:
+    """Pulumi.dev.yaml, passed as the CLI would (strings), builds the small FSx-off variant."""
+    settings = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]
+    config = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in settings.items()}
+    recorded = run_main(config)
+    assert "fileSystemId" not in recorded.outputs
+    assert recorded.one("aws:s3/bucket:Bucket").inputs["forceDestroy"] is True
+    spot = recorded.one("aws:batch/computeEnvironment:ComputeEnvironment", "spot")
+    assert spot.inputs["computeResources"]["maxVcpus"] == 64
+
+
+def test_bad_config_stops_the_program_before_any_resource() -> None:
+    from components.config import ConfigError
+
+    with pytest.raises(ConfigError, match="maxVcpus") as caught:
+        run_main({"maxVcpus": "0", "minVcpus": "4"})
+    assert "minVcpus" in str(caught.value)
