@@ -233,7 +233,8 @@ def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
         for job in state.jobs:
             progress = ""
             if job.array_size:
-                done = job.children.get("SUCCEEDED", 0) - len(job.failed_children)
+                active = sum(n for state, n in job.children.items() if state in status_mod.ACTIVE)
+                done = job.array_size - active - len(job.failed_children)
                 progress = f"  {max(done, 0)}/{job.array_size} children succeeded" + (
                     f", {len(job.failed_children)} failed" if job.failed_children else "")
             lines.append(f"  job {job.name} {job.job_id}: {job.status}{progress}"

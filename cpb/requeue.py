@@ -100,7 +100,13 @@ def redrive_dlq(sqs, dlq_url: str, queue_url: str, validate: Callable[[str], obj
     while idle < 2:
         got = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=10, WaitTimeSeconds=0,
                                   VisibilityTimeout=30)
-        messages = [m for m in got.get("Messages", []) if m["MessageId"] not in kept]
+        messages = []
+        for message in got.get("Messages", []):
+            if message["MessageId"] in kept:  # seen and kept: leave it visible for the next look
+                sqs.change_message_visibility(QueueUrl=dlq_url, ReceiptHandle=message["ReceiptHandle"],
+                                              VisibilityTimeout=0)
+            else:
+                messages.append(message)
         if not messages:
             idle += 1
             continue

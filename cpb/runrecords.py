@@ -107,6 +107,8 @@ def expected_parts_from_submissions(submissions: Iterable[dict]) -> Optional[int
     """Array size from the Lambda's submission records, if any names one."""
     sizes = []
     for record in submissions:
+        if record.get("status") == "cancelled":
+            continue
         for job in record.get("jobs", []) or []:
             size = job.get("array_size") or job.get("arraySize")
             if size:

@@ -75,6 +75,8 @@ def _job_ids(submissions: Iterable[dict]) -> list[str]:
     """Job ids named by the Lambda's submission records (tolerant of key style)."""
     ids = []
     for record in submissions:
+        if record.get("status") == "cancelled":  # rolled back by the Lambda: not a job to follow
+            continue
         for job in record.get("jobs", []) or []:
             job_id = job.get("job_id") or job.get("jobId") if isinstance(job, dict) else job
             if job_id and job_id not in ids:
@@ -150,7 +152,10 @@ def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] =
             continue
         view = job_view(batch, job)
         view.array_index = index_of.get(view.job_id)
+        before = len(view.failed_children)
         view.failed_children = [c for c in view.failed_children if f"{view.job_id}:{c[0]}" not in replaced]
+        if view.array_size and view.status == "FAILED" and before and not view.failed_children:
+            view.status, view.reason = "SUCCEEDED", "its failed children were requeued"
         jobs.append(view)
     run = run_state(s3, bucket, output, expected)
     _mark_record_failures(jobs, run, replaced)

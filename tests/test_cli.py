@@ -1,0 +1,404 @@
+"""`cpb` against moto (S3, SQS, Batch in-process): submit, status, results, requeue, help.
+
+Every AWS call goes through moto's `mock_aws`; Batch runs in its no-Docker
+mode. The schema and S3 checks are the Lambda's own modules, so "local
+validation rejects what the Lambda would reject, with the same message" is
+checked by comparing against `handlers.schema.parse_body` directly.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+from moto import mock_aws
+
+from cpb.cli import cli
+from cpb.localbatch import MotoJobStates
+from cpb.stack import StackError, discover
+from handlers.schema import Limits, MessageError, parse_body
+
+REGION = "us-east-1"
+BUCKET = "cpb-test-data"
+PIPELINE_TEXT = "CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\n"
+
+
+@pytest.fixture
+def aws(monkeypatch, tmp_path):
+    """moto with a bucket, a job queue + DLQ and a Batch queue/definition; CPB_* set."""
+    for key in list(os.environ):
+        if key.startswith("CPB_") or key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-pulumi"))  # no Pulumi CLI: flags/env only
+    with mock_aws(config={"batch": {"use_docker": False}}):
+        s3 = boto3.client("s3", region_name=REGION)
+        sqs = boto3.client("sqs", region_name=REGION)
+        batch = boto3.client("batch", region_name=REGION)
+        iam = boto3.client("iam", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET)
+        dlq = sqs.create_queue(QueueName="cpb-test-dlq")["QueueUrl"]
+        queue = sqs.create_queue(QueueName="cpb-test-jobs")["QueueUrl"]
+        role = iam.create_role(RoleName="svc", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+        env = batch.create_compute_environment(computeEnvironmentName="cpb-ce", type="UNMANAGED",
+                                               state="ENABLED", serviceRole=role)
+        job_queue = batch.create_job_queue(jobQueueName="cpb-q", state="ENABLED", priority=1,
+                                           computeEnvironmentOrder=[{"order": 1, "computeEnvironment":
+                                                                     env["computeEnvironmentArn"]}])["jobQueueArn"]
+        definition = batch.register_job_definition(
+            jobDefinitionName="cpb-worker", type="container",
+            containerProperties={"image": "cp", "resourceRequirements": [
+                {"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "2048"}]})["jobDefinitionArn"]
+        monkeypatch.setenv("CPB_BUCKET", BUCKET)
+        monkeypatch.setenv("CPB_QUEUE_URL", queue)
+        monkeypatch.setenv("CPB_DLQ_URL", dlq)
+        monkeypatch.setenv("CPB_JOB_QUEUE", job_queue)
+        monkeypatch.setenv("CPB_REGION", REGION)
+        yield {"s3": s3, "sqs": sqs, "batch": batch, "queue": queue, "dlq": dlq, "job_queue": job_queue,
+               "definition": definition}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def queued(aws) -> list[str]:
+    """Bodies of every message in the job queue (removed)."""
+    bodies = []
+    while True:
+        got = aws["sqs"].receive_message(QueueUrl=aws["queue"], MaxNumberOfMessages=10, VisibilityTimeout=60)
+        if not got.get("Messages"):
+            return bodies
+        bodies.extend(m["Body"] for m in got["Messages"])
+
+
+def put(aws, key: str, body: bytes | str) -> None:
+    aws["s3"].put_object(Bucket=BUCKET, Key=key, Body=body.encode() if isinstance(body, str) else body)
+
+
+def seed_inputs(aws, prefix: str = "plates/p1") -> None:
+    put(aws, "pipelines/nuclei.cppipe", PIPELINE_TEXT)
+    put(aws, f"{prefix}/images/a.tif", b"II*\x00fake")
+    put(aws, f"{prefix}/load_data.csv", "Image_FileName_DNA\na.tif\nb.tif\nc.tif\n")
+
+
+# ------------------------------------------------------------------------- help
+
+DOCUMENTED = {
+    "submit": ["--pipeline", "--input", "--output", "--data-file", "--image-sets-per-job", "--memory", "--vcpus",
+               "--job-name", "--message-file", "--upload", "--dry-run", "--stack", "--bucket", "--queue-url"],
+    "status": ["--watch", "--interval", "--timeout", "--parts", "--stack", "--dlq-url"],
+    "results": ["--to", "--parts", "--stack", "--bucket"],
+    "requeue": ["--dlq", "--force", "--dry-run", "--stack"],
+    "run": ["--local", "--pipeline", "--input", "--output", "--workers", "--data-file"],
+    "demo": ["--out", "--wells", "--sites", "--sets-per-job", "--parallel", "--tolerance"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED))
+def test_help_lists_documented_options(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    missing = [o for o in DOCUMENTED[command] if o not in result.output]
+    assert not missing, f"`cpb {command} --help` lacks {missing}"
+
+
+def test_help_documents_options_in_cli_guide():
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    for command, options in DOCUMENTED.items():
+        assert f"cpb {command}" in guide
+        for option in options:
+            assert option in guide, f"docs/CLI.md does not mention {command} {option}"
+
+
+# ------------------------------------------------------------------------- stack discovery
+
+def test_stack_from_env_names_its_source(monkeypatch):
+    stack = discover(None, {}, env={"CPB_BUCKET": "b-1", "CPB_QUEUE_URL": "https://sqs.eu-west-1.amazonaws.com/1/q"},
+                     use_pulumi=False)
+    assert (stack.bucket, stack.region) == ("b-1", "eu-west-1")
+    assert "$CPB_BUCKET" in stack.describe_sources()
+
+
+def test_flags_override_env_and_missing_values_say_what_to_do():
+    stack = discover(None, {"bucket": "from-flag"}, env={"CPB_BUCKET": "from-env"}, use_pulumi=False)
+    assert stack.bucket == "from-flag" and stack.sources["bucket"] == "--bucket"
+    with pytest.raises(StackError, match="pulumi stack select dev.*CPB_BUCKET"):
+        discover(None, {}, env={}, use_pulumi=False).require("bucket")
+
+
+def test_stack_outputs_come_from_pulumi_cli(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "pulumi"
+    fake.parent.mkdir()
+    outputs = {"bucketName": "pulumi-bucket", "queueUrl": "https://sqs.us-west-2.amazonaws.com/1/q",
+               "deadLetterQueueUrl": "https://sqs.us-west-2.amazonaws.com/1/dlq", "jobQueueArn": "arn:q"}
+    fake.write_text("#!/bin/sh\n[ \"$4\" = \"--stack\" ] && [ \"$5\" = \"prod\" ] || exit 3\n"
+                    f"echo '{json.dumps(outputs)}'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    stack = discover("prod", {}, env={})
+    assert (stack.bucket, stack.dlq_url, stack.region) == ("pulumi-bucket", outputs["deadLetterQueueUrl"], "us-west-2")
+    assert stack.describe_sources() .startswith("stack settings from pulumi stack prod")
+    with pytest.raises(StackError, match="--stack dev.*failed"):
+        discover("dev", {}, env={})
+
+
+def test_missing_stack_is_one_line_without_traceback(aws, monkeypatch):
+    monkeypatch.delenv("CPB_BUCKET")
+    result = CliRunner().invoke(cli, ["status", "x"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and "CPB_BUCKET" in result.output
+
+
+# ------------------------------------------------------------------------- submit
+
+def test_submit_from_flags_sends_what_the_lambda_parses(aws):
+    seed_inputs(aws)
+    result = invoke("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/p1/images",
+                    "--output", "results/p1", "--data-file", "plates/p1/load_data.csv",
+                    "--image-sets-per-job", "2", "--memory", "4096", "--vcpus", "2", "--job-name", "plate one")
+    assert result.exit_code == 0, result.output
+    assert "3 image sets" in result.output and f"s3://{BUCKET}/results/p1/" in result.output
+    bodies = queued(aws)
+    assert len(bodies) == 1
+    request = parse_body(bodies[0], Limits(bucket=BUCKET))[0]
+    assert (request.output, request.image_sets_per_job, request.job_memory, request.job_vcpu, request.job_name) == \
+        ("results/p1", 2, 4096, 2, "plate one")
+    sent_id = result.output.split("sent ", 1)[1].split()[0]
+    assert len(sent_id) > 10
+
+
+SEED_MESSAGES = {
+    # The seed's own format: numeric strings for memory/vCPU, one object.
+    "seed_object.json": {"pipeline": "pipelines/nuclei.cppipe", "input": "plates/p1/images",
+                         "output": "results/seed", "job_memory": "8192", "job_vcpu": "12"},
+    # A list of jobs, as the seed also accepted.
+    "seed_list.json": [{"pipeline": "pipelines/nuclei.cppipe", "input": "plates/p1/images", "output": f"results/s{i}"}
+                       for i in range(12)],
+    # The extensions: array job over a LoadData CSV.
+    "seed_array.json": {"pipeline": "pipelines/nuclei.cppipe", "input": "plates/p1/images", "output": "results/arr",
+                        "data_file": "plates/p1/load_data.csv", "image_sets_per_job": 1, "job_name": "arr"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_MESSAGES))
+def test_submit_from_seed_message_files(aws, tmp_path, name):
+    seed_inputs(aws)
+    path = tmp_path / name
+    path.write_text(json.dumps(SEED_MESSAGES[name]))
+    result = invoke("submit", "--message-file", str(path))
+    assert result.exit_code == 0, result.output
+    expected = SEED_MESSAGES[name] if isinstance(SEED_MESSAGES[name], list) else [SEED_MESSAGES[name]]
+    bodies = queued(aws)
+    assert sorted(json.loads(b)["output"] for b in bodies) == sorted(m["output"] for m in expected)
+    assert result.output.count("sent ") == len(expected)  # 12 jobs went out in two SQS batches
+
+
+BAD_MESSAGES = [
+    pytest.param('{"pipeline": "p.cppipe", "input": "in"}', id="missing-output"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out", "job_memory": "lots"}', id="memory-text"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out", "job_vcpu": 999}', id="vcpu-huge"),
+    pytest.param('{"pipeline": "../etc/passwd.cppipe", "input": "in", "output": "out"}', id="traversal"),
+    pytest.param('{"pipeline": "s3://other-bucket/p.cppipe", "input": "in", "output": "out"}', id="other-bucket"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out", '
+                 '"job_queue": "arn:aws:batch:us-east-1:999999999999:job-queue/theirs"}', id="foreign-arn"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out\\u0000x"}', id="control-char"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "in/out"}', id="output-inside-input"),
+    pytest.param('[{"pipeline": "p.cppipe", "input": "in", "output": "o"}, '
+                 '{"pipeline": "p.cppipe", "input": "in", "output": "o"}]', id="duplicate-entries"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out", "image_sets_per_job": 5}',
+                 id="array-without-data-file"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out"', id="malformed-json"),
+    pytest.param('{"pipline": "p.cppipe", "input": "in", "output": "out"}', id="typo-field"),
+    pytest.param("[" + ",".join(['{"pipeline": "p.cppipe", "input": "in", "output": "o%d"}' % i
+                                 for i in range(2000)]) + "]", id="thousands-of-jobs"),
+    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "' + "x" * 300_000 + '"}', id="over-256KB"),
+]
+
+
+@pytest.mark.hostile
+@pytest.mark.parametrize("body", BAD_MESSAGES)
+def test_submit_rejects_what_the_lambda_rejects_with_its_message(aws, tmp_path, body):
+    with pytest.raises(MessageError) as lambda_error:
+        parse_body(body, Limits.from_env({"CPB_BUCKET": BUCKET, "CPB_JOB_QUEUE": aws["job_queue"]}))
+    path = tmp_path / "bad.json"
+    path.write_text(body)
+    result = CliRunner().invoke(cli, ["submit", "--message-file", str(path)])
+    assert result.exit_code == 1
+    assert str(lambda_error.value) in result.output
+    assert "Traceback" not in result.output
+    assert queued(aws) == []
+
+
+@pytest.mark.hostile
+def test_submit_refuses_missing_pipeline_and_empty_input(aws):
+    seed_inputs(aws)
+    result = CliRunner().invoke(cli, ["submit", "--pipeline", "pipelines/absent.cppipe", "--input",
+                                      "plates/p1/images", "--output", "results/x"])
+    assert result.exit_code == 1 and "pipeline" in result.output and "does not exist" in result.output
+    result = CliRunner().invoke(cli, ["submit", "--pipeline", "pipelines/nuclei.cppipe", "--input",
+                                      "plates/none", "--output", "results/x"])
+    assert result.exit_code == 1 and "input: nothing under" in result.output
+    assert queued(aws) == []
+
+
+def test_upload_skips_unchanged_files_and_sends_changed(aws, tmp_path):
+    images = tmp_path / "plate"
+    (images / "w1").mkdir(parents=True)
+    for name in ("a.tif", "b.tif", "w1/c.tif"):
+        (images / name).write_bytes(os.urandom(2048))
+    (images / ".DS_Store").write_bytes(b"junk")
+    pipeline = tmp_path / "nuclei.cppipe"
+    pipeline.write_text(PIPELINE_TEXT)
+    args = ["submit", "--upload", str(images), "--pipeline", str(pipeline), "--input", "plates/up",
+            "--output", "results/up"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "uploaded 4 file(s)" in first.output and "0 unchanged" in first.output
+    assert ".DS_Store" in first.output  # ignored, but said so
+    head = aws["s3"].head_object(Bucket=BUCKET, Key="plates/up/w1/c.tif", ChecksumMode="ENABLED")
+    assert head["Metadata"]["sha256"] == hashlib.sha256((images / "w1/c.tif").read_bytes()).hexdigest()
+    (images / "b.tif").write_bytes(os.urandom(2048))  # same size, new content
+    second = invoke(*args)
+    assert second.exit_code == 0, second.output
+    assert "uploaded 1 file(s)" in second.output and "3 unchanged file(s) skipped" in second.output
+    body = json.loads(queued(aws)[-1])
+    assert body["pipeline"].startswith("pipelines/") and body["pipeline"].endswith("/nuclei.cppipe")
+
+
+# ------------------------------------------------------------------------- status, results, requeue
+
+def array_submission(aws, output: str, size: int) -> str:
+    job = aws["batch"].submit_job(jobName="plate", jobQueue=aws["job_queue"], jobDefinition=aws["definition"],
+                                  arrayProperties={"size": size}, containerOverrides={"environment": [
+                                      {"name": "CPB_OUTPUT", "value": output},
+                                      {"name": "CPB_IMAGE_SETS_PER_JOB", "value": "2"}]})
+    put(aws, f"{output}/_cpb/submission-m1.json", json.dumps(
+        {"status": "submitted", "message_id": "m1", "job_id": job["jobId"], "job_name": "plate", "array_size": size}))
+    return job["jobId"]
+
+
+def part_record(aws, output: str, index: int, status: str, rows: list[tuple[int, int]] | None = None) -> None:
+    prefix = f"{output}/part-{index:05d}"
+    files = []
+    if rows is not None:
+        text = "ImageNumber,Count_Nuclei\n" + "".join(f"{n},{c}\n" for n, c in rows)
+        put(aws, f"{prefix}/Image.csv", text)
+        files.append({"key": "Image.csv", "size": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()})
+    first, last = index * 2 + 1, index * 2 + 2
+    record = {"status": status, "first": first, "last": last, "image_set_count": 6, "array_index": index,
+              "files": files}
+    if status != "succeeded":
+        record["reason"] = "CellProfiler exited 1: IdentifyPrimaryObjects failed"
+    put(aws, f"{prefix}/_cpb/run.json", json.dumps(record))
+
+
+def test_status_reports_states_children_and_dlq_reasons(aws):
+    job_id = array_submission(aws, "results/s", 3)
+    MotoJobStates(REGION).set(f"{job_id}:1", "FAILED", "Essential container in task exited (exit code 3)", 3)
+    part_record(aws, "results/s", 0, "succeeded", [(1, 10), (2, 11)])
+    part_record(aws, "results/s", 1, "failed")
+    part_record(aws, "results/s", 2, "succeeded", [(5, 12), (6, 13)])
+    aws["sqs"].send_message(QueueUrl=aws["dlq"], MessageBody='{"pipeline": "p.cppipe", "input": "in"}')
+    result = CliRunner().invoke(cli, ["status", "results/s"])
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output and "2/3 children succeeded, 1 failed" in result.output
+    assert "child 1 failed: Essential container in task exited (exit code 3)" in result.output
+    assert f"log stream cpb-worker/default/{job_id}:1" in result.output
+    assert "IdentifyPrimaryObjects failed" in result.output  # the run record's reason
+    assert "dead-letter queue: 1 message(s)" in result.output
+    assert "output: is missing" in result.output  # why the dead letter failed, from the schema
+
+
+def test_status_succeeded_only_when_every_record_says_so(aws):
+    job_id = array_submission(aws, "results/ok", 2)
+    part_record(aws, "results/ok", 0, "succeeded", [(1, 10), (2, 11)])
+    result = CliRunner().invoke(cli, ["status", "results/ok", "--no-dlq"])
+    assert result.exit_code == 1 and "child 1 failed: no run record" in result.output  # Batch "SUCCEEDED" is not enough
+    part_record(aws, "results/ok", 1, "succeeded", [(3, 12), (4, 13)])
+    result = CliRunner().invoke(cli, ["status", "results/ok", "--no-dlq"])
+    assert result.exit_code == 0, result.output
+    assert "SUCCEEDED" in result.output and job_id in result.output
+
+
+def test_status_running_exits_3_and_watch_stops_at_the_end(aws):
+    job_id = array_submission(aws, "results/run", 2)
+    states = MotoJobStates(REGION)
+    states.set(f"{job_id}:0", "RUNNING")
+    result = CliRunner().invoke(cli, ["status", "results/run", "--no-dlq"])
+    assert result.exit_code == 3 and "RUNNING" in result.output
+    result = CliRunner().invoke(cli, ["status", "results/run", "--no-dlq", "--watch", "--interval", "0.01",
+                                      "--timeout", "0.05"])
+    assert result.exit_code == 3 and result.output.count("results/run/: RUNNING") >= 2
+
+
+def test_results_refuse_incomplete_runs_then_merge_parts(aws, tmp_path):
+    array_submission(aws, "results/r", 3)
+    part_record(aws, "results/r", 0, "succeeded", [(1, 10), (2, 11)])
+    part_record(aws, "results/r", 2, "succeeded", [(5, 14), (6, 15)])
+    dest = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["results", "results/r", "--to", str(dest)])
+    assert result.exit_code == 1 and "not complete" in result.output and "part-00001: missing" in result.output
+    assert not (dest / "Image.csv").exists()
+    part_record(aws, "results/r", 1, "failed")
+    result = CliRunner().invoke(cli, ["results", "results/r", "--to", str(dest)])
+    assert result.exit_code == 1 and "part-00001: failed" in result.output
+    part_record(aws, "results/r", 1, "succeeded", [(1, 12), (2, 13)])  # numbered from 1: shifted to 3, 4
+    result = CliRunner().invoke(cli, ["results", "results/r", "--to", str(dest)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(dest / "Image.csv")))
+    assert [(int(r["ImageNumber"]), int(r["Count_Nuclei"])) for r in rows] == \
+        [(1, 10), (2, 11), (3, 12), (4, 13), (5, 14), (6, 15)]
+    assert "merged from 3 array parts" in result.output
+
+
+def test_results_refuse_files_that_differ_from_their_record(aws, tmp_path):
+    array_submission(aws, "results/t", 2)
+    part_record(aws, "results/t", 0, "succeeded", [(1, 10), (2, 11)])
+    part_record(aws, "results/t", 1, "succeeded", [(3, 12), (4, 13)])
+    put(aws, "results/t/part-00001/Image.csv", "ImageNumber,Count_Nuclei\n3,99\n4,13\n")  # same size, other bytes
+    result = CliRunner().invoke(cli, ["results", "results/t", "--to", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "checksum differs" in result.output
+
+
+def test_requeue_resubmits_only_failed_children_and_status_follows(aws):
+    job_id = array_submission(aws, "results/q", 3)
+    MotoJobStates(REGION).set(f"{job_id}:1", "FAILED", "Essential container in task exited", 3)
+    part_record(aws, "results/q", 0, "succeeded", [(1, 10), (2, 11)])
+    part_record(aws, "results/q", 1, "failed")
+    part_record(aws, "results/q", 2, "succeeded", [(5, 12), (6, 13)])
+    before = {j["jobId"] for j in aws["batch"].list_jobs(jobQueue=aws["job_queue"], jobStatus="SUCCEEDED")["jobSummaryList"]}
+    result = CliRunner().invoke(cli, ["requeue", "results/q"])
+    assert result.exit_code == 0, result.output
+    assert "resubmit child 1" in result.output and "child 0" not in result.output and "child 2" not in result.output
+    new = [j for j in aws["batch"].list_jobs(jobQueue=aws["job_queue"], jobStatus="SUCCEEDED")["jobSummaryList"]
+           if j["jobId"] not in before and ":" not in j["jobId"]]
+    assert len(new) == 1
+    env = {e["name"]: e["value"] for e in
+           aws["batch"].describe_jobs(jobs=[new[0]["jobId"]])["jobs"][0]["container"]["environment"]}
+    assert env["CPB_ARRAY_INDEX"] == "1" and env["CPB_OUTPUT"] == "results/q"
+    # The new job replaces the failed child: once its part succeeds, the output is done.
+    part_record(aws, "results/q", 1, "succeeded", [(3, 1), (4, 2)])
+    result = CliRunner().invoke(cli, ["status", "results/q", "--no-dlq"])
+    assert result.exit_code == 0, result.output
+    # Nothing failed any more: a second requeue submits nothing.
+    assert "nothing to resubmit" in CliRunner().invoke(cli, ["requeue", "results/q"]).output
+
+
+def test_requeue_dlq_moves_fixed_messages_and_keeps_broken_ones(aws):
+    good = json.dumps({"pipeline": "p.cppipe", "input": "in", "output": "out"})
+    aws["sqs"].send_message(QueueUrl=aws["dlq"], MessageBody=good)
+    aws["sqs"].send_message(QueueUrl=aws["dlq"], MessageBody='{"input": "in"}')
+    result = CliRunner().invoke(cli, ["requeue", "--dlq"])
+    assert result.exit_code == 0, result.output
+    assert "moved 1 message(s)" in result.output and "pipeline: is missing" in result.output
+    assert queued(aws) == [good]
+    left = aws["sqs"].get_queue_attributes(QueueUrl=aws["dlq"], AttributeNames=["ApproximateNumberOfMessages"])
+    assert left["Attributes"]["ApproximateNumberOfMessages"] == "1"
