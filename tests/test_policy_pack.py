@@ -1,0 +1,160 @@
+"""The policy pack: the stack passes every policy, and a deliberately broken
+variant of each resource trips its policy (no policy is a check that cannot fail)."""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import pytest
+import yaml
+from pulumi_policy import PolicyCustomTimeouts, PolicyResource, PolicyResourceOptions
+
+from policy_harness import cpb_guardrails, violations
+from stack_harness import REPO, Recorded, program
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+NAMES = [p.name for p in cpb_guardrails.POLICIES]
+
+
+@pytest.fixture(params=["true", "false"], ids=["fsx-on", "fsx-off"])
+def stack(request: pytest.FixtureRequest) -> Recorded:
+    return program(fsxEnabled=request.param, alarmEmail="lab@example.org")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_stack_passes(stack: Recorded, name: str) -> None:
+    assert violations(name, stack) == []
+
+
+# ------------------------------------------------------------ broken variants
+
+def first(resources: list[PolicyResource], typ: str, name_part: str = "") -> PolicyResource:
+    return next(r for r in resources if r.resource_type == typ and name_part in r.name)
+
+
+def drop(resources: list[PolicyResource], typ: str) -> None:
+    resources[:] = [r for r in resources if r.resource_type != typ]
+
+
+def set_prop(typ: str, key: str, value: Any, name_part: str = "") -> Callable:
+    """Resource-policy breaker: override one input of one resource type."""
+    def breaker(resource, props: dict) -> dict:
+        if resource.type == typ and name_part in resource.name:
+            props[key] = value
+        return props
+    return breaker
+
+
+def open_public_access(resources: list[PolicyResource]) -> None:
+    first(resources, cpb_guardrails.PUBLIC_ACCESS_BLOCK).props["restrictPublicBuckets"] = False
+
+
+def unencrypted_bucket(resources: list[PolicyResource]) -> None:
+    drop(resources, cpb_guardrails.BUCKET_SSE[0])
+
+
+def bucket_policy_without_tls(resources: list[PolicyResource]) -> None:
+    policy = first(resources, cpb_guardrails.BUCKET_POLICY)
+    document = json.loads(policy.props["policy"])
+    document["Statement"][0]["Resource"] = document["Statement"][0]["Resource"][:1]  # bucket, not objects
+    policy.props["policy"] = json.dumps(document)
+
+
+def queue_without_dlq(resources: list[PolicyResource]) -> None:
+    del first(resources, cpb_guardrails.QUEUE, "ingress-queue").props["redrivePolicy"]
+
+
+def public_subnet_for_batch(resources: list[PolicyResource]) -> None:
+    env = first(resources, cpb_guardrails.COMPUTE_ENVIRONMENT, "spot")
+    subnet_id = env.props["computeResources"]["subnets"][0]
+    options = PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [])
+    resources.append(PolicyResource(cpb_guardrails.SUBNET, {
+        "mapPublicIpOnLaunch": True, "arn": f"arn:aws:ec2:eu-west-1:123456789012:subnet/{subnet_id}"},
+        "urn:pulumi:test::cellpainting-batch::aws:ec2/subnet:Subnet::public", "public", options, None, None, [], {}))
+
+
+def fsx_open_to_the_vpc(resources: list[PolicyResource]) -> None:
+    group = first(resources, cpb_guardrails.SECURITY_GROUP, "fsx")
+    group.props["ingress"] = group.props["ingress"] + [
+        {"protocol": "tcp", "fromPort": 988, "toPort": 988, "cidrBlocks": ["10.0.0.0/16"]}]
+
+
+def untagged_provider(resources: list[PolicyResource]) -> None:
+    provider = next(r.provider for r in resources if r.resource_type == cpb_guardrails.BUCKET)
+    tags = json.loads(provider.props["defaultTags"])
+    del tags["tags"]["CostCenter"]
+    provider.props["defaultTags"] = json.dumps(tags)
+
+
+def _document(statement: dict) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+
+
+BROKEN: dict[str, tuple[dict, str]] = {
+    "s3-public-access-blocked": ({"stack": open_public_access}, "restrictPublicBuckets"),
+    "s3-encrypted": ({"stack": unencrypted_bucket}, "no default server-side encryption"),
+    "s3-tls-only": ({"stack": bucket_policy_without_tls}, "accepts plain HTTP"),
+    "sqs-encrypted": ({"resource_props": set_prop(cpb_guardrails.QUEUE, "sqsManagedSseEnabled", False, "dlq")},
+                      "is not encrypted"),
+    "sqs-dead-letter-queue": ({"stack": queue_without_dlq}, "has no dead-letter queue"),
+    "iam-no-wildcard-actions": ({"resource_props": set_prop(
+        "aws:iam/rolePolicy:RolePolicy", "policy",
+        _document({"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::b/*"}), "job-role")},
+        "wildcard actions"),
+    "iam-no-star-resource-with-arn": ({"resource_props": set_prop(
+        "aws:iam/rolePolicy:RolePolicy", "policy",
+        _document({"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": "*"}), "job-role")},
+        "take resource ARNs"),
+    "ec2-imdsv2-required": ({"resource_props": set_prop(
+        cpb_guardrails.LAUNCH_TEMPLATE, "metadataOptions", {"httpEndpoint": "enabled", "httpTokens": "optional"})},
+        "allows IMDSv1"),
+    "batch-launch-template": ({"resource_props": lambda r, p: {**p, "computeResources": {
+        k: v for k, v in p["computeResources"].items() if k != "launchTemplate"}}
+        if r.type == cpb_guardrails.COMPUTE_ENVIRONMENT else p}, "has no launch template"),
+    "batch-private-hosts": ({"stack": public_subnet_for_batch}, "public subnets"),
+    "batch-no-privileged": ({"resource_props": lambda r, p: {**p, "containerProperties": json.dumps(
+        {**json.loads(p["containerProperties"]), "privileged": True})}
+        if r.type == cpb_guardrails.JOB_DEFINITION else p}, "privileged container"),
+    "logs-retention": ({"resource_props": lambda r, p: {k: v for k, v in p.items() if k != "retentionInDays"}
+                        if r.type == cpb_guardrails.LOG_GROUP else p}, "keeps logs forever"),
+    "fsx-lustre-ingress": ({"stack": fsx_open_to_the_vpc}, "admits cidrBlocks"),
+    "cost-allocation-tags": ({"stack": untagged_provider}, "lacks cost-allocation tags ['CostCenter']"),
+}
+
+
+def test_every_policy_has_a_broken_variant() -> None:
+    assert sorted(BROKEN) == sorted(NAMES)
+
+
+@pytest.mark.policy_trip
+@pytest.mark.parametrize("name", NAMES)
+def test_a_broken_resource_trips_its_policy(name: str) -> None:
+    recorded = program(fsxEnabled="true", alarmEmail="lab@example.org")
+    breaker, expected = BROKEN[name]
+    found = violations(name, recorded, **breaker)
+    assert found, f"{name} did not trip"
+    assert any(expected in message for message in found), found
+
+
+def test_fsx_group_admitting_a_stranger_group_trips() -> None:
+    """Only the compute group (by ID, when known) may reach the Lustre ports."""
+    def stranger(resources: list[PolicyResource]) -> None:
+        group = first(resources, cpb_guardrails.SECURITY_GROUP, "fsx")
+        group.props["ingress"] = [{**rule, "securityGroups": ["sg-0someoneelse"]} for rule in group.props["ingress"]]
+    found = violations("fsx-lustre-ingress", program(fsxEnabled="true"), stack=stranger)
+    assert any("no compute environment uses" in m for m in found)
+
+
+def test_star_resource_stays_allowed_where_iam_has_no_arn() -> None:
+    """ecr:GetAuthorizationToken cannot be scoped: '*' is correct there and must not trip."""
+    breaker = set_prop("aws:iam/rolePolicy:RolePolicy", "policy", _document(
+        {"Effect": "Allow", "Action": ["ecr:GetAuthorizationToken", "batch:ListJobs"], "Resource": "*"}), "job-role")
+    assert violations("iam-no-star-resource-with-arn", program(fsxEnabled="true"), resource_props=breaker) == []
+
+
+def test_policy_pack_runs_in_the_project_virtualenv() -> None:
+    spec = yaml.safe_load((REPO / "policy" / "PulumiPolicy.yaml").read_text())
+    assert spec["runtime"]["name"] == "python"
+    assert spec["runtime"]["options"]["virtualenv"] == "../.venv"
+    main = (REPO / "policy" / "__main__.py").read_text()
+    assert "from cpb_guardrails import POLICIES" in main and "PolicyPack(" in main
