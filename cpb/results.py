@@ -66,6 +66,13 @@ def _shift_for(rows: list[list[str]], column: int, first: int) -> int:
     return first - 1
 
 
+def _has_image_number(path: Path) -> bool:
+    """True for per-image/per-object tables (they carry an ImageNumber column)."""
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return "ImageNumber" in header
+
+
 def merge_csvs(sources: list[tuple[Path, int]], dest: Path) -> int:
     """Concatenate CSVs (path, first image set) with equal headers into `dest`.
 
@@ -132,7 +139,11 @@ def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = 
             staged.setdefault(relative, []).append((local, first, part.prefix))
         for relative, copies in sorted(staged.items()):
             target = dest / relative
-            if relative.lower().endswith(".csv") and len(copies) > 1:
+            if relative.lower().endswith(".csv") and len(copies) > 1 and not _has_image_number(copies[0][0]):
+                # Per-run metadata (Experiment.csv: CellProfiler version, pipeline text): one copy, the first part's.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(min(copies, key=lambda c: c[1])[0], target)
+            elif relative.lower().endswith(".csv") and len(copies) > 1:
                 report.rows[relative] = merge_csvs(
                     [(p, first) for p, first, _ in sorted(copies, key=lambda c: c[1])], target)
             elif len(copies) == 1:

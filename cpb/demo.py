@@ -1,0 +1,263 @@
+"""`make demo`: the whole system end to end with no AWS account.
+
+AWS is moto's server on 127.0.0.1; everything else is the real code:
+`cpb submit --upload` uploads a generated plate and sends the message, the
+real Lambda handler gets the SQS batch as the event source mapping would
+give it, the jobs it submits are run by `cpb.localbatch` (the real worker
+with real CellProfiler, as Batch would start the container), `cpb status`
+and `cpb results` report and download. The plate is synthetic with a known
+number of nuclei per site, so the demo checks its own answer.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+
+from cpb.emulator import create_stack, environment, moto_server
+
+REPO = Path(__file__).resolve().parent.parent
+PLATE = "SYN1"
+WELL_NAMES = [f"{row}{col:02d}" for row in "ABCDEFGH" for col in range(1, 13)]
+
+
+@dataclass
+class DemoSettings:
+    """What the demo runs; the defaults are `make demo`'s."""
+
+    out_dir: Path = Path("demo-output")
+    wells: int = 2
+    sites: int = 4
+    sets_per_job: int = 2
+    parallel: int = 2
+    tolerance: float = 0.1
+    seed: int = 7
+    pipeline: Optional[Path] = None  # default: cpb/pipelines/nuclei.cppipe
+    echo: bool = True
+
+
+@dataclass
+class DemoResult:
+    """What the demo found, for tests and for the exit code."""
+
+    ok: bool
+    table: list[dict] = field(default_factory=list)
+    output_prefix: str = ""
+    results_dir: Optional[Path] = None
+    montage: Optional[Path] = None
+    status_output: str = ""
+    status_exit: Optional[int] = None
+    failures: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Steps:
+    """Numbered progress lines: what the demo is doing now and how long each took."""
+
+    def __init__(self, total: int, echo: bool) -> None:
+        self.total, self.echo, self.n = total, echo, 0
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str, text: str) -> Iterator[None]:
+        self.n += 1
+        self.say(f"[{self.n}/{self.total}] {text}")
+        started = time.monotonic()
+        yield
+        self.timings[name] = round(time.monotonic() - started, 2)
+
+    def say(self, text: str) -> None:
+        if self.echo:
+            click.echo(text, err=False)
+            sys.stdout.flush()
+
+
+def cellprofiler_env() -> dict[str, str]:
+    """CPB_CELLPROFILER (the Makefile exports it) or the project's .venv-cp."""
+    exe = os.environ.get("CPB_CELLPROFILER") or str(REPO / ".venv-cp" / "bin" / "cellprofiler")
+    if not Path(exe).exists() and not shutil.which(exe):
+        raise click.ClickException(f"CellProfiler not found at {exe}: run `make demo` (it installs .venv-cp) "
+                                   "or set CPB_CELLPROFILER")
+    return {"CPB_CELLPROFILER": exe,
+            "CPB_CELLPROFILER_ARGS": os.environ.get("CPB_CELLPROFILER_ARGS", "-e imageio_reader imageio_reader_v3"),
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def _invoke(args: list[str]) -> tuple[int, str]:
+    """Run a `cpb` command in this process, as a user would type it; (exit code, output)."""
+    from click.testing import CliRunner
+
+    from cpb.cli import cli
+    result = CliRunner().invoke(cli, args)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def run_demo(settings: DemoSettings) -> DemoResult:
+    """Run the demo; print progress, the table, where things are; return what happened."""
+    from cpb import localbatch, localingress
+    from cpb.synthetic import make_plate
+
+    steps = Steps(7, settings.echo)
+    out = settings.out_dir.resolve()
+    for owned in ("plate", "results", "logs", "plate.png"):  # ours from a previous run: start clean
+        target = out / owned
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = settings.pipeline or (REPO / "cpb" / "pipelines" / "nuclei.cppipe")
+    output_prefix = f"results/{PLATE}"
+    result = DemoResult(ok=False, output_prefix=output_prefix)
+    quiet = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_SERVICE_NAME": "cpb-ingress"}
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+    with steps.step("setup", "setup: AWS emulated on 127.0.0.1 (moto), stack resources, CellProfiler"):
+        cp_env = cellprofiler_env()
+        server = moto_server()
+        endpoint = server.__enter__()
+    try:
+        stack = create_stack(endpoint)
+        steps.say(f"      bucket {stack.bucket}, queue {stack.queue_url.rsplit('/', 1)[-1]}, "
+                  f"Batch queue {stack.job_queue_arn.rsplit('/', 1)[-1]} at {endpoint}")
+        env = {**stack.aws_env(), **stack.client_env(), **stack.lambda_env(), **cp_env, **quiet}
+        with environment(env):
+            with steps.step("plate", f"plate: {settings.wells} wells x {settings.sites} sites x 2 channels "
+                                     "of synthetic nuclei with known counts"):
+                wells = WELL_NAMES[:settings.wells]
+                plate = make_plate(out / "plate", wells=wells, sites=settings.sites, seed=settings.seed,
+                                   plate=PLATE)
+            with steps.step("submit", "upload + submit: cpb submit --upload (array job, "
+                                      f"{settings.sets_per_job} image sets per child)"):
+                code, text = _invoke(["submit", "--upload", str(plate.images_dir), "--pipeline", str(pipeline),
+                                      "--input", f"plates/{PLATE}", "--output", output_prefix,
+                                      "--data-file", str(plate.images_dir / "load_data.csv"),
+                                      "--image-sets-per-job", str(settings.sets_per_job), "--vcpus", "1",
+                                      "--job-name", f"demo-{PLATE}"])
+                steps.say(_indent(text))
+                if code != 0:
+                    result.failures.append(f"cpb submit failed: {text.strip()}")
+                    return _finish(result, steps)
+            with steps.step("lambda", "Lambda: SQS batch -> handlers.ingress.handler (as the event source mapping)"):
+                from handlers import ingress
+                import boto3
+                sqs = boto3.client("sqs")
+                report = localingress.pump(sqs, stack.queue_url, ingress.handler, stack.region)
+                steps.say(f"      {report.invocations} invocation(s), {len(report.deleted)} message(s) accepted, "
+                          f"{len(report.failures)} failed")
+                if report.failures:
+                    result.failures.append(f"the Lambda rejected {len(report.failures)} message(s); "
+                                           "see `cpb status` below")
+            with steps.step("batch", f"Batch: running the jobs with the real worker, {settings.parallel} at a time"):
+                outcomes = _run_batch(stack, out, settings, steps)
+                failed = [o for o in outcomes if o.status != "SUCCEEDED"]
+                for outcome in failed:
+                    result.failures.append(f"job {outcome.item.label} failed: {outcome.reason} (log {outcome.log})")
+            with steps.step("results", f"results: cpb status + cpb results {output_prefix}"):
+                result.status_exit, result.status_output = _invoke(["status", output_prefix])
+                steps.say(_indent(result.status_output))
+                results_dir = out / "results"
+                code, text = _invoke(["results", output_prefix, "--to", str(results_dir)])
+                steps.say(_indent(text))
+                if code != 0:
+                    result.failures.append(f"cpb results refused: {text.strip()}")
+                    return _finish(result, steps)
+                result.results_dir = results_dir
+            with steps.step("check", "check: counted vs true nuclei per well, and the plate picture"):
+                result.table = compare_counts(results_dir / "Image.csv", plate.truth, settings.tolerance)
+                steps.say(render_table(result.table, settings.tolerance))
+                bad = [row for row in result.table if not row["ok"]]
+                if bad:
+                    result.failures.append(f"{len(bad)} well(s) off by more than {settings.tolerance:.0%}")
+                from cpb.montage import make_montage
+                result.montage = make_montage(results_dir, plate.truth, out / "plate.png",
+                                              counted={(r["well"], s): c for r in result.table
+                                                       for s, c in r["sites"].items()})
+    finally:
+        server.__exit__(None, None, None)
+    result.ok = not result.failures and result.status_exit == 0
+    return _finish(result, steps)
+
+
+def _run_batch(stack, out: Path, settings: DemoSettings, steps: Steps) -> list:
+    """Discover the submitted jobs and run them, with a jobs n/m line per change."""
+    import boto3
+
+    from cpb import localbatch
+    batch = boto3.client("batch")
+    done = {"n": 0}
+    runner_holder: dict = {}
+
+    def on_event(kind: str, item, detail: str) -> None:
+        if kind == "done":
+            done["n"] += 1
+            steps.say(f"      jobs {done['n']}/{runner_holder['total']} done: {item.label} {detail}")
+        elif kind == "retry":
+            steps.say(f"      {item.label}: {detail}")
+
+    runner = localbatch.LocalBatch(batch, stack.job_queue_arn, stack.aws_env(), out / "logs",
+                                   localbatch.MotoJobStates(stack.region), parallel=settings.parallel,
+                                   vcpus_per_job=1, on_event=on_event)
+    items = runner.discover()
+    runner_holder["total"] = len(items)
+    steps.say(f"      {len(items)} job(s) found in the job queue")
+    outcomes = runner.run(items)
+    return outcomes + runner.drain()
+
+
+def compare_counts(image_csv: Path, truth: dict, tolerance: float) -> list[dict]:
+    """Per-well counted vs true nuclei from the merged Image.csv."""
+    counted: dict[tuple[str, int], int] = {}
+    with open(image_csv, newline="") as handle:
+        for row in csv.DictReader(handle):
+            counted[(row["Metadata_Well"], int(float(row["Metadata_Site"])))] = int(float(row["Count_Nuclei"]))
+    table = []
+    for well in sorted({w for w, _ in truth}):
+        sites = {s: counted.get((well, s)) for w, s in truth if w == well}
+        true = sum(truth[(well, s)] for s in sites)
+        got = sum(c for c in sites.values() if c is not None)
+        missing = [s for s, c in sites.items() if c is None]
+        error = abs(got - true) / true if true else float(got > 0)
+        table.append({"well": well, "sites": sites, "counted": got, "true": true, "error": error,
+                      "missing": missing, "ok": not missing and error <= tolerance})
+    return table
+
+
+def render_table(table: list[dict], tolerance: float) -> str:
+    """The per-well table the demo prints."""
+    lines = [f"      {'well':<6}{'sites':>6}{'counted':>9}{'true':>6}{'error':>8}  (tolerance {tolerance:.0%} per well)"]
+    for row in table:
+        note = "" if row["ok"] else ("  MISSING sites " + ",".join(map(str, row["missing"])) if row["missing"]
+                                     else "  OUT OF TOLERANCE")
+        lines.append(f"      {row['well']:<6}{len(row['sites']):>6}{row['counted']:>9}{row['true']:>6}"
+                     f"{row['error']:>8.1%}{note}")
+    return "\n".join(lines)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("      " + line for line in text.strip().splitlines())
+
+
+def _finish(result: DemoResult, steps: Steps) -> DemoResult:
+    result.timings = dict(steps.timings)
+    total = sum(steps.timings.values())
+    if result.ok:
+        steps.say(f"demo succeeded in {total:.0f} s: every well within tolerance, nothing left running")
+    else:
+        steps.say("demo FAILED:\n" + "\n".join(f"  - {f}" for f in result.failures))
+    if result.results_dir:
+        steps.say(f"results: {result.results_dir} (Image.csv, Nuclei.csv, outline PNGs, _cpb/runs.json)")
+    if result.montage:
+        steps.say(f"picture: {result.montage} (the plate with the outlines CellProfiler drew)")
+    return result
