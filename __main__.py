@@ -9,6 +9,8 @@ from components.config import load_from_pulumi
 from components.stack import build_stack, resolve_region
 
 config = load_from_pulumi(pulumi.Config().get)
-region = resolve_region(pulumi.Config("aws").get("region"))
-for key, value in build_stack(config, pulumi.get_stack(), region).items():
+aws_settings = pulumi.Config("aws")
+region = resolve_region(aws_settings.get("region"))
+outputs = build_stack(config, pulumi.get_stack(), region, profile=aws_settings.get("profile"))
+for key, value in outputs.items():
     pulumi.export(key, value)

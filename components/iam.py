@@ -34,7 +34,8 @@ def job_role_policy(bucket_arn: str) -> Document:
     return _doc(
         {"Sid": "ListDataBucket", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},
         {"Sid": "ReadWriteDataObjects", "Effect": "Allow",
-         "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+         # DeleteObject: a retried job replaces its earlier, partial outputs (no mixed results).
+         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
          "Resource": [f"{bucket_arn}/*"]},
     )
 

@@ -49,10 +49,15 @@ def resolve_region(configured: Optional[str]) -> str:
     return region
 
 
-def build_stack(cfg: StackConfig, stack: str, region: str, repo: Path = REPO) -> dict[str, Any]:
-    """Declare every resource; return the stack outputs (docs/CONTRACTS.md names)."""
+def build_stack(cfg: StackConfig, stack: str, region: str, repo: Path = REPO,
+                profile: Optional[str] = None) -> dict[str, Any]:
+    """Declare every resource; return the stack outputs (docs/CONTRACTS.md names).
+
+    ``profile`` is the stack's ``aws:profile``: an explicit provider does not read
+    the ``aws:`` stack settings itself, so the ones it needs are passed on.
+    """
     tags = cost_tags(cfg, stack)
-    provider = aws.Provider("aws", region=region, default_tags={"tags": tags})
+    provider = aws.Provider("aws", region=region, profile=profile, default_tags={"tags": tags})
     opts = pulumi.ResourceOptions(providers={"aws": provider})
     prefix = name_prefix(stack)
 

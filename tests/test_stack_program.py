@@ -85,6 +85,12 @@ def test_cost_tags_follow_config() -> None:
     assert compute_tags["CostCenter"] == "lab-42"  # Batch copies these onto the instances it launches
 
 
+def test_aws_profile_reaches_the_explicit_provider() -> None:
+    provider = program(fsxEnabled="false", **{"aws:profile": "lab-admin"}).one("pulumi:providers:aws")
+    assert provider.inputs["profile"] == "lab-admin"
+    assert "profile" not in program(fsxEnabled="false").one("pulumi:providers:aws").inputs
+
+
 def test_dev_stack_file_builds() -> None:
     """Pulumi.dev.yaml, passed as the CLI would (strings), builds the small FSx-off variant."""
     settings = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]
