@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional
 
+from .errors import PipelineFailed
 from .ranges import Range
 
 
@@ -29,6 +30,12 @@ class RangeResult:
     log: Path
     exit_code: int
     seconds: float
+
+    def log_mentions(self, text: str) -> bool:
+        try:
+            return text in self.log.read_text(errors="replace")
+        except OSError:
+            return False
 
     def error_line(self) -> str:
         """The first Python error CellProfiler logged, for a one-line reason."""
@@ -79,8 +86,7 @@ def run_ranges(pipeline: Path, input_dir: Path, data_file: Optional[Path], range
                     proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=child_env(env))
                 except OSError as exc:
-                    from .errors import BadInput
-                    raise BadInput(f"cannot start CellProfiler ({argv[0]}): {exc}; "
+                    raise PipelineFailed(f"cannot start CellProfiler ({argv[0]}): {exc}; "
                                    "set CPB_CELLPROFILER to the cellprofiler executable") from None
             procs.append(proc)
             started.append((item, out_dir, log, time.monotonic()))

@@ -39,20 +39,23 @@ def check_processes(results: List[RangeResult]) -> None:
         if result.exit_code < 0:
             raise PipelineFailed(f"CellProfiler for image sets {result.first}-{result.last} died from signal "
                                  f"{-result.exit_code}")
+        if result.log_mentions("Failed to load pipeline"):
+            # CellProfiler drops every module from the first one it cannot load and runs the rest.
+            line = result.error_line()
+            raise PipelineFailed("CellProfiler could not load the whole pipeline"
+                                 + (f": {line}" if line else "") + " (a module missing from this CellProfiler "
+                                 "version or a plugin not installed)")
 
 
 def verify_image_table(output_dir: Path, expected: Optional[Tuple[int, int]], grouped: bool,
                        total: Optional[int], results: List[RangeResult]) -> Tuple[int, int, int]:
     """Check Image.csv; return (first, last, count) of the image sets it holds."""
     image_csv = output_dir / "Image.csv"
-    failed = [r for r in results if r.exit_code != 0]
-    hint = ""
-    if failed:
-        line = failed[0].error_line()
-        hint = f"; CellProfiler exited {exit_code_text(failed[0].exit_code)}" + (f": {line}" if line else "")
+    failed = [r for r in results if r.exit_code != 0] or results
+    line = failed[0].error_line()
+    hint = f"; CellProfiler exited {exit_code_text(failed[0].exit_code)}" + (f": {line}" if line else "")
     if not image_csv.exists():
-        raise PipelineFailed(f"CellProfiler wrote no Image.csv{hint or ' (exit code 0: it processed nothing)'}; "
-                             f"see {results[0].log.name}")
+        raise PipelineFailed(f"CellProfiler wrote no Image.csv{hint}; see _cpb/logs/{failed[0].log.name}")
     with open(image_csv, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []

@@ -1,0 +1,298 @@
+"""Worker logic that needs no CellProfiler run: pipeline reading, planning,
+image-set counting from file rules, LoadData rewriting, range maths, merging."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cpb_worker import datafile as df
+from cpb_worker.errors import BadInput, PipelineFailed
+from cpb_worker.filerules import count_image_sets, parse_rule
+from cpb_worker.job import JobSpec, plan_job
+from cpb_worker.merge import merge
+from cpb_worker.pipeline import load_pipeline, parse_modules, unsplittable_reasons
+from cpb_worker.ranges import array_child_range, available_cpus, split_range
+from cpb_worker.runner import RangeResult
+
+REPO = Path(__file__).resolve().parent.parent
+NUCLEI = REPO / "cpb" / "pipelines" / "nuclei.cppipe"
+
+
+def _variant(tmp_path: Path, old: str, new: str, name: str = "variant.cppipe") -> Path:
+    text = NUCLEI.read_text()
+    assert old in text, f"{old!r} not in nuclei.cppipe"
+    path = tmp_path / name
+    path.write_text(text.replace(old, new))
+    return path
+
+
+# --- ranges -----------------------------------------------------------------
+
+@pytest.mark.parametrize("first,last,parts,expected", [
+    (1, 8, 2, [(1, 4), (5, 8)]),
+    (1, 7, 3, [(1, 3), (4, 5), (6, 7)]),
+    (5, 6, 4, [(5, 5), (6, 6)]),  # never more processes than image sets
+    (3, 3, 1, [(3, 3)]),
+])
+def test_split_range_is_contiguous_and_balanced(first, last, parts, expected):
+    assert split_range(first, last, parts) == expected
+
+
+def test_array_child_ranges_cover_every_set_once_and_reject_bad_index():
+    covered = [n for i in range(4) for n in range(array_child_range(i, 3, 10)[0], array_child_range(i, 3, 10)[1] + 1)]
+    assert covered == list(range(1, 11))
+    with pytest.raises(BadInput, match="AWS_BATCH_JOB_ARRAY_INDEX 4 is out of range.*indexes 0..3"):
+        array_child_range(4, 3, 10)
+    with pytest.raises(BadInput, match="out of range"):
+        array_child_range(-1, 3, 10)
+
+
+def test_cpus_come_from_cpb_vcpus_else_the_machine():
+    assert available_cpus({"CPB_VCPUS": "6"}) == 6
+    assert available_cpus({}) >= 1
+    with pytest.raises(BadInput, match="CPB_VCPUS"):
+        available_cpus({"CPB_VCPUS": "lots"})
+
+
+# --- pipeline reading -------------------------------------------------------
+
+def test_nuclei_pipeline_parses_and_is_splittable():
+    pipeline = load_pipeline(NUCLEI)
+    assert [m.name for m in pipeline.modules][:2] == ["LoadData", "IdentifyPrimaryObjects"]
+    assert unsplittable_reasons(pipeline) == []
+    assert len(pipeline.sha256) == 64
+
+
+@pytest.mark.parametrize("mutation,match", [
+    (lambda t: t.replace("ModuleCount:7", "ModuleCount:9"), "ModuleCount:9 but 7 modules"),
+    (lambda t: t[: len(t) // 2].rsplit("\n", 3)[0] + "\nIdentifyPrimaryObjects:[module_num:9", "cannot read module line"),
+    (lambda t: "<html>not a pipeline</html>", "not a CellProfiler .cppipe"),
+    (lambda t: t.replace("Version:5", "Version:1"), "Version:1"),
+])
+def test_corrupt_pipelines_are_bad_input_with_a_reason(tmp_path, mutation, match):
+    path = tmp_path / "broken.cppipe"
+    path.write_text(mutation(NUCLEI.read_text()))
+    with pytest.raises(BadInput, match=match):
+        load_pipeline(path)
+
+
+def test_project_files_are_refused_with_the_fix(tmp_path):
+    path = tmp_path / "p.cpproj"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 32)
+    with pytest.raises(BadInput, match="save it with File > Export > Pipeline"):
+        load_pipeline(path)
+
+
+@pytest.mark.parametrize("old,new,why", [
+    ("When to save:Every cycle", "When to save:Last cycle", "saves only on the last cycle"),
+    ("Group images by metadata?:No", "Group images by metadata?:Yes", "groups image sets"),
+    ("MeasureObjectSizeShape:[", "TrackObjects:[", "tracks across image sets"),
+])
+def test_unsplittable_pipelines_are_detected(tmp_path, old, new, why):
+    reasons = unsplittable_reasons(load_pipeline(_variant(tmp_path, old, new)))
+    assert any(why in r for r in reasons), reasons
+
+
+def test_unsplittable_pipeline_plans_one_process_and_refuses_a_partial_range(tmp_path):
+    from cpb.synthetic import make_plate
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=4, seed=1, size=96, nuclei=(1, 2))
+    pipeline = _variant(tmp_path, "When to save:Every cycle", "When to save:Last cycle")
+    plan = plan_job(JobSpec(pipeline=pipeline, input_dir=plate.images_dir, data_file=plate.data_file, workers=4))
+    assert plan.ranges == [None] and (plan.first, plan.last) == (1, 4)
+    with pytest.raises(BadInput, match="cannot be split.*without image_sets_per_job"):
+        plan_job(JobSpec(pipeline=pipeline, input_dir=plate.images_dir, data_file=plate.data_file,
+                         array_index=1, sets_per_job=2))
+    forced = plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file,
+                              workers=4, force_unsplittable=True))
+    assert forced.ranges == [None] and forced.unsplittable == ["CPB_UNSPLITTABLE=1"]
+    split = plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file, workers=4))
+    assert split.ranges == [(1, 1), (2, 2), (3, 3), (4, 4)]
+
+
+def test_pipeline_without_export_is_refused_before_running(tmp_path):
+    pipeline = _variant(tmp_path, "ExportToSpreadsheet:[module_num:7|svn_version:'Unknown'|variable_revision_number:13"
+                                  "|show_window:True", "ExportToSpreadsheet:[module_num:7|svn_version:'Unknown'|"
+                                  "variable_revision_number:13|show_window:True")
+    text = pipeline.read_text().replace("|enabled:True|wants_pause:False]\n    Select the column delimiter",
+                                        "|enabled:False|wants_pause:False]\n    Select the column delimiter")
+    pipeline.write_text(text)
+    with pytest.raises(BadInput, match="no enabled ExportToSpreadsheet"):
+        plan_job(JobSpec(pipeline=pipeline, input_dir=tmp_path, data_file=None))
+
+
+def test_expected_count_mismatch_and_stray_data_file_are_bad_input(tmp_path):
+    from cpb.synthetic import make_plate
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=3, seed=1, size=96, nuclei=(1, 2))
+    with pytest.raises(BadInput, match="CPB_IMAGE_SET_COUNT is 5 but the data file gives 3"):
+        plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file, expected_count=5))
+    with pytest.raises(BadInput, match="range 2-9 is outside the 3 image sets"):
+        plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file, first=2, last=9))
+
+
+# --- counting image sets without a data file ---------------------------------
+
+def test_file_rules_count_example_human_like_cellprofiler(shared_examples, tmp_path):
+    """ExampleHuman's NamesAndTypes rules (order matching) give 1 set; duplicating
+    the three channel files under new names gives 2, which CellProfiler would make too."""
+    pipeline = load_pipeline(shared_examples / "ExampleHuman" / "ExampleHuman.cppipe")
+    images = tmp_path / "images"
+    shutil.copytree(shared_examples / "ExampleHuman" / "images", images)
+    assert count_image_sets(pipeline, images) == 1
+    for f in list(images.iterdir()):
+        shutil.copy(f, images / f.name.replace("AS_09125", "ZZ_09125"))
+    (images / "notes.txt").write_text("not an image")
+    (images / ".hidden").mkdir()
+    assert count_image_sets(pipeline, images) == 2
+
+
+def test_filter_rule_grammar():
+    rule = parse_rule('or (file does contain "d0") (and (extension does istif) (file doesnot startwith "x"))')
+    assert rule("", "a_d0.png") and rule("", "b.tif") and not rule("", "x.tif") and not rule("", "b.png")
+    regex = parse_rule('and (directory doesnot containregexp "[\\\\\\\\/]\\\\.")')
+    assert regex("plate1", "a.tif") and not regex("plate1/.snap", "a.tif")
+
+
+def test_metadata_matching_counts_sites_present_in_every_channel(tmp_path):
+    text = """CellProfiler Pipeline: http://www.cellprofiler.org
+Version:5
+DateRevision:400
+GitHash:
+ModuleCount:3
+HasImagePlaneDetails:False
+
+Images:[module_num:1|svn_version:'Unknown'|variable_revision_number:2|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    :
+    Filter images?:Images only
+    Select the rule criteria:and (extension does isimage)
+
+Metadata:[module_num:2|svn_version:'Unknown'|variable_revision_number:6|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Extract metadata?:Yes
+    Metadata data type:Text
+    Metadata types:{}
+    Extraction method count:1
+    Metadata extraction method:Extract from file/folder names
+    Metadata source:File name
+    Regular expression to extract from file name:^(?P<Well>[A-P][0-9]{2})_s(?P<Site>[0-9])_w(?P<Channel>[12])
+    Regular expression to extract from folder name:(?P<Date>.*)
+    Extract metadata from:All images
+    Select the filtering criteria:and (file does contain "")
+    Metadata file location:Elsewhere...|
+    Match file and image metadata:[]
+    Use case insensitive matching?:No
+    Metadata file name:
+    Does cached metadata exist?:No
+
+NamesAndTypes:[module_num:3|svn_version:'Unknown'|variable_revision_number:8|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Assign a name to:Images matching rules
+    Select the image type:Grayscale image
+    Name to assign these images:DNA
+    Match metadata:[{'DNA': 'Well', 'GFP': 'Well'}, {'DNA': 'Site', 'GFP': 'Site'}]
+    Image set matching method:Metadata
+    Set intensity range from:Image metadata
+    Assignments count:2
+    Single images count:0
+    Maximum intensity:255.0
+    Process as 3D?:No
+    Relative pixel spacing in X:1.0
+    Relative pixel spacing in Y:1.0
+    Relative pixel spacing in Z:1.0
+    Select the rule criteria:and (file does contain "_w1")
+    Name to assign these images:DNA
+    Name to assign these objects:Cell
+    Select the image type:Grayscale image
+    Set intensity range from:Image metadata
+    Maximum intensity:255.0
+    Select the rule criteria:and (file does contain "_w2")
+    Name to assign these images:GFP
+    Name to assign these objects:Cell
+    Select the image type:Grayscale image
+    Set intensity range from:Image metadata
+    Maximum intensity:255.0
+"""
+    path = tmp_path / "meta.cppipe"
+    path.write_text(text)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ["A01_s1_w1.tif", "A01_s1_w2.tif", "A01_s2_w1.tif", "A01_s2_w2.tif", "B02_s1_w2.tif",
+                 "B02_s1_w1.tif", "C03_s1_w1.tif"]:  # C03 lacks w2: no image set
+        (images / name).write_bytes(b"x")
+    pipeline = type(load_pipeline(NUCLEI))(path=path, sha256="", modules=parse_modules(text))
+    assert count_image_sets(pipeline, images) == 3
+
+
+# --- LoadData CSVs ----------------------------------------------------------
+
+def test_data_file_errors_name_the_row_and_column(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Image_FileName_DNA,Metadata_Well\na.tif,A01\nb.tif\n")
+    with pytest.raises(BadInput, match="line 3 has 1 fields, the header has 2"):
+        df.read_data_file(bad)
+    bad.write_text("Metadata_Well\nA01\n")
+    with pytest.raises(BadInput, match="no Image_FileName_<name> or Image_URL_<name> column"):
+        df.read_data_file(bad)
+    bad.write_text("Image_FileName_DNA\n")
+    with pytest.raises(BadInput, match="lists no image sets"):
+        df.read_data_file(bad)
+    with pytest.raises(BadInput, match="data file not found"):
+        df.read_data_file(tmp_path / "absent.csv")
+
+
+def test_rewrite_points_every_location_at_staged_files(tmp_path):
+    src = tmp_path / "ld.csv"
+    src.write_text("Image_FileName_DNA,Image_PathName_DNA,Image_URL_GFP,Metadata_Well\n"
+                   "a.tif,sub,s3://bkt/x/g1.tif,A01\n"
+                   "b.tif,,s3://bkt/x/g2.tif,A02\n")
+    data = df.read_data_file(src)
+    assert [loc for _, _, loc in df.image_locations(data, 1, 2)] == ["sub/a.tif", "s3://bkt/x/g1.tif",
+                                                                      "b.tif", "s3://bkt/x/g2.tif"]
+    out = df.rewrite(data, lambda loc: "/stage/" + loc.replace("s3://", ""), tmp_path / "out.csv")
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["Image_PathName_DNA"] == "/stage/sub" and rows[0]["Image_FileName_DNA"] == "a.tif"
+    assert rows[1]["Image_PathName_GFP"] == "/stage/bkt/x" and rows[1]["Image_FileName_GFP"] == "g2.tif"
+    assert "Image_URL_GFP" not in rows[0] and rows[1]["Metadata_Well"] == "A02"
+
+
+# --- merging ----------------------------------------------------------------
+
+def _range_dir(root: Path, first: int, last: int, numbers, objects_per_image: int = 2, header_extra: str = "") -> RangeResult:
+    out = root / f"r{first}"
+    out.mkdir(parents=True)
+    with open(out / "Image.csv", "w", newline="") as h:
+        w = csv.writer(h)
+        w.writerow(["ImageNumber", "Count_Nuclei", "PathName_Overlay" + header_extra])
+        for n in numbers:
+            w.writerow([n, objects_per_image, str(out)])
+    with open(out / "Nuclei.csv", "w", newline="") as h:
+        w = csv.writer(h)
+        w.writerow(["ImageNumber", "ObjectNumber", "AreaShape_Area"])
+        for n in numbers:
+            for o in range(1, objects_per_image + 1):
+                w.writerow([n, o, 10 * n + o])
+    (out / "Experiment.csv").write_text(f"Key,Value\nCellProfiler_Version,4.2.8\nRun,{first}\n")
+    (out / f"overlay_{first}.png").write_bytes(b"png" * first)
+    return RangeResult(first=first, last=last, out_dir=out, log=out / "log", exit_code=0, seconds=1.0)
+
+
+@pytest.mark.parametrize("local_numbering", [False, True], ids=["global-ImageNumber", "per-range-ImageNumber"])
+def test_merge_makes_image_numbers_global_either_way(tmp_path, local_numbering):
+    a = _range_dir(tmp_path, 1, 2, [1, 2])
+    b = _range_dir(tmp_path, 3, 5, [1, 2, 3] if local_numbering else [3, 4, 5])
+    result = merge([a, b], tmp_path / "out")
+    image = list(csv.DictReader((tmp_path / "out" / "Image.csv").open()))
+    nuclei = list(csv.DictReader((tmp_path / "out" / "Nuclei.csv").open()))
+    assert [int(r["ImageNumber"]) for r in image] == [1, 2, 3, 4, 5]
+    assert [int(r["ImageNumber"]) for r in nuclei] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert all(r["PathName_Overlay"] == str(tmp_path / "out") for r in image)
+    assert (tmp_path / "out" / "Experiment.csv").read_text().endswith("Run,1\n")  # one, from the first range
+    assert result.cellprofiler_version == "4.2.8" and result.renumbered == local_numbering
+    assert sorted(result.files) == ["Experiment.csv", "Image.csv", "Nuclei.csv", "overlay_1.png", "overlay_3.png"]
+
+
+def test_merge_refuses_different_headers(tmp_path):
+    a = _range_dir(tmp_path, 1, 1, [1])
+    b = _range_dir(tmp_path, 2, 2, [2], header_extra="X")
+    with pytest.raises(PipelineFailed, match="Image.csv has different columns in range 2-2"):
+        merge([a, b], tmp_path / "out")
