@@ -158,3 +158,9 @@ def test_policy_pack_runs_in_the_project_virtualenv() -> None:
     assert spec["runtime"]["options"]["virtualenv"] == "../.venv"
     main = (REPO / "policy" / "__main__.py").read_text()
     assert "from cpb_guardrails import POLICIES" in main and "PolicyPack(" in main
+
+
+def test_deploy_guide_lists_every_policy() -> None:
+    guide = (REPO / "docs" / "DEPLOY.md").read_text().split("## Guardrails")[1].split("\n## ")[0]
+    listed = [line.split("`")[1] for line in guide.splitlines() if line.startswith("| `")]
+    assert listed == NAMES

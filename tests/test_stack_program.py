@@ -108,3 +108,9 @@ def test_bad_config_stops_the_program_before_any_resource() -> None:
     with pytest.raises(ConfigError, match="maxVcpus") as caught:
         run_main({"maxVcpus": "0", "minVcpus": "4"})
     assert "minVcpus" in str(caught.value)
+
+
+def test_deploy_guide_lists_every_stack_output() -> None:
+    guide = (REPO / "docs" / "DEPLOY.md").read_text()
+    listed = set(re.findall(r"^\| `(\w+)` \|", guide.split("## Stack outputs")[1].split("##")[0], re.M))
+    assert listed == set(program(fsxEnabled="true").outputs)
