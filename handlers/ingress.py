@@ -16,7 +16,8 @@ it, then moves it to the DLQ) with one structured log line saying why; the
 other records go on. A list message is all-or-nothing: nothing is submitted
 until every entry passed steps 1-2, and a submission failure rolls back the
 entries already submitted. Throttling and 5xx are retried by botocore
-(`adaptive` mode, bounded attempts); no message and no AWS call starts when
+(`adaptive` mode, bounded attempts), except SubmitJob, which
+`handlers.submission` retries itself after looking for the job by name; no message and no AWS call starts when
 too little of the invocation's time is left, so the Lambda returns its
 failures itself instead of timing out (a timeout is still safe: redelivery
 finds the submission records and jobs by name).
@@ -44,14 +45,16 @@ from handlers.schema import Limits, MessageError, parse_body
 from handlers.submission import InProgress, PlannedJob, Submitter
 
 __all__ = ["handler", "process_event", "services", "reset_services", "Services", "Budget", "OutOfTime",
-           "RETRY_CONFIG", "MESSAGE_MARGIN_S", "CALL_MARGIN_S", "logger"]
+           "RETRY_CONFIG", "SUBMIT_CONFIG", "MESSAGE_MARGIN_S", "CALL_MARGIN_S", "logger"]
 
 logger = Logger(service="cpb-ingress")
 
 #: botocore retries throttling (TooManyRequestsException, SlowDown...) and 5xx with
 #: exponential backoff; `adaptive` also slows the client down after throttling.
 #: 5 attempts keep one call's worst case (backoff <= 1+2+4+8 s) inside CALL_MARGIN_S + timeouts.
-RETRY_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 5}, connect_timeout=5, read_timeout=20)
+RETRY_CONFIG = Config(retries={"mode": "adaptive", "total_max_attempts": 5}, connect_timeout=5, read_timeout=20)
+#: SubmitJob is not idempotent: botocore must not retry it blindly (handlers.submission retries it).
+SUBMIT_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=20)
 #: Do not start a message with less time left than this (seconds).
 MESSAGE_MARGIN_S = 20.0
 #: Do not start an AWS call with less time left than this (seconds).
@@ -70,6 +73,7 @@ class Services:
 
     s3: Any
     batch: Any
+    batch_submit: Any  # no botocore retries: Submitter retries SubmitJob itself, looking the name up first
     limits: Limits
 
 
@@ -79,6 +83,7 @@ def _services_for(settings: tuple) -> Services:
     session = boto3.session.Session()
     return Services(s3=session.client("s3", config=RETRY_CONFIG),
                     batch=session.client("batch", config=RETRY_CONFIG),
+                    batch_submit=session.client("batch", config=SUBMIT_CONFIG),
                     limits=Limits.from_env(environ))
 
 
@@ -126,8 +131,8 @@ def process_event(event: dict, context: Any, svc: Services, clock: Callable[[], 
         return {"batchItemFailures": []}
     budget = Budget(context, clock)
     owner = f"{getattr(context, 'aws_request_id', None) or 'local'}/{uuid.uuid4().hex[:8]}"
-    submitter = Submitter(s3=svc.s3, batch=svc.batch, limits=svc.limits, owner=owner,
-                          lease_until=budget.deadline, clock=clock,
+    submitter = Submitter(s3=svc.s3, batch=svc.batch, batch_submit=svc.batch_submit, limits=svc.limits,
+                          owner=owner, lease_until=budget.deadline, clock=clock,
                           before_call=lambda what: budget.require(CALL_MARGIN_S, what))
 
     def record_handler(record: SQSRecord) -> dict:

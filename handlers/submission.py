@@ -20,7 +20,9 @@ Protocol for one job (`Submitter.ensure_submitted`):
 6. holding the lease: look for a job already submitted under the job's
    deterministic name (the crash window between submit and record) with
    `ListJobs` filtered by name; adopt it, else `SubmitJob`; then mark the
-   record `submitted` with the job id (conditional on our etag).
+   record `submitted` with the job id (conditional on our etag). SubmitJob
+   is retried here, not by botocore: a 5xx may hide a created job, so every
+   retry looks the name up first.
 
 Job names are deterministic: a readable part (the message's `job_name`, else
 the output prefix) plus a hash of (message id, entry, generation), so they are
@@ -41,9 +43,14 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import random
 import re
+import time
 import unicodedata
 from typing import Any, Callable, Optional
+
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import HTTPClientError
 
 from handlers.s3checks import CheckedRequest
 from handlers.schema import Limits, entry_message_id, submission_id
@@ -53,6 +60,8 @@ __all__ = ["PlannedJob", "Submitter", "InProgress", "LostRecord", "job_name_for"
 
 logger = logging.getLogger("cpb-ingress.submission")
 NAME_LIMIT = 128
+SUBMIT_BACKOFF_BASE_S = 0.5
+SUBMIT_BACKOFF_CAP_S = 8.0
 _HASH_CHARS = 12
 
 
@@ -168,6 +177,20 @@ def _rejected(exc: Exception) -> bool:
     return 400 <= int(status or 0) < 500
 
 
+_THROTTLING = {"TooManyRequestsException", "ThrottlingException", "Throttling", "RequestLimitExceeded",
+               "TooManyRequests", "SlowDown", "RequestThrottled"}
+
+
+def _retryable(exc: Exception) -> bool:
+    """Throttling, 5xx, and connection trouble may pass; everything else is an answer."""
+    if _error_code(exc) in _THROTTLING:
+        return True
+    status = (getattr(exc, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if int(status or 0) >= 500:
+        return True
+    return isinstance(exc, (BotoConnectionError, HTTPClientError))
+
+
 def _error_code(exc: Exception) -> str:
     return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
 
@@ -189,6 +212,14 @@ class Submitter:
     lease_until: float
     clock: Callable[[], float]
     before_call: Callable[[str], None] = lambda what: None
+    batch_submit: Any = None  # a Batch client WITHOUT botocore retries (see _find_or_submit); default `batch`
+    submit_attempts: int = 6
+    sleep: Callable[[float], None] = time.sleep
+    jitter: Callable[[float], float] = lambda cap: random.uniform(0, cap)
+
+    def __post_init__(self) -> None:
+        if self.batch_submit is None:
+            self.batch_submit = self.batch
 
     # ---------------------------------------------------------------- records
     def _read(self, key: str) -> tuple:
@@ -201,9 +232,15 @@ class Submitter:
             raise
         return json.loads(obj["Body"].read()), obj["ETag"]
 
-    def _write(self, key: str, record: dict, etag: Optional[str]) -> Optional[str]:
-        """Create (etag None) or replace (etag given) the record; None when someone else got there first."""
-        self.before_call("write submission record")
+    def _write(self, key: str, record: dict, etag: Optional[str], check_time: bool = True) -> Optional[str]:
+        """Create (etag None) or replace (etag given) the record; None when someone else got there first.
+
+        `check_time=False` for the write that follows a successful submit: it
+        must be attempted whatever the budget says (skipping it only widens
+        the crash window the next delivery has to repair).
+        """
+        if check_time:
+            self.before_call("write submission record")
         record = dict(record, updated_at=_now_iso(self.clock))
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         try:
@@ -280,26 +317,47 @@ class Submitter:
     def _submit_holding_lease(self, job: PlannedJob, key: str, record: dict, etag: str) -> dict:
         generation = int(record["generation"])
         arguments = submit_arguments(job, self.limits, generation)
-        submit_sent = False
-        try:
-            existing = self._find_submitted(arguments["jobQueue"], arguments["jobName"])
-            if existing is not None:
-                job_id, job_arn, adopted = existing["jobId"], existing.get("jobArn"), True
-            else:
-                self.before_call("submit the Batch job")
-                submit_sent = True
-                response = self.batch.submit_job(**arguments)
-                job_id, job_arn, adopted = response["jobId"], response.get("jobArn"), False
-        except Exception as exc:
-            if not submit_sent or _rejected(exc):
-                self._release(key, record, etag)  # certainly nothing submitted: next delivery needn't wait
-            raise
+        job_id, job_arn, adopted = self._find_or_submit(arguments, key, record, etag)
         done = dict(record, status="submitted", job_id=job_id, job_arn=job_arn, adopted=adopted,
                     submitted_at=_now_iso(self.clock))
-        if self._write(key, done, etag) is None:
+        if self._write(key, done, etag, check_time=False) is None:
             raise LostRecord(f"s3://{self.limits.bucket}/{key} changed while we held its lease; job {job_id} "
                              "is submitted but not recorded (a later delivery will find it by name)")
         return done
+
+    def _find_or_submit(self, arguments: dict, key: str, record: dict, etag: str) -> tuple:
+        """Adopt the job already under this name, else submit it; retry throttling/5xx ourselves.
+
+        SubmitJob has no idempotency token, and a 5xx or a timeout may come
+        back although Batch created the job, so a blind retry (botocore's)
+        could start a second copy. Each attempt therefore first looks the
+        name up; only then does it submit again. Throttling (a 4xx) refused
+        the call and is simply retried after a jittered backoff.
+        """
+        maybe_submitted = False
+        try:
+            for attempt in range(self.submit_attempts):
+                existing = self._find_submitted(arguments["jobQueue"], arguments["jobName"])
+                if existing is not None:
+                    return existing["jobId"], existing.get("jobArn"), True
+                self.before_call("submit the Batch job")
+                try:
+                    response = self.batch_submit.submit_job(**arguments)
+                    return response["jobId"], response.get("jobArn"), False
+                except Exception as exc:
+                    maybe_submitted = maybe_submitted or not _rejected(exc)
+                    if not _retryable(exc) or attempt == self.submit_attempts - 1:
+                        raise
+                    delay = self.jitter(min(SUBMIT_BACKOFF_CAP_S, SUBMIT_BACKOFF_BASE_S * 2 ** attempt))
+                    self.before_call(f"wait {delay:.1f} s before submitting again")
+                    logger.info("SubmitJob failed (%s), retrying in %.1f s", _error_code(exc) or type(exc).__name__,
+                                delay)
+                    self.sleep(delay)
+            raise LostRecord("unreachable: the submit loop ended without a result")  # pragma: no cover
+        except Exception:
+            if not maybe_submitted:
+                self._release(key, record, etag)  # certainly nothing submitted: next delivery needn't wait
+            raise
 
     def _release(self, key: str, record: dict, etag: str) -> None:
         """Give up our lease early (best effort) when we know no job was submitted."""

@@ -178,8 +178,10 @@ class FaultInjector:
     `calls` counts every attempt botocore sent (injected + real), so tests see the retries.
     """
 
-    def __init__(self, client: Any, operation: str, *, status: int, code: str, times: int) -> None:
-        self.status, self.code, self.remaining, self.calls = status, code, times, 0
+    def __init__(self, client: Any, operation: str, *, status: int, code: str, times: int,
+                 executed: bool = False) -> None:
+        """`executed=True`: moto still performs the call, only the answer is lost (a 5xx after the fact)."""
+        self.status, self.code, self.remaining, self.calls, self.executed = status, code, times, 0, executed
         self.event = f"before-send.{client.meta.service_model.endpoint_prefix}.{operation}"
         self.protocol = client.meta.service_model.protocol
         self.client = client
@@ -193,7 +195,8 @@ class FaultInjector:
         # botocore calls *every* before-send handler and uses the first response, so moto
         # would still execute this attempt; point it at a URL moto does not serve instead.
         original_url = request.url
-        request.url = "http://fault-injected.invalid/"
+        if not self.executed:
+            request.url = "http://fault-injected.invalid/"
         if self.protocol in ("rest-xml", "query"):
             body = (f"<Error><Code>{self.code}</Code><Message>injected {self.code}</Message>"
                     f"<RequestId>injected</RequestId></Error>").encode()

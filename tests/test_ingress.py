@@ -249,7 +249,7 @@ def test_list_whose_later_entry_is_refused_by_batch_rolls_back(moto_stack, logs)
 def test_aws_calls_per_message_are_few(moto_stack):
     """A plain message costs HeadObject, GetObject(record), PutObject x2, ListJobs, SubmitJob."""
     svc = ingress.services()
-    counter = CallCounter(svc.s3, svc.batch)
+    counter = CallCounter(svc.s3, svc.batch, svc.batch_submit)
     run(sqs_record(json.dumps(message())))
     assert counter.counts == {"HeadObject": 1, "GetObject": 1, "PutObject": 2, "ListJobs": 1, "SubmitJob": 1}
 
