@@ -52,6 +52,7 @@ class DemoResult:
     ok: bool
     table: list[dict] = field(default_factory=list)
     output_prefix: str = ""
+    endpoint: str = ""
     results_dir: Optional[Path] = None
     montage: Optional[Path] = None
     status_output: str = ""
@@ -127,6 +128,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         cp_env = cellprofiler_env()
         server = moto_server()
         endpoint = server.__enter__()
+        result.endpoint = endpoint
     try:
         stack = create_stack(endpoint)
         steps.say(f"      bucket {stack.bucket}, queue {stack.queue_url.rsplit('/', 1)[-1]}, "

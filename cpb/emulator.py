@@ -15,9 +15,16 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterator
 
+import sys
+from pathlib import Path
+
 import boto3
 
-from components import jobdef
+try:  # the stack's own job-definition body; `components` is the Pulumi program, not an installed package
+    from components import jobdef
+except ImportError:  # `cpb demo` started from outside the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from components import jobdef
 
 REGION = "us-east-1"
 # Credentials moto accepts; never real ones (the emulator must not reach AWS).
