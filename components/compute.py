@@ -119,8 +119,12 @@ class BatchCompute(pulumi.ComponentResource):
         def environment(kind: str, order_name: str, allocation: str, min_vcpus: int) -> aws.batch.ComputeEnvironment:
             return aws.batch.ComputeEnvironment(
                 f"{name}-{order_name}",
-                name=f"{args.name_prefix}-{order_name}",
+                # A prefix, not a fixed name: a change Batch cannot make in place replaces the
+                # environment, and the new one must exist (under a new name) before the old goes.
+                name_prefix=f"{args.name_prefix}-{order_name}-",
                 type="MANAGED",
+                # Infrastructure updates wait for running jobs instead of killing them.
+                update_policy={"terminate_jobs_on_update": False, "job_execution_timeout_minutes": 240},
                 compute_resources={
                     "type": kind,
                     "allocation_strategy": allocation,

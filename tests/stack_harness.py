@@ -62,7 +62,7 @@ class AwsLikeMocks(pulumi.runtime.Mocks):
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         typ, name, inputs = args.typ, args.name, dict(args.inputs)
-        physical = inputs.get("name") or f"{name}-{_digest(typ, name)[:7]}"
+        physical = inputs.get("name") or f"{inputs.get('namePrefix', name + '-')}{_digest(typ, name)[:7]}"
         arn_prefix = f"arn:aws:{{}}:{REGION}:{ACCOUNT}:"
         if typ == "awsx:ec2:Vpc":
             return self._vpc(name)

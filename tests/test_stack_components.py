@@ -298,3 +298,39 @@ def test_image_is_built_from_image_dir_with_the_configured_base_tag() -> None:
     assert image["repositoryUrl"] == stack.one("awsx:ecr:Repository").state["url"]
     dockerfile = (REPO / "image" / "Dockerfile").read_text()
     assert "ARG CELLPROFILER_TAG" in dockerfile and "FROM cellprofiler/cellprofiler:${CELLPROFILER_TAG}" in dockerfile
+
+
+def test_compute_environments_can_be_replaced_without_name_clashes(stack: Recorded) -> None:
+    for env in stack.of_type(CE):
+        assert "name" not in env.inputs and env.inputs["namePrefix"].startswith("cpb-test-")
+        assert env.inputs["updatePolicy"]["terminateJobsOnUpdate"] is False
+
+
+def test_missing_handler_or_dockerfile_is_named(tmp_path) -> None:
+    from components.image import CellProfilerImage, CellProfilerImageArgs
+    from components.ingress import lambda_code
+
+    (tmp_path / "schema.py").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"ingress\.py is missing.*handlers\.ingress\.handler"):
+        lambda_code(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Dockerfile is missing"):
+        CellProfilerImage("x", CellProfilerImageArgs(context_dir=tmp_path, cellprofiler_tag="4.2.8",
+                                                     force_delete=False))
+
+
+@pytest.mark.parametrize("url,arn", [
+    ("123456789012.dkr.ecr.eu-west-1.amazonaws.com/cpb-image", "arn:aws:ecr:eu-west-1:123456789012:repository/cpb-image"),
+    ("123456789012.dkr.ecr.cn-north-1.amazonaws.com.cn/a/b", "arn:aws-cn:ecr:cn-north-1:123456789012:repository/a/b"),
+])
+def test_repository_arn_from_url(url: str, arn: str) -> None:
+    from components.iam import ecr_repository_arn
+
+    assert ecr_repository_arn(url) == arn
+
+
+def test_job_definition_forms() -> None:
+    from components.iam import job_definition_forms
+
+    arn = "arn:aws:batch:eu-west-1:123456789012:job-definition/cpb-prod-worker:12"
+    assert job_definition_forms(arn) == [arn, arn.rsplit(":", 1)[0]]
+    assert job_definition_forms(arn.rsplit(":", 1)[0]) == [arn.rsplit(":", 1)[0]]

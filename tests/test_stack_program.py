@@ -114,3 +114,18 @@ def test_deploy_guide_lists_every_stack_output() -> None:
     guide = (REPO / "docs" / "DEPLOY.md").read_text()
     listed = set(re.findall(r"^\| `(\w+)` \|", guide.split("## Stack outputs")[1].split("##")[0], re.M))
     assert listed == set(program(fsxEnabled="true").outputs)
+
+
+def test_program_also_builds_in_preview() -> None:
+    """`pulumi preview` runs the same program; nothing may depend on being an update."""
+    from stack_harness import run
+
+    def build() -> dict:
+        from components.config import load_config
+        from components.stack import build_stack
+
+        return build_stack(load_config({"fsxEnabled": "true"}), "test", REGION)
+
+    recorded = run(build, preview=True)
+    assert {r.type for r in recorded.resources} >= COMPONENTS
+    assert recorded.outputs["jobQueueArn"].endswith(":job-queue/cpb-test-jobs")
