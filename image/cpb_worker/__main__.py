@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -34,8 +35,17 @@ def _local(argv: List[str]) -> int:
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """Batch stops a job with SIGTERM (then SIGKILL). Turning it into SystemExit lets
+    the worker stop its CellProfiler children instead of leaving orphans writing."""
+    def handler(signum, frame):  # noqa: ANN001, ARG001
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _exit_on_sigterm()
     if argv and argv[0] == "local":
         return _local(argv[1:])
     if argv and argv[0] not in ("aws",):
