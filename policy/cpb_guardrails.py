@@ -38,6 +38,7 @@ COMPUTE_ENVIRONMENT = "aws:batch/computeEnvironment:ComputeEnvironment"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
 INSTANCE = "aws:ec2/instance:Instance"
 SUBNET = "aws:ec2/subnet:Subnet"
+AWSX_VPC = "awsx:ec2:Vpc"
 JOB_DEFINITION = "aws:batch/jobDefinition:JobDefinition"
 LOG_GROUP = "aws:cloudwatch/logGroup:LogGroup"
 LUSTRE = "aws:fsx/lustreFileSystem:LustreFileSystem"
@@ -232,6 +233,8 @@ def _subnet_id(subnet: PolicyResource) -> Optional[str]:
 
 def validate_batch_hosts_private(args: StackValidationArgs, report: ReportViolation) -> None:
     public = {_subnet_id(s) for s in of_type(args.resources, SUBNET) if s.props.get("mapPublicIpOnLaunch")}
+    for vpc in of_type(args.resources, AWSX_VPC):  # awsx reports which of its subnets are public
+        public |= set(as_list(vpc.props.get("publicSubnetIds")))
     templates = of_type(args.resources, LAUNCH_TEMPLATE)
     for template in templates:
         for interface in as_list(template.props.get("networkInterfaces")):

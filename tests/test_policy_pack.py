@@ -145,6 +145,16 @@ def test_fsx_group_admitting_a_stranger_group_trips() -> None:
     assert any("no compute environment uses" in m for m in found)
 
 
+def test_compute_in_the_vpcs_public_subnets_trips() -> None:
+    """awsx's own list of public subnets is enough to catch hosts placed there."""
+    def into_public(resources: list[PolicyResource]) -> None:
+        vpc = first(resources, "awsx:ec2:Vpc")
+        first(resources, cpb_guardrails.COMPUTE_ENVIRONMENT, "on-demand").props["computeResources"]["subnets"] = \
+            vpc.props["publicSubnetIds"][:1]
+    found = violations("batch-private-hosts", program(fsxEnabled="true"), stack=into_public)
+    assert len(found) == 1 and "on-demand" in found[0] and "public subnets" in found[0]
+
+
 def test_star_resource_stays_allowed_where_iam_has_no_arn() -> None:
     """ecr:GetAuthorizationToken cannot be scoped: '*' is correct there and must not trip."""
     breaker = set_prop("aws:iam/rolePolicy:RolePolicy", "policy", _document(
