@@ -11,7 +11,6 @@ that resource until ``pulumi up``, where the values are known and it runs.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 from typing import Any, Callable, Iterable, Mapping, Optional
 
