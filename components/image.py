@@ -6,6 +6,7 @@ re-tagged image, and every run record names exactly what ran.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -45,11 +46,13 @@ class CellProfilerImage(pulumi.ComponentResource):
             # Jobs pin images by digest; never expire one a job definition may still name.
             lifecycle_policy=awsx.ecr.LifecyclePolicyArgs(skip=True),
             opts=child)
+        # Relative paths (Pulumi runs in the project directory): the same checkout in another
+        # folder or on another machine must not look like a different build.
         image = awsx.ecr.Image(
             f"{name}-image",
             repository_url=repository.url,
-            context=str(args.context_dir),
-            dockerfile=str(dockerfile),
+            context=os.path.relpath(args.context_dir),
+            dockerfile=os.path.relpath(dockerfile),
             platform="linux/amd64",
             args={"CELLPROFILER_TAG": args.cellprofiler_tag},
             opts=child)

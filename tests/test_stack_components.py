@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -293,7 +295,9 @@ def test_dlq_alarm_and_optional_email() -> None:
 def test_image_is_built_from_image_dir_with_the_configured_base_tag() -> None:
     stack = program(fsxEnabled="false", cellprofilerImageTag="4.2.6")
     image = stack.one("awsx:ecr:Image").inputs
-    assert image["context"] == str(REPO / "image") and image["platform"] == "linux/amd64"
+    assert not os.path.isabs(image["context"]) and not os.path.isabs(image["dockerfile"])
+    assert Path(image["context"]).resolve() == REPO / "image" and image["platform"] == "linux/amd64"
+    assert Path(image["dockerfile"]).resolve() == REPO / "image" / "Dockerfile"
     assert image["args"] == {"CELLPROFILER_TAG": "4.2.6"}
     assert image["repositoryUrl"] == stack.one("awsx:ecr:Repository").state["url"]
     dockerfile = (REPO / "image" / "Dockerfile").read_text()
