@@ -413,8 +413,10 @@ def _whole_number(value: Any, field: str) -> int:
         raise MessageError(field, f"must be a whole number, not {_show(value)}")
     if isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"[0-9]{1,12}", text):
+        if re.fullmatch(r"[0-9]{1,18}", text):
             return int(text)
+        if re.fullmatch(r"[0-9]+", text):
+            raise MessageError(field, f"{_short(text, 24)} is far too large; give a realistic whole number")
         raise MessageError(field, f"must be a whole number like \"8192\" or 8192, not {_show(value)}")
     raise MessageError(field, f"must be a whole number, not {_show(value)}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import uuid
 from typing import Any, Callable, Optional
 
@@ -224,3 +225,27 @@ class CallCounter:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class LogLines(logging.Handler):
+    """Collects the handler's log records rendered by Powertools' own JSON formatter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(ingress.logger.registered_formatter.format(record)))
+
+    def failures(self) -> list:
+        return [line for line in self.lines if line["message"] == "job message failed"]
+
+
+@pytest.fixture
+def logs():
+    """The structured lines the ingress logger writes during a test."""
+    collector = LogLines()
+    std_logger = logging.getLogger("cpb-ingress")
+    std_logger.addHandler(collector)
+    yield collector
+    std_logger.removeHandler(collector)

@@ -2,40 +2,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import pytest
 
 from handlers import ingress
 from ingress_moto import (BUCKET, DATA_FILE, FOREIGN_QUEUE_ARN, JOB_NAME_RULE, PIPELINE, CallCounter,
-                          LambdaContext, environment, failed_ids, message, moto_stack, resources, sqs_event,
+                          LambdaContext, environment, failed_ids, logs, message, moto_stack, resources, sqs_event,
                           sqs_record)
 
-__all__ = ["moto_stack"]  # the fixture, imported for pytest
-
-
-class LogLines(logging.Handler):
-    """Collects the handler's log records rendered by Powertools' own JSON formatter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(ingress.logger.registered_formatter.format(record)))
-
-    def failures(self) -> list:
-        return [line for line in self.lines if line["message"] == "job message failed"]
-
-
-@pytest.fixture
-def logs():
-    collector = LogLines()
-    std_logger = logging.getLogger("cpb-ingress")
-    std_logger.addHandler(collector)
-    yield collector
-    std_logger.removeHandler(collector)
+__all__ = ["moto_stack", "logs"]  # fixtures, imported for pytest
 
 
 def run(*records: dict, remaining_s: float = 300.0) -> dict:
