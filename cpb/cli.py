@@ -82,6 +82,13 @@ def stack_options(command: Callable) -> Callable:
     return wrapper  # functools.wraps carries click's __click_params__ over
 
 
+def limits_of(stack: StackConfig) -> Any:
+    """The Lambda's Limits as this stack sets them: stack output `jobLimits`,
+    overridden by the same CPB_* variables the Lambda reads."""
+    environ = {**stack.limits_env, **{k: v for k, v in os.environ.items() if k.startswith("CPB_")}}
+    return submit_mod.limits_for(stack.bucket, stack.job_queue, stack.job_definition, environ)
+
+
 def _clients(stack: StackConfig) -> Clients:
     return make_clients(stack.region)
 
@@ -134,7 +141,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
                                                 pipeline, data_file)
         body = json.dumps(submit_mod.message_from_flags(
             pipeline, input_prefix, output, data_file, image_sets_per_job, memory, vcpus, job_name, unsplittable))
-    limits = submit_mod.limits_for(stack.bucket, stack.job_queue, None, os.environ)
+    limits = limits_of(stack)
     requests = submit_mod.validate(body, limits)
     if not no_check:
         checked = submit_mod.check_in_bucket(clients.s3, requests, limits)
@@ -249,7 +256,7 @@ def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
 
 def render_dlq(sqs: Any, dlq_url: str, stack: StackConfig) -> str:
     """The dead-letter queue's content, each message with the reason it is there."""
-    limits = submit_mod.limits_for(stack.bucket, stack.job_queue, None, os.environ)
+    limits = limits_of(stack)
     total, letters = status_mod.peek_dlq(sqs, dlq_url, lambda body: explain(body, limits))
     if not total:
         return "dead-letter queue: empty"
@@ -335,7 +342,7 @@ def requeue(stack: StackConfig, outputs: tuple[str, ...], from_dlq: bool, force:
             click.echo(f"{output}: nothing failed, nothing to resubmit")
     if from_dlq:
         stack.require("queue_url", "dlq_url")
-        limits = submit_mod.limits_for(stack.bucket, stack.job_queue, None, os.environ)
+        limits = limits_of(stack)
         moved, kept = requeue_mod.redrive_dlq(clients.sqs, stack.dlq_url, stack.queue_url,
                                               lambda body: submit_mod.validate(body, limits), force, dry_run)
         verb = "would move" if dry_run else "moved"

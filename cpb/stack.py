@@ -47,6 +47,9 @@ class StackConfig:
     region: Optional[str] = None
     log_group: Optional[str] = None
     sources: Mapping[str, str] = field(default_factory=dict)
+    # The Lambda's CPB_MAX_*/CPB_DEFAULT_*/CPB_ALLOWED_ARNS, when the stack exports them
+    # (optional output `jobLimits`), so local validation uses the deployed ceilings.
+    limits_env: Mapping[str, str] = field(default_factory=dict)
 
     def require(self, *names: str) -> "StackConfig":
         """Fail with one clear line when a command needs a value nobody gave."""
@@ -121,11 +124,30 @@ def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[
     for attr, value in flags.items():
         if value:
             values[attr], sources[attr] = value, f"--{attr.replace('_', '-')}"
+    limits_env = _limits_env(outputs.get("jobLimits") if outputs else None)
     if not values.get("region"):
         region = _region_from(values) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if region:
             values["region"], sources["region"] = region, "queue URL / AWS_REGION"
-    return StackConfig(**values, sources=sources)
+    return StackConfig(**values, sources=sources, limits_env=limits_env)
+
+
+# Optional stack output `jobLimits` (camelCase keys) -> the Lambda's environment variable names.
+_LIMIT_KEYS = {"maxVcpu": "CPB_MAX_VCPU", "maxMemoryMib": "CPB_MAX_MEMORY_MIB", "defaultVcpu": "CPB_DEFAULT_VCPU",
+               "defaultMemoryMib": "CPB_DEFAULT_MEMORY_MIB", "allowedArns": "CPB_ALLOWED_ARNS"}
+
+
+def _limits_env(limits: object) -> dict[str, str]:
+    if not isinstance(limits, dict):
+        return {}
+    env = {}
+    for key, var in _LIMIT_KEYS.items():
+        value = limits.get(key)
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if value not in (None, ""):
+            env[var] = str(value)
+    return env
 
 
 def _region_from(values: Mapping[str, str]) -> Optional[str]:
