@@ -1,0 +1,178 @@
+"""The message schema (pure) and the bucket checks (moto S3), as `cpb submit` and the Lambda use them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import boto3
+import pytest
+from moto import mock_aws
+
+import hostile_messages as corpus
+from handlers import s3checks
+from handlers.schema import (Limits, JobRequest, MessageError, entry_message_id, parse_body, parse_entry,
+                             submission_id)
+
+LIMITS = corpus.corpus_limits()
+
+
+def test_schema_imports_without_boto3_or_powertools():
+    code = ("import sys, handlers.schema, handlers.s3checks; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'aws_lambda_powertools')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- seed messages
+
+def test_seed_single_object_with_numeric_strings():
+    body = json.dumps({"pipeline": corpus.PIPELINE, "input": corpus.INPUT + "/", "output": "results/plate1/",
+                       "job_memory": "8192", "job_vcpu": "12"})
+    [request] = parse_body(body, LIMITS)
+    assert request == JobRequest(pipeline=corpus.PIPELINE, input=corpus.INPUT, output="results/plate1",
+                                 job_memory=8192, job_vcpu=12)
+    assert request.vcpus(LIMITS) == 12 and request.memory_mib(LIMITS) == 8192
+    assert request.queue(LIMITS) == corpus.QUEUE_ARN and request.definition(LIMITS) == corpus.JOBDEF_ARN
+
+
+def test_seed_list_with_arns_and_defaults():
+    body = json.dumps([corpus.good_message(output="r/a", job_queue=corpus.ALLOWED_QUEUE_ARN),
+                       corpus.good_message(output="r/b", job_definition=corpus.JOBDEF_ARN, job_memory=2048)])
+    first, second = parse_body(body, LIMITS)
+    assert first.queue(LIMITS) == corpus.ALLOWED_QUEUE_ARN and first.vcpus(LIMITS) == LIMITS.default_vcpu
+    assert second.definition(LIMITS) == corpus.JOBDEF_ARN and second.memory_mib(LIMITS) == 2048
+
+
+def test_own_bucket_uri_is_accepted_as_a_key():
+    [request] = parse_body(json.dumps(corpus.good_message(pipeline=f"s3://{corpus.BUCKET}/{corpus.PIPELINE}")),
+                           LIMITS)
+    assert request.pipeline == corpus.PIPELINE
+
+
+def test_unversioned_allowed_job_definition_admits_every_revision():
+    limits = Limits(**{**corpus.LIMITS, "allowed_arns": ("arn:aws:batch:us-east-1:123456789012:job-definition/big",)})
+    [request] = parse_body(json.dumps(corpus.good_message(
+        job_definition="arn:aws:batch:us-east-1:123456789012:job-definition/big:7")), limits)
+    assert request.job_definition.endswith("/big:7")
+
+
+def test_to_message_round_trips_and_omits_unset_fields():
+    request = JobRequest(pipeline="p/x.cppipe", input="in", output="out", data_file="in/d.csv",
+                         image_sets_per_job=4, job_name="plate 1", job_vcpu=2)
+    message = request.to_message()
+    assert message == {"pipeline": "p/x.cppipe", "input": "in", "output": "out", "data_file": "in/d.csv",
+                       "image_sets_per_job": 4, "job_name": "plate 1", "job_vcpu": 2}
+    assert parse_body(json.dumps(message), LIMITS) == [request]
+    assert parse_entry(message, LIMITS) == request
+
+
+def test_ids_for_records_and_jobs():
+    assert entry_message_id("abc", None) == "abc" and entry_message_id("abc", 3) == "abc#3"
+    assert submission_id("abc#3") == "abc_3" and submission_id("a/b:c d") == "a_b_c_d"
+
+
+# ----------------------------------------------------------------------------- limits
+
+def test_limits_from_lambda_environment():
+    limits = Limits.from_env({"CPB_BUCKET": "b", "CPB_JOB_QUEUE": "arn:q", "CPB_JOB_DEFINITION": "arn:d",
+                              "CPB_ALLOWED_ARNS": " arn:x , ,arn:y", "CPB_MAX_VCPU": "8", "CPB_MAX_MEMORY_MIB": "30000",
+                              "CPB_DEFAULT_VCPU": "1", "CPB_DEFAULT_MEMORY_MIB": "2048"})
+    assert limits == Limits(bucket="b", job_queue_arn="arn:q", job_definition_arn="arn:d", allowed_arns=("arn:x", "arn:y"),
+                            max_vcpu=8, max_memory_mib=30000, default_vcpu=1, default_memory_mib=2048)
+
+
+@pytest.mark.parametrize("environ,text", [
+    ({}, "CPB_BUCKET"),
+    ({"CPB_BUCKET": "b", "CPB_MAX_VCPU": "lots"}, "CPB_MAX_VCPU"),
+    ({"CPB_BUCKET": "b", "CPB_MAX_VCPU": "4", "CPB_DEFAULT_VCPU": "8"}, "default vCPU"),
+])
+def test_bad_lambda_environment_is_named(environ, text):
+    with pytest.raises(ValueError, match=text):
+        Limits.from_env(environ)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_error_names_field_entry_and_fix():
+    body = json.dumps([corpus.good_message(output="r/a"), corpus.good_message(output="r/b", job_memory=999_999)])
+    with pytest.raises(MessageError) as caught:
+        parse_body(body, LIMITS)
+    error = caught.value
+    assert (error.field, error.index) == ("job_memory", 1)
+    assert str(error) == ("entry 1: job_memory: 999999 MiB is outside what this stack can place (256..61440 MiB); "
+                          "ask for at most 61440, or raise the stack's max memory")
+
+
+@pytest.mark.parametrize("case", [c for c in corpus.CORPUS if not c.needs_bucket], ids=lambda c: c.name)
+def test_corpus_cases_rejected_by_the_schema_alone(case):
+    with pytest.raises(MessageError) as caught:
+        parse_body(case.body, LIMITS)
+    assert caught.value.field == case.field and caught.value.index == case.entry
+    assert str(caught.value).startswith(case.expected_prefix)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400  # one readable log line
+
+
+@pytest.mark.parametrize("case", [c for c in corpus.CORPUS if c.needs_bucket], ids=lambda c: c.name)
+def test_bucket_cases_pass_the_schema(case):
+    """These need the bucket: `parse_body` alone must accept them (the client must run s3checks too)."""
+    assert parse_body(case.body, LIMITS)
+
+
+# ----------------------------------------------------------------------------- bucket checks
+
+@pytest.fixture
+def s3(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=corpus.BUCKET)
+        for key, body in corpus.base_objects().items():
+            client.put_object(Bucket=corpus.BUCKET, Key=key, Body=body)
+        yield client
+
+
+@pytest.mark.parametrize("content,rows", [
+    (corpus.GOOD_CSV, 10),
+    (b"\xef\xbb\xbfImage_FileName_DNA,Metadata_Well\r\nd1.tif,A01\r\n\r\nd2.tif,\"A,02\"\r\n", 2),  # BOM, CRLF, blank
+    (b"Image_URL_DNA\nhttps://example.org/x.tif", 1),  # no final newline
+])
+def test_count_image_sets(s3, content, rows):
+    s3.put_object(Bucket=corpus.BUCKET, Key="d.csv", Body=content)
+    assert s3checks.count_image_sets(s3, corpus.BUCKET, "d.csv") == rows
+
+
+@pytest.mark.parametrize("case", [c for c in corpus.CORPUS if c.needs_bucket], ids=lambda c: c.name)
+def test_bucket_cases_rejected_by_s3checks(s3, case):
+    for key, body in case.objects.items():
+        s3.put_object(Bucket=corpus.BUCKET, Key=key, Body=body)
+    requests = parse_body(case.body, LIMITS)
+    with pytest.raises(MessageError) as caught:
+        for request in requests:
+            s3checks.check_request(s3, request, LIMITS)
+    assert caught.value.field == case.field and str(caught.value).startswith(case.field + ": ")
+
+
+def test_broken_row_error_says_which_line(s3):
+    s3.put_object(Bucket=corpus.BUCKET, Key="b.csv", Body=b"Image_FileName_DNA,X\na,1\nb,2\nc\n")
+    with pytest.raises(MessageError, match=r"line 4 has 1 fields but the header has 2"):
+        s3checks.count_image_sets(s3, corpus.BUCKET, "b.csv")
+
+
+def test_check_request_counts_sets_for_the_array(s3):
+    [request] = parse_body(json.dumps(corpus.good_message(data_file=corpus.DATA_FILE, image_sets_per_job=3)), LIMITS)
+    checked = s3checks.check_request(s3, request, LIMITS)
+    assert checked.image_set_count == 10 and checked.request is request
+
+
+def test_s3_outage_is_not_blamed_on_the_message(s3):
+    """A 5xx is re-raised as is (callers retry it), never turned into a MessageError."""
+    from botocore.exceptions import ClientError
+
+    def fail(**_):
+        raise ClientError({"Error": {"Code": "InternalError", "Message": "boom"},
+                           "ResponseMetadata": {"HTTPStatusCode": 500}}, "HeadObject")
+    s3.meta.events.register_first("before-call.s3.HeadObject", lambda **kw: fail())
+    with pytest.raises(ClientError):
+        s3checks.check_pipeline(s3, corpus.BUCKET, corpus.PIPELINE)
