@@ -1,0 +1,118 @@
+"""The demo's stand-ins for AWS compute and the SQS → Lambda mapping, without CellProfiler.
+
+`cpb.localbatch` must behave like Batch where the demo relies on it: run
+each array child with Batch's variables, apply the job definition's retry
+strategy (exit 4 and 137 retried, 2 and 3 not), and decide SUCCEEDED or
+FAILED itself (moto's no-Docker Batch calls every job SUCCEEDED). The
+mapping (`cpb.localingress.pump`) must delete only the messages the handler
+did not report as failures, so a bad message goes to the DLQ after its
+retries while good ones in the same batch are submitted once.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import boto3
+import pytest
+
+from cpb import localbatch, localingress
+from cpb.emulator import create_stack, environment, moto_server
+
+# A fake worker: behaviour chosen per array index and attempt through FAKE_PLAN (JSON).
+FAKE_WORKER = r"""
+import json, os, sys
+plan = json.loads(os.environ["FAKE_PLAN"])
+index = os.environ.get("AWS_BATCH_JOB_ARRAY_INDEX", "single")
+attempt = int(os.environ["AWS_BATCH_JOB_ATTEMPT"])
+with open(os.path.join(os.environ["FAKE_DIR"], f"{index}.{attempt}.env.json"), "w") as f:
+    json.dump(dict(os.environ), f)
+codes = plan[index]
+code = codes[min(attempt, len(codes)) - 1]
+print(f"worker {index} attempt {attempt} exits {code}")
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setenv("HOST_SECRET", "must-not-reach-the-job")
+    with moto_server() as url:
+        stack = create_stack(url, name="cpb-test")
+        with environment(stack.aws_env()):
+            yield stack
+
+
+def _submit_array(stack, size: int, env: dict) -> str:
+    batch = boto3.client("batch")
+    job = batch.submit_job(jobName="plate", jobQueue=stack.job_queue_arn, jobDefinition=stack.job_definition_arn,
+                           arrayProperties={"size": size},
+                           containerOverrides={"environment": [{"name": k, "value": v} for k, v in env.items()]})
+    return job["jobId"]
+
+
+def _runner(stack, tmp_path, plan: dict, parallel: int = 2) -> localbatch.LocalBatch:
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    return localbatch.LocalBatch(boto3.client("batch"), stack.job_queue_arn, {
+        **stack.aws_env(), "FAKE_PLAN": json.dumps(plan), "FAKE_DIR": str(tmp_path)}, tmp_path / "logs",
+        localbatch.MotoJobStates(stack.region), parallel=parallel, vcpus_per_job=1,
+        command=[sys.executable, str(script)])
+
+
+@pytest.mark.fault
+def test_transient_exit_is_retried_and_pipeline_error_is_not(emulated, tmp_path):
+    job_id = _submit_array(emulated, 3, {"CPB_OUTPUT": "results/x", "CPB_IMAGE_SETS_PER_JOB": "2"})
+    runner = _runner(emulated, tmp_path, {"0": [0], "1": [4, 0], "2": [3, 0]})
+    outcomes = {o.item.index: o for o in runner.drain()}
+    assert {i: (o.status, o.attempts) for i, o in outcomes.items()} == \
+        {0: ("SUCCEEDED", 1), 1: ("SUCCEEDED", 2), 2: ("FAILED", 1)}
+    batch = boto3.client("batch")
+    children = {j["jobId"]: j for j in batch.describe_jobs(jobs=[f"{job_id}:{i}" for i in range(3)])["jobs"]}
+    assert children[f"{job_id}:1"]["status"] == "SUCCEEDED"
+    assert children[f"{job_id}:2"]["status"] == "FAILED"
+    assert "exit code 3" in children[f"{job_id}:2"]["statusReason"]
+    assert "worker 2 attempt 1 exits 3" in children[f"{job_id}:2"]["statusReason"]
+    assert batch.describe_jobs(jobs=[job_id])["jobs"][0]["status"] == "FAILED"
+    assert runner.drain() == []  # nothing runs twice
+
+
+@pytest.mark.fault
+def test_oom_kill_is_retried_once_then_reported(emulated, tmp_path):
+    job_id = _submit_array(emulated, 2, {"CPB_IMAGE_SETS_PER_JOB": "1"})
+    outcomes = {o.item.index: o for o in _runner(emulated, tmp_path, {"0": [137, 137, 0], "1": [0]}).drain()}
+    assert (outcomes[0].status, outcomes[0].attempts, outcomes[0].exit_code) == ("FAILED", 2, 137)  # attempts: 2
+    assert outcomes[1].status == "SUCCEEDED"
+    assert boto3.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]["status"] == "FAILED"
+
+
+def test_worker_gets_batch_variables_and_not_the_host_environment(emulated, tmp_path):
+    _submit_array(emulated, 2, {"CPB_OUTPUT": "results/env", "CPB_IMAGE_SETS_PER_JOB": "5"})
+    _runner(emulated, tmp_path, {"0": [0], "1": [0]}, parallel=1).drain()
+    env = json.loads((tmp_path / "1.1.env.json").read_text())
+    assert env["AWS_BATCH_JOB_ARRAY_INDEX"] == "1" and env["AWS_BATCH_JOB_ATTEMPT"] == "1"
+    assert env["AWS_BATCH_JOB_ID"].endswith(":1")
+    assert env["AWS_ENDPOINT_URL"] == emulated.endpoint and env["CPB_VCPUS"] == "1"
+    assert env["CPB_OUTPUT"] == "results/env" and env["CPB_IMAGE"]  # override + job definition environment
+    assert "HOST_SECRET" not in env
+
+
+@pytest.mark.hostile
+def test_mapping_deletes_only_handled_messages_and_bad_ones_reach_the_dlq(emulated):
+    from handlers import ingress
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    s3.put_object(Bucket=emulated.bucket, Key="p/nuclei.cppipe", Body=b"CellProfiler Pipeline: x\nVersion:5\n")
+    s3.put_object(Bucket=emulated.bucket, Key="plates/a/x.tif", Body=b"II*\x00")
+    good = json.dumps({"pipeline": "p/nuclei.cppipe", "input": "plates/a", "output": "results/good"})
+    sqs.send_message(QueueUrl=emulated.queue_url, MessageBody=good)
+    sqs.send_message(QueueUrl=emulated.queue_url, MessageBody='{"pipeline": "p/nuclei.cppipe", "input": "plates/a"}')
+    with environment({**emulated.lambda_env(), "POWERTOOLS_LOG_LEVEL": "CRITICAL"}):
+        ingress.reset_services()
+        report = localingress.pump(sqs, emulated.queue_url, ingress.handler, emulated.region, retry_failed_now=True)
+        ingress.reset_services()
+    assert len(report.deleted) == 1 and len(set(report.failures)) == 1
+    assert len(report.failures) == 3  # received maxReceiveCount times, then moved to the DLQ by SQS
+    dlq = sqs.receive_message(QueueUrl=emulated.dlq_url, MaxNumberOfMessages=10)["Messages"]
+    assert [json.loads(m["Body"]).get("output") for m in dlq] == [None]
+    jobs = boto3.client("batch").list_jobs(jobQueue=emulated.job_queue_arn, jobStatus="SUCCEEDED")["jobSummaryList"]
+    assert len(jobs) == 1  # the good message, submitted once
