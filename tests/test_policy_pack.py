@@ -174,3 +174,46 @@ def test_deploy_guide_lists_every_policy() -> None:
     guide = (REPO / "docs" / "DEPLOY.md").read_text().split("## Guardrails")[1].split("\n## ")[0]
     listed = [line.split("`")[1] for line in guide.splitlines() if line.startswith("| `")]
     assert listed == NAMES
+
+
+@pytest.fixture()
+def served_pack():
+    """The pack started the way the engine starts it (its __main__.py as a script, which
+    prints its gRPC port), talked to over the engine's Analyzer protocol."""
+    import subprocess
+    import sys
+
+    import grpc
+    from pulumi.runtime.proto import analyzer_pb2_grpc
+
+    process = subprocess.Popen([sys.executable, "-u", str(REPO / "policy" / "__main__.py")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(process.stdout.readline().strip())
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=20)
+        yield analyzer_pb2_grpc.AnalyzerStub(channel)
+        channel.close()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_the_pack_serves_its_policies_to_the_engine(served_pack) -> None:
+    from google.protobuf import empty_pb2, struct_pb2
+    from pulumi.runtime.proto import analyzer_pb2
+
+    info = served_pack.GetAnalyzerInfo(empty_pb2.Empty())
+    assert info.name == "cpb-guardrails"
+    assert [p.name for p in info.policies] == NAMES
+
+    def analyze(props: dict) -> list[str]:
+        properties = struct_pb2.Struct()
+        properties.update(props)
+        response = served_pack.Analyze(analyzer_pb2.AnalyzeRequest(
+            type="aws:cloudwatch/logGroup:LogGroup", properties=properties,
+            urn="urn:pulumi:dev::cellpainting-batch::aws:cloudwatch/logGroup:LogGroup::jobs", name="jobs"))
+        return [d.policyName for d in response.diagnostics]
+
+    assert analyze({"name": "/aws/batch/x"}) == ["logs-retention"]
+    assert analyze({"name": "/aws/batch/x", "retentionInDays": 30}) == []
