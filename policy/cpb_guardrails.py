@@ -12,7 +12,8 @@ that resource until ``pulumi up``, where the values are known and it runs.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 from pulumi_policy import (
     EnforcementLevel,
@@ -52,10 +53,16 @@ SSE_ALGORITHMS = ("AES256", "aws:kms", "aws:kms:dsse")
 # ------------------------------------------------------------------ helpers
 
 def as_list(value: Any) -> list:
-    """IAM allows a string or a list wherever a list goes."""
+    """A list from a list, one value (IAM allows a string wherever a list goes), or None.
+
+    The engine hands policies read-only proxies (Sequence/Mapping, not list/dict),
+    so the checks are on the abstract types.
+    """
     if value is None:
         return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return list(value)
+    return [value]
 
 
 def as_json(value: Any) -> Any:

@@ -7,6 +7,7 @@ dependencies. ``violations`` runs one policy and returns what it reported.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from typing import Any, Callable, Optional
 
@@ -91,4 +92,77 @@ def violations(name: str, recorded: Recorded,
         if stack is not None:
             stack(resources)
         chosen.validate(StackValidationArgs(resources), report)
+    return found
+
+
+# ------------------------------------------------------------ through the engine's protocol
+
+_RESOURCE_REFERENCE = "5cf8f73096256a8f31e491e813e4eb8e"
+
+
+def _downgrade(value: Any) -> Any:
+    """Resource references become their IDs, as the engine sends them to analyzers that
+    (like pulumi-policy) do not accept references."""
+    if isinstance(value, dict):
+        if value.get("4dabf18193072939515e22adb298388d") == _RESOURCE_REFERENCE:
+            return value.get("id") or value.get("urn")
+        return {k: _downgrade(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_downgrade(v) for v in value]
+    return value
+
+
+def _struct(props: Any):
+    from google.protobuf import struct_pb2
+
+    struct = struct_pb2.Struct()
+    struct.update(json.loads(json.dumps(_downgrade(props), default=str)))  # assets etc. become their text
+    return struct
+
+
+def _provider_message(provider: Optional[PolicyProviderResource]):
+    from pulumi.runtime.proto import analyzer_pb2
+
+    if provider is None:
+        return None
+    return analyzer_pb2.AnalyzerProviderResource(type=provider.resource_type, properties=_struct(provider.props),
+                                                 urn=provider.urn, name=provider.name)
+
+
+def _analyzer_resource(resource: PolicyResource):
+    from pulumi.runtime.proto import analyzer_pb2
+
+    return analyzer_pb2.AnalyzerResource(
+        type=resource.resource_type, properties=_struct(resource.props), urn=resource.urn, name=resource.name,
+        provider=_provider_message(resource.provider),
+        parent=resource.parent.urn if resource.parent is not None else "",
+        dependencies=[d.urn for d in resource.dependencies],
+        propertyDependencies={k: analyzer_pb2.AnalyzerPropertyDependencies(urns=[d.urn for d in v])
+                              for k, v in resource.property_dependencies.items()})
+
+
+def engine_violations(stub: Any, name: str, recorded: Recorded,
+                      stack: Optional[Callable[[list[PolicyResource]], None]] = None,
+                      resource_props: Optional[Callable[[Registered, dict], Optional[dict]]] = None) -> list[str]:
+    """Like ``violations``, but asking the served pack over gRPC (Analyze / AnalyzeStack)."""
+    from pulumi.runtime.proto import analyzer_pb2
+
+    chosen = policy(name)
+    found: list[str] = []
+    if isinstance(chosen, ResourceValidationPolicy):
+        for resource in recorded.resources:
+            props = copy.deepcopy(resource.inputs)
+            if resource_props is not None:
+                props = resource_props(resource, props) or props
+            response = stub.Analyze(analyzer_pb2.AnalyzeRequest(
+                type=resource.type, properties=_struct(props), urn=resource.urn, name=resource.name,
+                provider=_provider_message(_provider(recorded, resource))))
+            found += [d.message for d in response.diagnostics if d.policyName == name]
+    else:
+        resources = stack_resources(recorded)
+        if stack is not None:
+            stack(resources)
+        response = stub.AnalyzeStack(analyzer_pb2.AnalyzeStackRequest(
+            resources=[_analyzer_resource(r) for r in resources]))
+        found += [d.message for d in response.diagnostics if d.policyName == name]
     return found

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pulumi_policy import PolicyCustomTimeouts, PolicyResource, PolicyResourceOptions
 
-from policy_harness import cpb_guardrails, violations
+from policy_harness import cpb_guardrails, engine_violations, violations
 from stack_harness import REPO, Recorded, program
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -21,9 +21,33 @@ def stack(request: pytest.FixtureRequest) -> Recorded:
     return program(fsxEnabled=request.param, alarmEmail="lab@example.org")
 
 
+@pytest.fixture(scope="module")
+def served_pack():
+    """The pack started the way the engine starts it (its __main__.py as a script, which
+    prints its gRPC port), talked to over the engine's Analyzer protocol."""
+    import subprocess
+    import sys
+
+    import grpc
+    from pulumi.runtime.proto import analyzer_pb2_grpc
+
+    process = subprocess.Popen([sys.executable, "-u", str(REPO / "policy" / "__main__.py")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(process.stdout.readline().strip())
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=20)
+        yield analyzer_pb2_grpc.AnalyzerStub(channel)
+        channel.close()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_the_stack_passes(stack: Recorded, name: str) -> None:
+def test_the_stack_passes(stack: Recorded, name: str, served_pack) -> None:
     assert violations(name, stack) == []
+    assert engine_violations(served_pack, name, stack) == []  # and as the engine would ask
 
 
 # ------------------------------------------------------------ broken variants
@@ -128,12 +152,14 @@ def test_every_policy_has_a_broken_variant() -> None:
 
 @pytest.mark.policy_trip
 @pytest.mark.parametrize("name", NAMES)
-def test_a_broken_resource_trips_its_policy(name: str) -> None:
+def test_a_broken_resource_trips_its_policy(name: str, served_pack) -> None:
     recorded = program(fsxEnabled="true", alarmEmail="lab@example.org")
     breaker, expected = BROKEN[name]
     found = violations(name, recorded, **breaker)
     assert found, f"{name} did not trip"
     assert any(expected in message for message in found), found
+    through_engine = engine_violations(served_pack, name, recorded, **breaker)
+    assert any(expected in message for message in through_engine), through_engine
 
 
 def test_fsx_group_admitting_a_stranger_group_trips() -> None:
@@ -174,29 +200,6 @@ def test_deploy_guide_lists_every_policy() -> None:
     guide = (REPO / "docs" / "DEPLOY.md").read_text().split("## Guardrails")[1].split("\n## ")[0]
     listed = [line.split("`")[1] for line in guide.splitlines() if line.startswith("| `")]
     assert listed == NAMES
-
-
-@pytest.fixture()
-def served_pack():
-    """The pack started the way the engine starts it (its __main__.py as a script, which
-    prints its gRPC port), talked to over the engine's Analyzer protocol."""
-    import subprocess
-    import sys
-
-    import grpc
-    from pulumi.runtime.proto import analyzer_pb2_grpc
-
-    process = subprocess.Popen([sys.executable, "-u", str(REPO / "policy" / "__main__.py")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        port = int(process.stdout.readline().strip())
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        grpc.channel_ready_future(channel).result(timeout=20)
-        yield analyzer_pb2_grpc.AnalyzerStub(channel)
-        channel.close()
-    finally:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def test_the_pack_serves_its_policies_to_the_engine(served_pack) -> None:
