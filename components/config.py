@@ -43,6 +43,9 @@ FIELDS: tuple[ConfigField, ...] = (
     # Storage
     ConfigField("forceDestroy", "boolean", False,
                 "Let `pulumi destroy` delete a bucket that still holds data (set true only on throw-away stacks)."),
+    ConfigField("bucketVersioning", "boolean", True,
+                "Keep earlier versions of overwritten or deleted objects for 30 days (recovers from mistakes; "
+                "costs storage)."),
     ConfigField("fsxEnabled", "boolean", True,
                 "Create FSx for Lustre linked to the bucket and mount it at /fsx; false makes jobs read S3 directly."),
     ConfigField("fsxDeploymentType", "string", "SCRATCH_2",
@@ -118,6 +121,7 @@ class StackConfig:
     availability_zones: int
     nat_gateways: str
     force_destroy: bool
+    bucket_versioning: bool
     fsx_enabled: bool
     fsx_deployment_type: str
     fsx_storage_capacity_gib: int

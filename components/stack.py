@@ -66,7 +66,7 @@ def build_stack(cfg: StackConfig, stack: str, region: str, repo: Path = REPO,
         nat_strategy=cfg.nat_gateways, region=region), opts)
     first_private_subnet = network.private_subnet_ids.apply(lambda ids: ids[0])
     storage = LustreStorage("cpb-storage", LustreStorageArgs(
-        force_destroy=cfg.force_destroy, versioning=True,
+        force_destroy=cfg.force_destroy, versioning=cfg.bucket_versioning,
         fsx=FsxArgs(
             deployment_type=cfg.fsx_deployment_type,
             storage_capacity_gib=cfg.fsx_storage_capacity_gib,

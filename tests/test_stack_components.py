@@ -338,3 +338,11 @@ def test_job_definition_forms() -> None:
     arn = "arn:aws:batch:eu-west-1:123456789012:job-definition/cpb-prod-worker:12"
     assert job_definition_forms(arn) == [arn, arn.rsplit(":", 1)[0]]
     assert job_definition_forms(arn.rsplit(":", 1)[0]) == [arn.rsplit(":", 1)[0]]
+
+
+def test_versioning_is_per_stack() -> None:
+    stack = program(fsxEnabled="false", bucketVersioning="false")
+    assert stack.one("aws:s3/bucketVersioning:BucketVersioning").inputs["versioningConfiguration"]["status"] == \
+        "Suspended"
+    rules = stack.one("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration").inputs["rules"]
+    assert [r["id"] for r in rules] == ["abort-incomplete-uploads"]
