@@ -102,6 +102,8 @@ FIELDS: tuple[ConfigField, ...] = (
 )
 
 NAT_STRATEGIES = ("Single", "OnePerAz")
+# Words Batch accepts in instanceTypes besides EC2 families/types (x86_64 ones only).
+BATCH_INSTANCE_KEYWORDS = ("optimal", "default_x86_64")
 FSX_TYPES = ("SCRATCH_2", "PERSISTENT_1", "PERSISTENT_2")
 FSX_THROUGHPUT = {"PERSISTENT_1": (50, 100, 200), "PERSISTENT_2": (125, 250, 500, 1000)}
 # Values CloudWatch Logs accepts for retentionInDays (PutRetentionPolicy).
@@ -201,6 +203,8 @@ def _ec2_instance_types() -> frozenset[str]:
 
 def _family_problem(name: str) -> Optional[str]:
     """Why an instance family/type cannot be used, or None when it can."""
+    if name in BATCH_INSTANCE_KEYWORDS:
+        return None
     known = _ec2_instance_types()
     family = name.split(".", 1)[0]
     if "." in name:

@@ -50,6 +50,12 @@ def test_values_arrive_as_strings_like_pulumi_passes_them() -> None:
     assert (cfg.fsx_storage_capacity_gib, cfg.fsx_throughput_per_tib) == (4800, 250)
 
 
+def test_batch_instance_keywords_are_accepted() -> None:
+    assert load_config({"instanceFamilies": '["optimal", "c6i"]'}).instance_families == ("optimal", "c6i")
+    with pytest.raises(ConfigError, match="default_arm64"):
+        load_config({"instanceFamilies": '["default_arm64"]'})
+
+
 def test_dev_stack_settings_are_all_known_keys() -> None:
     settings = yaml.safe_load((REPO / "Pulumi.dev.yaml").read_text())["config"]
     ours = {k.split(":", 1)[1]: str(v).lower() if isinstance(v, bool) else str(v)
