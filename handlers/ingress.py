@@ -6,7 +6,9 @@ Configuration is the "Lambda environment" of docs/CONTRACTS.md, read into
 
 Per SQS record (Powertools `BatchProcessor`, partial batch responses):
 
-1. parse and validate the body (`handlers.schema.parse_body`);
+1. parse and validate the body (`handlers.schema.parse_body`), then read
+   each job's submission record: a redelivery of a message already
+   submitted ends here (1 S3 GET per job);
 2. check each job against the bucket (`handlers.s3checks.check_request`):
    pipeline exists, data file is a readable CSV whose rows size the array;
 3. submit each job exactly once (`handlers.submission.Submitter`).
@@ -41,7 +43,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.config import Config
 
 from handlers.s3checks import check_request
-from handlers.schema import Limits, MessageError, parse_body
+from handlers.schema import Limits, MessageError, entry_message_id, parse_body
 from handlers.submission import InProgress, PlannedJob, Submitter
 
 __all__ = ["handler", "process_event", "services", "reset_services", "Services", "Budget", "OutOfTime",
@@ -150,16 +152,21 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
     try:
         budget.require(MESSAGE_MARGIN_S, "start this message")
         requests = parse_body(record.body, svc.limits)
-        is_list = record.body.lstrip().startswith("[")
-        jobs = []
-        for position, request in enumerate(requests):
-            index = position if is_list else None
-            try:
-                checked = check_request(svc.s3, request, svc.limits)
-            except MessageError as exc:
-                raise exc.at(index) from None
-            jobs.append(PlannedJob(checked=checked, sqs_message_id=message_id, index=index))
-        records = _submit_all(jobs, submitter, budget)
+        indexes = list(range(len(requests))) if record.body.lstrip().startswith("[") else [None]
+        # A redelivery of a message already submitted is done here: its objects may be gone by now.
+        known = [submitter.read_record(request.output, entry_message_id(message_id, index))
+                 for request, index in zip(requests, indexes)]
+        if all(saved is not None and saved.get("status") == "submitted" for saved, _ in known):
+            records = [saved for saved, _ in known]
+        else:
+            jobs = []
+            for request, index in zip(requests, indexes):
+                try:
+                    checked = check_request(svc.s3, request, svc.limits)
+                except MessageError as exc:
+                    raise exc.at(index) from None
+                jobs.append(PlannedJob(checked=checked, sqs_message_id=message_id, index=index))
+            records = _submit_all(jobs, submitter, known)
     except MessageError as exc:
         _log_failure(message_id, receive_count, "invalid", str(exc), field=exc.field, entry=exc.index)
         raise
@@ -177,12 +184,15 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
     return {"message_id": message_id, "job_ids": [r["job_id"] for r in records]}
 
 
-def _submit_all(jobs: list, submitter: Submitter, budget: Budget) -> list:
-    """Submit every job of one message; on failure of a list, roll the others back (all-or-nothing)."""
+def _submit_all(jobs: list, submitter: Submitter, known: list) -> list:
+    """Submit every job of one message; on failure of a list, roll the others back (all-or-nothing).
+
+    `known` holds the (record, etag) already read for each job.
+    """
     records = []
     try:
-        for job in jobs:
-            records.append(submitter.ensure_submitted(job))
+        for job, prefetched in zip(jobs, known):
+            records.append(submitter.ensure_submitted(job, prefetched))
     except (InProgress, OutOfTime):
         raise  # someone else is on it / no time: a later delivery completes the message
     except Exception as exc:

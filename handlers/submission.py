@@ -55,7 +55,7 @@ from botocore.exceptions import HTTPClientError
 from handlers.s3checks import CheckedRequest
 from handlers.schema import Limits, entry_message_id, submission_id
 
-__all__ = ["PlannedJob", "Submitter", "InProgress", "LostRecord", "job_name_for", "record_key",
+__all__ = ["PlannedJob", "Submitter", "InProgress", "LostRecord", "job_name_for", "record_key", "record_key_for",
            "container_environment", "submit_arguments"]
 
 logger = logging.getLogger("cpb-ingress.submission")
@@ -96,8 +96,13 @@ class PlannedJob:
         return size if size >= 2 else None
 
 
+def record_key_for(output: str, message_id: str) -> str:
+    """`<output>/_cpb/submission-<id>.json` (docs/CONTRACTS.md) for a job's CPB_MESSAGE_ID."""
+    return f"{output}/_cpb/submission-{submission_id(message_id)}.json"
+
+
 def record_key(job: PlannedJob) -> str:
-    return f"{job.checked.request.output}/_cpb/submission-{submission_id(job.message_id)}.json"
+    return record_key_for(job.checked.request.output, job.message_id)
 
 
 def job_name_for(job: PlannedJob, generation: int) -> str:
@@ -284,11 +289,22 @@ class Submitter:
         return found[0] if found else None
 
     # ---------------------------------------------------------------- protocol
-    def ensure_submitted(self, job: PlannedJob) -> dict:
-        """Make sure exactly one Batch job exists for `job`; return its (submitted) record."""
+    def read_record(self, output: str, message_id: str) -> tuple:
+        """(record, etag) of a job's submission record, (None, None) when there is none yet."""
+        return self._read(record_key_for(output, message_id))
+
+    def ensure_submitted(self, job: PlannedJob, prefetched: Optional[tuple] = None) -> dict:
+        """Make sure exactly one Batch job exists for `job`; return its (submitted) record.
+
+        `prefetched` is a `read_record` result the caller already has (saves a
+        read; if it is stale, the conditional writes notice and we re-read).
+        """
         key = record_key(job)
         for _ in range(4):  # each lost race re-reads; more than a few means something is wrong
-            record, etag = self._read(key)
+            if prefetched is not None:
+                (record, etag), prefetched = prefetched, None
+            else:
+                record, etag = self._read(key)
             if record is None:
                 record = self._pending(job, 0)
                 etag = self._write(key, record, None)

@@ -169,6 +169,19 @@ def test_redelivery_submits_nothing_new(moto_stack, logs):
     assert [j["job_id"] for j in submitted[-1]["jobs"]] == first
 
 
+def test_redelivery_after_inputs_were_deleted_is_still_done_not_failed(moto_stack):
+    """Once submitted, a redelivery only reads the record: deleting the data file later does not make it fail."""
+    record = sqs_record(json.dumps(message(data_file=DATA_FILE, image_sets_per_job=5)))
+    run(record)
+    moto_stack.s3.delete_object(Bucket=BUCKET, Key=DATA_FILE)
+    moto_stack.s3.delete_object(Bucket=BUCKET, Key=PIPELINE)
+    svc = ingress.services()
+    counter = CallCounter(svc.s3, svc.batch, svc.batch_submit)
+    assert run(sqs_record(record["body"], message_id=record["messageId"], receive_count=2)) == {"batchItemFailures": []}
+    assert counter.counts == {"GetObject": 1}
+    assert len(moto_stack.jobs()) == 1
+
+
 def test_same_message_twice_in_one_batch_submits_once(moto_stack):
     record = sqs_record(json.dumps(message()))
     assert run(record, dict(record)) == {"batchItemFailures": []}
