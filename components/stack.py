@@ -114,6 +114,11 @@ def build_stack(cfg: StackConfig, stack: str, region: str, repo: Path = REPO,
         "imageUri": image.image_uri,
         "logGroupName": compute.log_group_name,
         "region": region,
+        # What the Lambda enforces (its CPB_MAX_*/CPB_DEFAULT_*/CPB_ALLOWED_ARNS), so `cpb submit`
+        # can reject a message locally with the same words before sending it.
+        "jobLimits": {"maxVcpu": cfg.job_max_vcpus, "maxMemoryMib": cfg.job_max_memory_mib,
+                      "defaultVcpu": cfg.job_vcpus, "defaultMemoryMib": cfg.job_memory_mib,
+                      "allowedArns": list(cfg.allowed_job_arns)},
     }
     if storage.file_system_id is not None:
         outputs["fileSystemId"] = storage.file_system_id

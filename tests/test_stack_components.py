@@ -257,6 +257,19 @@ def test_lambda_is_packaged_from_handlers_with_the_contract_environment(stack: R
     assert any(":layer:AWSLambdaPowertoolsPythonV3-python312-x86_64:" in layer for layer in function["layers"])
 
 
+def test_job_limits_output_matches_the_lambda_environment() -> None:
+    other = "arn:aws:batch:eu-west-1:123456789012:job-definition/other:3"
+    stack = program(fsxEnabled="false", allowedJobArns=json.dumps([other]), jobMaxVcpus="8", jobVcpus="2")
+    env = stack.one("aws:lambda/function:Function").inputs["environment"]["variables"]
+    limits = stack.outputs["jobLimits"]
+    assert limits == {"maxVcpu": 8, "maxMemoryMib": 61440, "defaultVcpu": 2, "defaultMemoryMib": 15000,
+                      "allowedArns": [other]}
+    assert (str(limits["maxVcpu"]), str(limits["maxMemoryMib"]), str(limits["defaultVcpu"]),
+            str(limits["defaultMemoryMib"]), ",".join(limits["allowedArns"])) == (
+        env["CPB_MAX_VCPU"], env["CPB_MAX_MEMORY_MIB"], env["CPB_DEFAULT_VCPU"], env["CPB_DEFAULT_MEMORY_MIB"],
+        env["CPB_ALLOWED_ARNS"])
+
+
 def test_lambda_may_submit_only_to_this_stacks_queue_and_definition(stack: Recorded) -> None:
     document = policy_document(stack.one("aws:iam/rolePolicy:RolePolicy", "ingress"))
     submit = next(s for s in document["Statement"] if "batch:SubmitJob" in s["Action"])
