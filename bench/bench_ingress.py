@@ -34,6 +34,9 @@ BATCH_SIZE = 10  # the SQS event source mapping's default batch size
 
 class Context:
     aws_request_id = "bench"
+    function_name = "cpb-ingress"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:cpb-ingress"
 
     def get_remaining_time_in_millis(self) -> int:
         return 300_000

@@ -120,9 +120,18 @@ class Budget:
                             "the message will be retried")
 
 
+@logger.inject_lambda_context(clear_state=True)
 def handler(event: dict, context: Any) -> dict:
-    """Lambda entry point: returns `{"batchItemFailures": [...]}` for the records that failed."""
-    return process_event(event, context, services())
+    """Lambda entry point: returns `{"batchItemFailures": [...]}` for the records that failed.
+
+    Every log line carries the Lambda request id (Powertools `inject_lambda_context`).
+    """
+    try:
+        svc = services()
+    except ValueError as exc:  # the stack set a bad Lambda environment: every message waits for a fix
+        logger.error("ingress misconfigured", extra={"reason": str(exc)})
+        raise
+    return process_event(event, context, svc)
 
 
 def process_event(event: dict, context: Any, svc: Services, clock: Callable[[], float] = time.time) -> dict:

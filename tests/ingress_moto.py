@@ -123,6 +123,8 @@ class LambdaContext:
         self._deadline = self._clock() + remaining_s
         self.aws_request_id = str(uuid.uuid4())
         self.function_name = "cpb-ingress"
+        self.memory_limit_in_mb = 256
+        self.invoked_function_arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cpb-ingress"
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - self._clock()) * 1000))

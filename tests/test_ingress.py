@@ -245,3 +245,19 @@ def test_aws_calls_per_message_are_few(moto_stack):
 
 def test_event_without_records_is_a_no_op(moto_stack):
     assert ingress.handler({}, LambdaContext()) == {"batchItemFailures": []}
+
+
+def test_log_lines_carry_the_lambda_request_id(moto_stack, logs):
+    context = LambdaContext()
+    ingress.handler(sqs_event(sqs_record("{")), context)
+    [line] = logs.failures()
+    assert line["function_request_id"] == context.aws_request_id
+
+
+def test_bad_lambda_environment_fails_the_invocation_with_a_reason(moto_stack, logs, monkeypatch):
+    """Nothing is acknowledged: the whole batch comes back once the stack is fixed."""
+    monkeypatch.setenv("CPB_MAX_VCPU", "many")
+    with pytest.raises(ValueError, match="CPB_MAX_VCPU"):
+        ingress.handler(sqs_event(sqs_record(json.dumps(message()))), LambdaContext())
+    assert [line["message"] for line in logs.lines] == ["ingress misconfigured"]
+    assert moto_stack.jobs() == []
