@@ -127,6 +127,12 @@ def test_worker_runs_on_python38(plate, cellprofiler_env, tmp_path):
     version = subprocess.run([str(PY38), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                              text=True, check=True).stdout.strip()
     assert version == "(3, 8)"
+    modules = sorted(p.stem for p in (REPO / "image" / "cpb_worker").glob("*.py") if p.stem != "__main__")
+    imports = subprocess.run([str(PY38), "-c", "import importlib, sys; [importlib.import_module('cpb_worker.' + m) "
+                              "for m in sys.argv[1:]]; import boto3; assert boto3.__version__ == '1.37.38'"]
+                             + modules, env=dict(os.environ, PYTHONPATH=str(REPO / "image")),
+                             capture_output=True, text=True)
+    assert imports.returncode == 0, imports.stderr  # aws/s3io too, which local mode does not import
     env = dict(cellprofiler_env, PYTHONPATH=str(REPO / "image"))
     proc = subprocess.run([str(PY38), "-m", "cpb_worker", "local", "--pipeline", str(NUCLEI),
                            "--input", str(plate.images_dir), "--output", str(tmp_path / "out"),

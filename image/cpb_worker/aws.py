@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 from urllib.parse import urlparse
 
 from . import datafile as df
-from .errors import BadInput, WorkerError
+from .errors import BadInput, Transient, WorkerError
 from .job import JobSpec, Plan, fail, loaddata_base, plan_job, run_plan
 from .record import RECORD_KEY, RunRecord, utc_now
 from .s3io import S3IO, make_client, safe_key_path
@@ -178,10 +178,29 @@ def upload_outputs(s3: S3IO, prefix: str, out_dir: Path, record: RunRecord) -> N
         old_keys |= {k for k in previous.get("keys", []) if isinstance(k, str) and k.startswith(prefix + "/")}
     s3.delete_keys([f"{prefix}/{RECORD_KEY}"])  # the old record must not vouch for half-replaced files
     s3.put_json(f"{prefix}/{PENDING_KEY}", {"keys": sorted(new_keys | old_keys), "started_at": utc_now()})
-    s3.upload_many([(out_dir / entry["key"], f"{prefix}/{entry['key']}") for entry in record.files])
+    uploads = [(out_dir / entry["key"], f"{prefix}/{entry['key']}") for entry in record.files]
+    s3.upload_many(uploads)
+    _verify_uploaded(s3, prefix, uploads)
     stale = old_keys - new_keys
     if stale:
         s3.delete_keys(stale)
+
+
+def _verify_uploaded(s3: S3IO, prefix: str, uploads: List[Tuple[Path, str]]) -> None:
+    """Check the bucket really holds every file at its size before a record vouches for it.
+
+    A transfer can report success without the object being there (an exception
+    swallowed in a transfer thread, an eventually consistent listing); one LIST
+    catches that, and missing files get one more upload before we give up."""
+    for attempt in range(2):
+        present = s3.sizes(prefix + "/")
+        missing = [(path, key) for path, key in uploads if present.get(key) != path.stat().st_size]
+        if not missing:
+            return
+        if attempt == 0:
+            s3.upload_many(missing)
+    raise Transient(f"{len(missing)} uploaded file(s) are not in s3://{s3.bucket}/{prefix}/ at the right size "
+                    f"(first: {missing[0][1]}); S3 is failing, retry the job")
 
 
 def _print_failure_log(out_dir: Path) -> None:
@@ -204,7 +223,10 @@ def main_aws(env: Dict[str, str]) -> int:
     record = RunRecord(started_at=utc_now(), array_index=job.array_index, image=job.image,
                        message_id=job.message_id, job_id=job.job_id, attempt=job.attempt)
     s3 = S3IO(client=make_client(env), bucket=job.bucket)
-    work = Path(tempfile.mkdtemp(prefix="cpb-job-", dir=env.get("CPB_WORK_DIR") or None))
+    scratch = env.get("CPB_WORK_DIR") or None
+    if scratch:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="cpb-job-", dir=scratch))  # fresh per attempt: no leftovers mix in
     out_dir = work / "output"
     out_dir.mkdir()
     print(f"cpb_worker: job s3://{job.bucket}/{job.pipeline} on {job.input} -> {job.prefix}"

@@ -126,6 +126,17 @@ class S3IO:
 
         return self._retry(f"list s3://{self.bucket}/{prefix}", action)
 
+    def sizes(self, prefix: str) -> Dict[str, int]:
+        """{key: size} of every object under prefix (one LIST per 1000 keys)."""
+        def action() -> Dict[str, int]:
+            found: Dict[str, int] = {}
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                found.update({item["Key"]: int(item["Size"]) for item in page.get("Contents", [])})
+            return found
+
+        return self._retry(f"list s3://{self.bucket}/{prefix}", action)
+
     def upload(self, path: Path, key: str) -> None:
         extra = {"ContentType": _CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream")}
         config = self._transfer_config()
