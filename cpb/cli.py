@@ -388,13 +388,16 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
               help="Image sets per array child.")
 @click.option("--parallel", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Jobs the local Batch runner runs at once.")
+@click.option("--job-vcpus", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="vCPUs (CellProfiler processes) each job gets.")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Largest relative error of a well's nuclei count.")
-def demo(out_dir: Path, wells: int, sites: int, sets_per_job: int, parallel: int, tolerance: float) -> None:
+def demo(out_dir: Path, wells: int, sites: int, sets_per_job: int, parallel: int, job_vcpus: int,
+         tolerance: float) -> None:
     """Run the whole system end to end on AWS emulated on 127.0.0.1 (no account)."""
     from cpb.demo import DemoSettings, run_demo
     outcome = run_demo(DemoSettings(out_dir=out_dir, wells=wells, sites=sites, sets_per_job=sets_per_job,
-                                    parallel=parallel, tolerance=tolerance))
+                                    parallel=parallel, job_vcpus=job_vcpus, tolerance=tolerance))
     if not outcome.ok:
         sys.exit(1)
 

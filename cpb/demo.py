@@ -39,6 +39,7 @@ class DemoSettings:
     sites: int = 4
     sets_per_job: int = 2
     parallel: int = 2
+    job_vcpus: int = 1  # CPB_VCPUS per job: CellProfiler processes inside each job
     tolerance: float = 0.1
     seed: int = 7
     pipeline: Optional[Path] = None  # default: cpb/pipelines/nuclei.cppipe
@@ -161,7 +162,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 if report.failures:
                     result.failures.append(f"the Lambda rejected {len(report.failures)} message(s); "
                                            "see `cpb status` below")
-            with steps.step("batch", f"Batch: running the jobs with the real worker, {settings.parallel} at a time"):
+            with steps.step("batch", f"Batch: running the jobs with the real worker, {settings.parallel} at a time, "
+                                    f"{settings.job_vcpus} vCPU each"):
                 outcomes = _run_batch(stack, out, settings, steps)
                 failed = [o for o in outcomes if o.status != "SUCCEEDED"]
                 for outcome in failed:
@@ -210,12 +212,16 @@ def _run_batch(stack, out: Path, settings: DemoSettings, steps: Steps) -> list:
 
     runner = localbatch.LocalBatch(batch, stack.job_queue_arn, stack.aws_env(), out / "logs",
                                    localbatch.MotoJobStates(stack.region), parallel=settings.parallel,
-                                   vcpus_per_job=1, on_event=on_event)
+                                   vcpus_per_job=settings.job_vcpus, on_event=on_event)
     items = runner.discover()
     runner_holder["total"] = len(items)
     steps.say(f"      {len(items)} job(s) found in the job queue")
-    outcomes = runner.run(items)
-    return outcomes + runner.drain()
+    try:
+        outcomes = runner.run(items)
+        return outcomes + runner.drain()
+    except BaseException:  # Ctrl-C: no worker or CellProfiler process may outlive the demo
+        runner.stop()
+        raise
 
 
 def compare_counts(image_csv: Path, truth: dict, tolerance: float) -> list[dict]:

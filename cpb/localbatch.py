@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -140,6 +141,9 @@ class LocalBatch:
         self.command = command or [sys.executable, "-m", "cpb_worker"]
         self.on_event = on_event or (lambda kind, item, detail: None)
         self._seen: set[str] = set()
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     # ----------------------------------------------------------------- discovery
     def discover(self) -> list[WorkItem]:
@@ -200,13 +204,7 @@ class LocalBatch:
             log = self.log_dir / f"{safe}.attempt{attempt}.log"
             self.states.set(item.job_id, "RUNNING")
             self.on_event("start", item, f"attempt {attempt}")
-            with open(log, "wb") as handle:
-                try:
-                    proc = subprocess.run(self.command, env=self.process_env(item, attempt), stdout=handle,
-                                          stderr=subprocess.STDOUT, timeout=item.timeout, cwd=str(self.log_dir))
-                    code, timed_out = proc.returncode, False
-                except subprocess.TimeoutExpired:
-                    code, timed_out = 137, True
+            code, timed_out = self._run_process(item, attempt, log)
             if code == 0:
                 outcome = Outcome(item, "SUCCEEDED", 0, "Essential container in task exited", attempt, log)
                 break
@@ -221,10 +219,42 @@ class LocalBatch:
         self.on_event("done", item, outcome.status)
         return outcome
 
+    def _run_process(self, item: WorkItem, attempt: int, log: Path) -> tuple[int, bool]:
+        """One container run: (exit code, timed out). Killed like Batch on timeout or stop()."""
+        if self._stopping.is_set():
+            return 143, False
+        with open(log, "wb") as handle:
+            proc = subprocess.Popen(self.command, env=self.process_env(item, attempt), stdout=handle,
+                                    stderr=subprocess.STDOUT, cwd=str(self.log_dir), start_new_session=True)
+            with self._lock:
+                self._running.add(proc)
+            try:
+                return proc.wait(timeout=item.timeout), False
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                return 137, True
+            finally:
+                with self._lock:
+                    self._running.discard(proc)
+
+    def stop(self) -> None:
+        """Kill every worker process still running (Ctrl-C in the demo): leave nothing behind."""
+        self._stopping.set()
+        with self._lock:
+            running = list(self._running)
+        for proc in running:
+            _kill(proc)
+
     def run(self, items: list[WorkItem]) -> list[Outcome]:
         """Run items, `parallel` at a time (Batch packs jobs onto instances)."""
-        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.parallel)
+        try:
             return list(pool.map(self.run_item, items))
+        except BaseException:  # Ctrl-C while waiting: kill the workers before waiting for the threads
+            self.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def drain(self) -> list[Outcome]:
         """Run everything in the queue, including jobs submitted meanwhile."""
@@ -234,6 +264,15 @@ class LocalBatch:
             if not items:
                 return outcomes
             outcomes.extend(self.run(items))
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill a worker and the CellProfiler processes it started (its session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 def _last_line(log: Path) -> str:

@@ -57,17 +57,33 @@ class OutputStatus:
         return "waiting"
 
     def problems(self) -> list[str]:
-        """Reasons, one line each, for anything not succeeded."""
+        """Reasons, one line each, for anything not succeeded.
+
+        A failed array child is one line: Batch's reason plus the worker's own
+        (from its run record) when Batch's does not already say it.
+        """
         lines = []
+        parts = {p.index: p for p in self.run.parts}
+        explained: set = set()
         for job in self.jobs:
-            if job.status == "FAILED":
+            if job.status == "FAILED" and not job.failed_children:
                 lines.append(f"job {job.name} ({job.job_id}) failed: {job.reason or 'no reason given'}"
                              + (f" [log stream {job.log_stream}]" if job.log_stream else ""))
+                explained.update(p.index for p in self.run.parts if job.array_index is None or p.index == job.array_index)
             for index, reason, log in job.failed_children:
-                lines.append(f"job {job.name} child {index} failed: {reason or 'no reason given'}"
-                             + (f" [log stream {log}]" if log else ""))
+                part = parts.get(index)
+                worker = part.reason if part is not None and part.record is not None else ""
+                text = reason or "no reason given"
+                if worker and worker not in text:
+                    text = f"{text}; worker: {worker}"
+                lines.append(f"job {job.name} child {index} failed: {text}" + (f" [log stream {log}]" if log else ""))
+                explained.add(index)
         if self.verdict != "running":
-            lines.extend(f"run record {line}" for line in self.run.problems())
+            lines.extend(f"run record {p.prefix or self.output}: {p.status}: {p.reason}"
+                         for p in self.run.parts if p.status != "succeeded" and p.index not in explained)
+            if not self.run.parts or (self.run.array and self.run.expected is None):
+                lines.extend(f"run record {line}" for line in self.run.problems()
+                             if "no results" in line or "cannot tell" in line)
         return lines
 
 

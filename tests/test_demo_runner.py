@@ -11,6 +11,7 @@ retries while good ones in the same batch are submitted once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import boto3
@@ -116,3 +117,26 @@ def test_mapping_deletes_only_handled_messages_and_bad_ones_reach_the_dlq(emulat
     assert [json.loads(m["Body"]).get("output") for m in dlq] == [None]
     jobs = boto3.client("batch").list_jobs(jobQueue=emulated.job_queue_arn, jobStatus="SUCCEEDED")["jobSummaryList"]
     assert len(jobs) == 1  # the good message, submitted once
+
+
+def test_stop_kills_running_workers_and_their_children(emulated, tmp_path):
+    import threading
+    import time
+    _submit_array(emulated, 2, {"CPB_IMAGE_SETS_PER_JOB": "1"})
+    script = tmp_path / "sleeper.py"
+    pidfile = tmp_path / "child.pid"
+    script.write_text("import subprocess, sys, time\n"
+                      f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                      f"open({str(pidfile)!r}, 'w').write(str(p.pid))\ntime.sleep(60)\n")
+    runner = localbatch.LocalBatch(boto3.client("batch"), emulated.job_queue_arn, emulated.aws_env(),
+                                   tmp_path / "logs", localbatch.MotoJobStates(emulated.region), parallel=2,
+                                   command=[sys.executable, str(script)])
+    items = runner.discover()
+    threading.Timer(3.0, runner.stop).start()
+    started = time.monotonic()
+    outcomes = runner.run(items)
+    assert time.monotonic() - started < 30
+    assert all(o.status == "FAILED" for o in outcomes)
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2]
