@@ -1,0 +1,154 @@
+"""Worker speed-up and overhead, measured in one run (`python bench/bench_worker.py`).
+
+Same data both ways (ExampleHuman's 3 images listed N times in a LoadData CSV,
+default 8 image sets; a generated plate when ../shared/examples is absent):
+
+  seed design  one `cellprofiler -c -r` process over every image set
+  worker       `python -m cpb_worker` in AWS mode with CPB_VCPUS=2 against a
+               moto S3 server on 127.0.0.1: download, 2 CellProfiler processes,
+               merge, verify, upload, run record
+
+Prints both wall times, their ratio (target >= 1.7x on 2 cores; 2x is the
+limit), and the worker's own overhead (everything but the CellProfiler phase)
+as a share of its wall time (target < 10%). Other people may share the CPU:
+the load average before and after is printed with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO.parent / "shared" / "examples" / "ExampleHuman"
+BUCKET = "cpb-bench"
+
+
+def cellprofiler_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("CPB_CELLPROFILER", str(REPO / ".venv-cp" / "bin" / "cellprofiler"))
+    env.setdefault("CPB_CELLPROFILER_ARGS", "-e imageio_reader imageio_reader_v3")
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = "1"
+    return env
+
+
+def make_data(work: Path, sets: int):
+    """(pipeline, images dir, data file, label) with `sets` image sets."""
+    if EXAMPLES.is_dir():
+        row = (EXAMPLES / "loaddata" / "load_data.csv").read_text().splitlines()
+        data = work / "load_data.csv"
+        data.write_text("\n".join([row[0]] + [row[1]] * sets) + "\n")
+        return (EXAMPLES / "loaddata" / "ExampleHuman_LoadData.cppipe", EXAMPLES / "images", data,
+                f"ExampleHuman x{sets}")
+    sys.path.insert(0, str(REPO))
+    from cpb.synthetic import PIPELINE, make_plate
+    wells = [f"A{i:02d}" for i in range(1, (sets + 1) // 2 + 1)]
+    plate = make_plate(work / "plate", wells=wells, sites=2, seed=1, size=768, nuclei=(40, 80))
+    return PIPELINE, plate.images_dir, plate.data_file, f"synthetic plate, {plate.image_sets} sets of 768x768"
+
+
+def child_cpu() -> float:
+    """CPU seconds used by finished child processes (and the processes they waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_single(env: dict, pipeline: Path, images: Path, data: Path, out: Path) -> float:
+    argv = [env["CPB_CELLPROFILER"], *env["CPB_CELLPROFILER_ARGS"].split(), "-c", "-r", "-p", str(pipeline),
+            "-i", str(images), "-o", str(out), "--data-file", str(data)]
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0 or not (out / "Image.csv").exists():
+        raise SystemExit(f"single CellProfiler run failed ({proc.returncode}): {proc.stderr[-500:]}")
+    return wall
+
+
+def run_worker(env: dict, pipeline: Path, images: Path, data: Path, work: Path, vcpus: int):
+    """Upload inputs to moto, run the worker as Batch would, return (wall seconds, run record)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log would drown the figures
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                          aws_access_key_id="bench", aws_secret_access_key="bench")
+        s3.create_bucket(Bucket=BUCKET)
+        for image in images.iterdir():
+            if image.is_file():
+                s3.upload_file(str(image), BUCKET, f"in/{image.name}")
+        s3.upload_file(str(data), BUCKET, "in/load_data.csv")
+        s3.upload_file(str(pipeline), BUCKET, "pipeline.cppipe")
+        job = dict(env, **creds, AWS_ENDPOINT_URL=url, CPB_BUCKET=BUCKET, CPB_PIPELINE="pipeline.cppipe",
+                   CPB_INPUT="in", CPB_OUTPUT="out", CPB_DATA_FILE="in/load_data.csv", CPB_VCPUS=str(vcpus),
+                   CPB_WORK_DIR=str(work / "scratch"), PYTHONPATH=str(REPO / "image"))
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "cpb_worker"], env=job, capture_output=True, text=True)
+        wall = time.monotonic() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"worker failed ({proc.returncode}): {proc.stderr[-800:]}")
+        record = json.loads(s3.get_object(Bucket=BUCKET, Key="out/_cpb/run.json")["Body"].read())
+        return wall, record
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", type=int, default=8, help="image sets (default 8)")
+    parser.add_argument("--vcpus", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate the two runs this many times and keep each one's fastest (noisy machines)")
+    args = parser.parse_args()
+    env = cellprofiler_env()
+    if not Path(env["CPB_CELLPROFILER"]).exists():
+        print(f"CellProfiler not found at {env['CPB_CELLPROFILER']}: run `make cellprofiler`", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    try:
+        pipeline, images, data, label = make_data(work, args.sets)
+        load_before = os.getloadavg()
+        singles, workers = [], []
+        for attempt in range(args.repeat):
+            c0 = child_cpu()
+            singles.append((run_single(env, pipeline, images, data, work / f"single{attempt}"), child_cpu() - c0))
+            c0 = child_cpu()
+            wall, record = run_worker(env, pipeline, images, data, work / f"worker{attempt}", args.vcpus)
+            workers.append((wall, child_cpu() - c0, record))
+        load_after = os.getloadavg()
+        single, single_cpu = min(singles)
+        wall, worker_cpu, record = min(workers, key=lambda w: w[0])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    t = record["timings"]
+    cellprofiler = t["cellprofiler"]
+    overhead = wall - cellprofiler  # download, plan, merge, verify, upload, record, Python start-up
+    print(f"data: {label}; machine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f} (1 min)")
+    print(f"one CellProfiler process over {args.sets} sets (seed design): {single:7.1f} s wall, "
+          f"{single_cpu:6.1f} s CPU")
+    print(f"worker, {record['processes']} processes, S3 in/out (moto):     {wall:7.1f} s wall, "
+          f"{worker_cpu:6.1f} s CPU (CellProfiler phase {cellprofiler:.1f} s)")
+    print(f"speed-up: {single / wall:.2f}x  (target >= 1.7x; limit {args.vcpus}x)")
+    parts = ", ".join(f"{k} {t[k]:.2f} s" for k in ("stage", "plan", "merge", "verify", "upload") if k in t)
+    print(f"worker overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of its run (target < 10%); {parts}; "
+          f"rest (start-up, record, clean-up) {overhead - sum(t.get(k, 0) for k in ('stage', 'merge', 'verify', 'upload')):.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
