@@ -62,6 +62,7 @@ def build_stack() -> dict:
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key=PIPELINE, Body=b"CellProfiler Pipeline: http://www.cellprofiler.org\n")
+    s3.put_object(Bucket=BUCKET, Key="plates/p1/images/d0.tif", Body=b"II*\x00")
     s3.put_object(Bucket=BUCKET, Key=DATA_FILE, Body=b"Image_FileName_DNA\n" + b"".join(
         b"d%d.tif\n" % i for i in range(384)))  # one 384-well plate
     role = boto3.client("iam").create_role(RoleName="bench", AssumeRolePolicyDocument="{}")["Role"]["Arn"]

@@ -1,4 +1,5 @@
-"""Checks of a job request against the bucket: the pipeline exists, the data file is a readable LoadData CSV.
+"""Checks of a job request against the bucket: the pipeline exists, the input holds something, the data
+file is a readable LoadData CSV.
 
 Shared by the ingress Lambda and `cpb submit` (both pass their own boto3 S3
 client), so a scientist gets the same error before sending as the Lambda would
@@ -10,7 +11,9 @@ API
 ---
 `check_pipeline(s3, bucket, key)`           the pipeline object exists and is readable
 `count_image_sets(s3, bucket, key) -> int`  rows of a LoadData CSV, after validating it
-`check_request(s3, request, limits) -> CheckedRequest`  both, for one `JobRequest`
+`check_input(s3, bucket, prefix)`           something lies under the input prefix
+`check_request(s3, request, limits) -> CheckedRequest`  all of them for one `JobRequest`
+                                            (input only without a data file)
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any, Optional
 
 from handlers.schema import MAX_ARRAY_SIZE, JobRequest, Limits, MessageError
 
-__all__ = ["CheckedRequest", "check_pipeline", "count_image_sets", "check_request", "MAX_DATA_FILE_BYTES",
+__all__ = ["CheckedRequest", "check_pipeline", "check_input", "count_image_sets", "check_request", "MAX_DATA_FILE_BYTES",
            "MAX_PIPELINE_BYTES"]
 
 #: A LoadData CSV larger than this is refused (the Lambda reads it into memory to count rows).
@@ -138,11 +141,31 @@ def _count_rows(raw: bytes, where: str) -> int:
     return rows
 
 
+def check_input(s3: Any, bucket: str, prefix: str) -> None:
+    """Fail when nothing lies under the input prefix (a typo would otherwise run CellProfiler on nothing)."""
+    try:
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)
+    except Exception as exc:
+        error = _object_error(exc, "input", bucket, prefix + "/")
+        if error is None:
+            raise
+        raise error from None
+    if not (listing.get("KeyCount") or listing.get("Contents")):
+        raise MessageError("input", f"nothing under s3://{bucket}/{prefix}/; upload the images there or fix "
+                                    "the prefix")
+
+
 def check_request(s3: Any, request: JobRequest, limits: Limits) -> CheckedRequest:
-    """Run the bucket checks of one request and size its array job."""
+    """Run the bucket checks of one request and size its array job.
+
+    Without a data file the input prefix must hold something; with one, the
+    CSV names the images (possibly under other prefixes), so it is the check.
+    """
     check_pipeline(s3, limits.bucket, request.pipeline)
     count = None
-    if request.data_file is not None:
+    if request.data_file is None:
+        check_input(s3, limits.bucket, request.input)
+    else:
         count = count_image_sets(s3, limits.bucket, request.data_file)
         if request.image_sets_per_job is not None:
             children = -(-count // request.image_sets_per_job)

@@ -55,7 +55,8 @@ def corpus_limits():
 
 def base_objects() -> dict:
     """Objects every case assumes are in the bucket (so only the hostile part is wrong)."""
-    return {PIPELINE: b"CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\n", DATA_FILE: GOOD_CSV}
+    return {PIPELINE: b"CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\n", DATA_FILE: GOOD_CSV,
+            f"{INPUT}/d0.tif": b"II*\x00"}
 
 
 def good_message(**fields) -> dict:
@@ -203,5 +204,7 @@ CORPUS: tuple = (
     Hostile("pipeline not in bucket", _msg(pipeline="pipelines/nowhere.cppipe"), "pipeline", needs_bucket=True),
     Hostile("empty pipeline object", _msg(pipeline="hostile/empty.cppipe"), "pipeline",
             objects={"hostile/empty.cppipe": b""}, needs_bucket=True),
+    Hostile("input prefix holds nothing", _msg(input="examples/ExampleHumn/images"), "input", needs_bucket=True),
+    Hostile("input is a prefix of a file name", _msg(input=INPUT + "/d0"), "input", needs_bucket=True),
     Hostile("split without data file", _msg(image_sets_per_job=4), "image_sets_per_job"),
 )

@@ -75,6 +75,7 @@ def build_stack() -> Stack:
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket=BUCKET)
     s3.put_object(Bucket=BUCKET, Key=PIPELINE, Body=b"CellProfiler Pipeline: http://www.cellprofiler.org\n")
+    s3.put_object(Bucket=BUCKET, Key="examples/ExampleHuman/images/d0.tif", Body=b"II*\x00")
     s3.put_object(Bucket=BUCKET, Key=DATA_FILE,
                   Body=b"Image_FileName_DNA,Image_FileName_PH3\n" + b"".join(
                       f"d{i}.tif,p{i}.tif\n".encode() for i in range(10)))
