@@ -206,9 +206,11 @@ def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipelin
 @click.option("--timeout", type=float, help="Give up watching after this many seconds.")
 @click.option("--parts", type=int, help="Expected array children (when there is no submission record).")
 @click.option("--no-dlq", is_flag=True, help="Do not look into the dead-letter queue.")
+@click.option("--logs", "log_lines", type=click.IntRange(0, 1000), default=0,
+              help="Also print the last N log lines of each failed job (needs logGroupName / $CPB_LOG_GROUP).")
 @stack_options
 def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: float,
-           timeout: Optional[float], parts: Optional[int], no_dlq: bool) -> None:
+           timeout: Optional[float], parts: Optional[int], no_dlq: bool, log_lines: int) -> None:
     """Show the jobs writing to OUTPUT prefix(es); exit 0 all succeeded, 1 failed, 3 running."""
     stack.require("bucket")
     clients = _clients(stack)
@@ -221,6 +223,8 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
     else:
         states = fetch()
         click.echo(render_status(states, stack.bucket))
+    if log_lines:
+        click.echo(render_logs(clients.logs, stack.log_group, states, log_lines))
     if stack.dlq_url and not no_dlq:
         click.echo(render_dlq(clients.sqs, stack.dlq_url, stack))
     verdicts = {s.verdict for s in states}
@@ -252,6 +256,31 @@ def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
         for problem in state.problems():
             lines.append(f"  ! {problem}")
     return "\n".join(lines)
+
+
+def render_logs(logs: Any, group: Optional[str], states: list[status_mod.OutputStatus], lines: int) -> str:
+    """The last lines of each failed job's log stream."""
+    if not group:
+        return "logs: no log group known (stack output logGroupName / $CPB_LOG_GROUP)"
+    out = []
+    for state in states:
+        for job in state.jobs:
+            streams = [(f"{job.name} child {i}", log) for i, _reason, log in job.failed_children]
+            if job.status == "FAILED" and not job.failed_children:
+                streams.append((job.name, job.log_stream))
+            for label, stream in streams:
+                if not stream:
+                    continue
+                try:
+                    events = logs.get_log_events(logGroupName=group, logStreamName=stream, limit=lines,
+                                                 startFromHead=False).get("events", [])
+                except logs.exceptions.ResourceNotFoundException:
+                    events = []
+                out.append(f"logs of {label} ({group} {stream}):")
+                out.extend(f"  | {e['message']}" for e in events[-lines:])
+                if not events:
+                    out.append("  (no log events)")
+    return "\n".join(out) if out else "logs: no failed job with a log stream"
 
 
 def render_dlq(sqs: Any, dlq_url: str, stack: StackConfig) -> str:

@@ -169,7 +169,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 for outcome in failed:
                     result.failures.append(f"job {outcome.item.label} failed: {outcome.reason} (log {outcome.log})")
             with steps.step("results", f"results: cpb status + cpb results {output_prefix}"):
-                result.status_exit, result.status_output = _invoke(["status", output_prefix])
+                show_logs = ["--logs", "3"] if failed else []  # a failed job: show the end of its log too
+                result.status_exit, result.status_output = _invoke(["status", output_prefix, *show_logs])
                 steps.say(_indent(result.status_output))
                 results_dir = out / "results"
                 code, text = _invoke(["results", output_prefix, "--to", str(results_dir)])
@@ -212,7 +213,7 @@ def _run_batch(stack, out: Path, settings: DemoSettings, steps: Steps) -> list:
 
     runner = localbatch.LocalBatch(batch, stack.job_queue_arn, stack.aws_env(), out / "logs",
                                    localbatch.MotoJobStates(stack.region), parallel=settings.parallel,
-                                   vcpus_per_job=settings.job_vcpus, on_event=on_event)
+                                   vcpus_per_job=settings.job_vcpus, logs=boto3.client("logs"), on_event=on_event)
     items = runner.discover()
     runner_holder["total"] = len(items)
     steps.say(f"      {len(items)} job(s) found in the job queue")

@@ -54,7 +54,7 @@ class EmulatedStack:
     def client_env(self) -> dict[str, str]:
         """`CPB_*` variables `cpb` reads when there is no Pulumi CLI."""
         return {"CPB_BUCKET": self.bucket, "CPB_QUEUE_URL": self.queue_url, "CPB_DLQ_URL": self.dlq_url,
-                "CPB_JOB_QUEUE": self.job_queue_arn, "CPB_REGION": self.region}
+                "CPB_JOB_QUEUE": self.job_queue_arn, "CPB_REGION": self.region, "CPB_LOG_GROUP": self.log_group}
 
     def lambda_env(self) -> dict[str, str]:
         """The Lambda environment JobIngress sets (docs/CONTRACTS.md)."""

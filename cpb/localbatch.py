@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,7 @@ class WorkItem:
     retry_rules: list[dict] = field(default_factory=list)
     timeout: Optional[int] = None
     log_stream: str = ""
+    log_group: str = ""
 
     @property
     def label(self) -> str:
@@ -133,11 +135,12 @@ class LocalBatch:
 
     def __init__(self, batch, job_queue: str, endpoint_env: dict[str, str], log_dir: Path,
                  states: JobStates, parallel: int = 1, vcpus_per_job: Optional[int] = 1,
-                 command: Optional[list[str]] = None,
+                 command: Optional[list[str]] = None, logs=None,
                  on_event: Optional[Callable[[str, WorkItem, str], None]] = None) -> None:
         self.batch, self.job_queue, self.endpoint_env = batch, job_queue, endpoint_env
         self.log_dir, self.states, self.parallel = log_dir, states, max(1, parallel)
         self.vcpus_per_job = vcpus_per_job
+        self.logs = logs  # CloudWatch Logs client; None keeps the output in log_dir only
         self.command = command or [sys.executable, "-m", "cpb_worker"]
         self.on_event = on_event or (lambda kind, item, detail: None)
         self._seen: set[str] = set()
@@ -172,15 +175,23 @@ class LocalBatch:
         container = job.get("container") or {}
         env = {e["name"]: e["value"] for e in container.get("environment", [])}
         size = (job.get("arrayProperties") or {}).get("size")
+        log_options = (((definition[0].get("containerProperties") or {}).get("logConfiguration") or {})
+                       .get("options") or {}) if definition else {}
         common = dict(name=job.get("jobName", "job"), attempts=int(strategy.get("attempts") or 1),
-                      retry_rules=list(strategy.get("evaluateOnExit") or []), timeout=timeout)
+                      retry_rules=list(strategy.get("evaluateOnExit") or []), timeout=timeout,
+                      log_group=log_options.get("awslogs-group", ""))
         if not size:
             return [WorkItem(job_id=job["jobId"], index=None, environment={**env, "AWS_BATCH_JOB_ID": job["jobId"]},
                              log_stream=container.get("logStreamName", ""), **common)]
-        return [WorkItem(job_id=f"{job['jobId']}:{i}", index=i,
-                         environment={**env, "AWS_BATCH_JOB_ID": f"{job['jobId']}:{i}",
+        child_ids = [f"{job['jobId']}:{i}" for i in range(int(size))]
+        streams = {}
+        for start in range(0, len(child_ids), 100):
+            for child in self.batch.describe_jobs(jobs=child_ids[start:start + 100])["jobs"]:
+                streams[child["jobId"]] = (child.get("container") or {}).get("logStreamName", "")
+        return [WorkItem(job_id=child_id, index=i,
+                         environment={**env, "AWS_BATCH_JOB_ID": child_id,
                                       "AWS_BATCH_JOB_ARRAY_INDEX": str(i), "AWS_BATCH_JOB_ARRAY_SIZE": str(size)},
-                         **common) for i in range(int(size))]
+                         log_stream=streams.get(child_id, ""), **common) for i, child_id in enumerate(child_ids)]
 
     # ----------------------------------------------------------------- execution
     def process_env(self, item: WorkItem, attempt: int) -> dict[str, str]:
@@ -205,6 +216,7 @@ class LocalBatch:
             self.states.set(item.job_id, "RUNNING")
             self.on_event("start", item, f"attempt {attempt}")
             code, timed_out = self._run_process(item, attempt, log)
+            self._publish(item, log)
             if code == 0:
                 outcome = Outcome(item, "SUCCEEDED", 0, "Essential container in task exited", attempt, log)
                 break
@@ -236,6 +248,21 @@ class LocalBatch:
             finally:
                 with self._lock:
                     self._running.discard(proc)
+
+    def _publish(self, item: WorkItem, log: Path) -> None:
+        """Send the attempt's output to the job's CloudWatch log stream, as the awslogs driver would."""
+        if self.logs is None or not (item.log_group and item.log_stream):
+            return
+        lines = log.read_text(errors="replace").splitlines() or ["(no output)"]
+        now = int(time.time() * 1000)
+        try:
+            self.logs.create_log_stream(logGroupName=item.log_group, logStreamName=item.log_stream)
+        except self.logs.exceptions.ResourceAlreadyExistsException:
+            pass
+        for start in range(0, len(lines), 5000):
+            self.logs.put_log_events(logGroupName=item.log_group, logStreamName=item.log_stream,
+                                     logEvents=[{"timestamp": now, "message": line[:200_000]}
+                                                for line in lines[start:start + 5000]])
 
     def stop(self) -> None:
         """Kill every worker process still running (Ctrl-C in the demo): leave nothing behind."""

@@ -93,11 +93,11 @@ def seed_inputs(aws, prefix: str = "plates/p1") -> None:
 DOCUMENTED = {
     "submit": ["--pipeline", "--input", "--output", "--data-file", "--image-sets-per-job", "--memory", "--vcpus",
                "--job-name", "--message-file", "--upload", "--dry-run", "--stack", "--bucket", "--queue-url"],
-    "status": ["--watch", "--interval", "--timeout", "--parts", "--stack", "--dlq-url"],
+    "status": ["--watch", "--interval", "--timeout", "--parts", "--logs", "--no-dlq", "--stack", "--dlq-url"],
     "results": ["--to", "--parts", "--stack", "--bucket"],
     "requeue": ["--dlq", "--force", "--dry-run", "--stack"],
     "run": ["--local", "--pipeline", "--input", "--output", "--workers", "--data-file"],
-    "demo": ["--out", "--wells", "--sites", "--sets-per-job", "--parallel", "--tolerance"],
+    "demo": ["--out", "--wells", "--sites", "--sets-per-job", "--parallel", "--job-vcpus", "--tolerance"],
 }
 
 
@@ -223,8 +223,7 @@ BAD_MESSAGES = [
 ]
 
 
-@pytest.mark.hostile
-@pytest.mark.parametrize("body", BAD_MESSAGES)
+@pytest.mark.parametrize("body", BAD_MESSAGES)  # parity check; the hostile figure counts tests/test_cli_hostile.py
 def test_submit_rejects_what_the_lambda_rejects_with_its_message(aws, tmp_path, body):
     with pytest.raises(MessageError) as lambda_error:
         parse_body(body, Limits.from_env({"CPB_BUCKET": BUCKET, "CPB_JOB_QUEUE": aws["job_queue"]}))

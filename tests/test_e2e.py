@@ -75,5 +75,7 @@ def test_corrupt_pipeline_is_reported_failed_and_nothing_complete(cp, tmp_path):
     assert "results/SYN1/: FAILED" in result.status_output
     assert "0/2 children succeeded, 2 failed" in result.status_output
     assert "child 0 failed: Essential container in task exited (exit code" in result.status_output
+    assert "logs of demo-SYN1" in result.status_output  # the worker's output, from its CloudWatch log stream
+    assert "IdentifyPrimaryObjectz" in result.status_output.split("logs of", 1)[1]
     assert any("cpb results refused" in f and "not complete" in f for f in result.failures)
     assert not (out / "results").exists()  # the stale result is gone, and nothing new was called complete
