@@ -87,7 +87,7 @@ def _copy_plate(plate, dest: Path) -> Path:
 def test_missing_image_fails_before_running_with_the_row_named(plate, cellprofiler_env, tmp_path):
     root = _copy_plate(plate, tmp_path / "plate")
     (root / "images" / "SYN1_B02_s2_w2.tif").unlink()
-    with pytest.raises(BadInput, match=r"image not found: row 3 Image_FileName_Cells: .*SYN1_B02_s2_w2.tif") as info:
+    with pytest.raises(BadInput, match=r"image not found: image set 2 \(data file line 3\) Image_FileName_Cells: .*SYN1_B02_s2_w2.tif") as info:
         run_local(NUCLEI, root / "images", tmp_path / "out", data_file=root / "load_data.csv", workers=2,
                   env=cellprofiler_env)
     assert info.value.exit_code == 2

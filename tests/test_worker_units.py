@@ -325,3 +325,19 @@ def test_dockerfile_builds_from_the_configured_cellprofiler_tag_as_non_root():
     assert "requirements.txt" in text and "boto3==1.37.38" in (REPO / "image" / "requirements.txt").read_text()
     ignore = (REPO / "image" / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") + 1:][:3] == ["!Dockerfile", "!requirements.txt", "!cpb_worker/"]
+
+
+def test_loaddata_row_range_setting_shifts_image_sets_to_csv_rows(tmp_path):
+    """'Process just a range of rows' 2-3: image set 1 is CSV row 2, and only rows 2-3 need images."""
+    from cpb.synthetic import make_plate
+    from cpb_worker.job import check_images
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=4, seed=1, size=64, nuclei=(1, 1))
+    pipeline = _variant(tmp_path, "Process just a range of rows?:No\n    Rows to process:1,100000",
+                        "Process just a range of rows?:Yes\n    Rows to process:2,3")
+    plan = plan_job(JobSpec(pipeline=pipeline, input_dir=plate.images_dir, data_file=plate.data_file, workers=2))
+    assert (plan.total, plan.rows_skipped, plan.ranges) == (2, 1, [(1, 1), (2, 2)])
+    (plate.images_dir / "SYN1_A01_s1_w1.tif").unlink()  # CSV row 1: outside LoadData's rows
+    check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")
+    (plate.images_dir / "SYN1_A01_s2_w1.tif").unlink()  # CSV row 2 = image set 1
+    with pytest.raises(BadInput, match=r"image set 1 \(data file line 3\) Image_FileName_DNA"):
+        check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")

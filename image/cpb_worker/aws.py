@@ -159,7 +159,8 @@ def stage_inputs(job: JobEnv, stager: Stager, env: Mapping[str, str], work: Path
         return plan, input_dir, None
     base_key = _base_key(plan, job)
     data = plan.data
-    wanted = [stager.key_for(loc, base_key) for _, _, loc in df.image_locations(data, plan.first, plan.last)]
+    wanted = [stager.key_for(loc, base_key) for _, _, loc in df.image_locations(data, plan.first, plan.last,
+                                                                                    plan.rows_skipped)]
     stager.fetch(list(dict.fromkeys(wanted)))
     # Every location becomes an absolute local path, whatever the CSV said (relative, s3://, /fsx/...).
     (work / "data").mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,8 @@ def read_data_file(path: Path) -> DataFile:
 
 
 def row_range(data: DataFile, module_settings: Dict[str, str]) -> Tuple[int, int]:
-    """The image-set numbers LoadData will produce, honouring its row-range setting."""
+    """(rows skipped, image sets) LoadData makes from this CSV, honouring its row-range
+    setting: image set n is then CSV row n + skipped."""
     total = data.count
     if module_settings.get("Process just a range of rows?") == "Yes":
         bounds = module_settings.get("Rows to process", "1,100000").split(",")
@@ -93,29 +94,30 @@ def row_range(data: DataFile, module_settings: Dict[str, str]) -> Tuple[int, int
             lo, hi = int(bounds[0]), int(bounds[1])
         except (ValueError, IndexError):
             raise BadInput("LoadData 'Rows to process' must be two numbers like 1,100") from None
-        return 1, max(0, min(hi, total) - lo + 1)
-    return 1, total
+        lo = max(lo, 1)
+        return lo - 1, max(0, min(hi, total) - lo + 1)
+    return 0, total
 
 
-def image_locations(data: DataFile, first: int, last: int) -> List[Tuple[int, str, str]]:
-    """(image set number, column, location) of every image file rows first..last use.
+def image_locations(data: DataFile, first: int, last: int, skipped: int = 0) -> List[Tuple[int, str, str]]:
+    """(CSV row number, column, location) of every image file image sets first..last use.
 
     `location` is a relative path (to the input folder), an absolute path, or
     an `s3://`/`file://`/`http(s)://` URL, exactly as the CSV states it."""
     channels = data.channels()
     out = []
-    for number in range(first, last + 1):
+    for number in range(first + skipped, last + skipped + 1):
         row = dict(zip(data.header, data.rows[number - 1]))
         for _, _, file_col, where_col in channels:
             where = (row.get(where_col) or "").strip() if where_col else ""
             name = (row.get(file_col) or "").strip() if file_col else ""
             if where_col and where_col.startswith(("Image_URL_", "Image_ObjectsURL_")):
                 if not where:
-                    raise BadInput(f"data file {data.path.name} row {number + 1}: {where_col} is empty")
+                    raise BadInput(f"data file {data.path.name} line {number + 1}: {where_col} is empty")
                 out.append((number, where_col, where))
                 continue
             if not name:
-                raise BadInput(f"data file {data.path.name} row {number + 1}: {file_col} is empty")
+                raise BadInput(f"data file {data.path.name} line {number + 1}: {file_col} is empty")
             out.append((number, file_col, (where.rstrip("/") + "/" + name) if where else name))
     return out
 

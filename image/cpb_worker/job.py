@@ -59,6 +59,7 @@ class Plan:
     ranges: List[Optional[Range]]
     unsplittable: List[str]
     grouped: bool
+    rows_skipped: int = 0  # LoadData "Process just a range of rows": image set n is CSV row n + this
 
 
 def _loaddata_csv(pipeline: Pipeline, spec: JobSpec) -> Optional[Path]:
@@ -88,10 +89,11 @@ def plan_job(spec: JobSpec) -> Plan:
     if spec.force_unsplittable:
         reasons.append("CPB_UNSPLITTABLE=1")
     grouped = any("group" in r for r in reasons)
+    skipped = 0
     data_path = _loaddata_csv(pipeline, spec)
     data = df.read_data_file(data_path) if data_path is not None else None
     if data is not None:
-        _, total = df.row_range(data, dict(pipeline.enabled("LoadData")[0].settings))
+        skipped, total = df.row_range(data, dict(pipeline.enabled("LoadData")[0].settings))
         counted: Optional[int] = total
     else:
         counted = count_image_sets(pipeline, spec.input_dir)
@@ -133,7 +135,7 @@ def plan_job(spec: JobSpec) -> Plan:
         workers = spec.workers if spec.workers else available_cpus(spec.env)
         ranges = list(split_range(first, last, workers))
     return Plan(pipeline=pipeline, data=data, data_file=data_path, total=total, first=first, last=last,
-                ranges=ranges, unsplittable=reasons, grouped=grouped)
+                ranges=ranges, unsplittable=reasons, grouped=grouped, rows_skipped=skipped)
 
 
 def loaddata_base(plan: Plan, input_dir: Path, output_dir: Path) -> Path:
@@ -155,13 +157,13 @@ def check_images(plan: Plan, data_file: Path, input_dir: Path, output_dir: Path)
     data = df.read_data_file(data_file)
     base = loaddata_base(plan, input_dir, output_dir)
     missing = []
-    for number, column, location in df.image_locations(data, plan.first, plan.last):
+    for number, column, location in df.image_locations(data, plan.first, plan.last, plan.rows_skipped):
         local = df.url_to_path(location)
         if local is None:
             continue  # remote URL: CellProfiler fetches it
         path = Path(local) if os.path.isabs(local) else base / local
         if not path.is_file():
-            missing.append(f"row {number + 1} {column}: {path}")
+            missing.append(f"image set {number - plan.rows_skipped} (data file line {number + 1}) {column}: {path}")
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise BadInput(f"image not found: {'; '.join(missing[:3])}{more}")
