@@ -400,7 +400,11 @@ class Submitter:
                 if record.get("status") == "pending" and record.get("owner") == self.owner:
                     # Our submit may have reached Batch although the call failed (a timeout): look by name.
                     found = self._find_submitted(record["job_queue"], record["job_name"])
-                    job_id = found["jobId"] if found else None
+                    if found is None:
+                        # Not visible (yet?): keep the lease, so the next delivery looks again after the
+                        # visibility timeout and adopts it rather than starting generation + 1 beside it.
+                        continue
+                    job_id = found["jobId"]
                 elif record.get("status") != "submitted":
                     continue
                 if job_id:
