@@ -401,3 +401,60 @@ def test_requeue_dlq_moves_fixed_messages_and_keeps_broken_ones(aws):
     assert queued(aws) == [good]
     left = aws["sqs"].get_queue_attributes(QueueUrl=aws["dlq"], AttributeNames=["ApproximateNumberOfMessages"])
     assert left["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+
+def test_results_of_a_single_job_and_parts_without_a_submission_record(aws, tmp_path):
+    text = "ImageNumber,Count_Nuclei\n1,7\n"
+    put(aws, "results/single/Image.csv", text)
+    put(aws, "results/single/stale-from-older-attempt.csv", "not listed in the record\n")
+    put(aws, "results/single/_cpb/run.json", json.dumps({"status": "succeeded", "first": 1, "last": 1, "files": [
+        {"key": "Image.csv", "size": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}]}))
+    result = CliRunner().invoke(cli, ["results", "results/single", "--to", str(tmp_path / "single")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "single" / "Image.csv").read_text() == text
+    assert not (tmp_path / "single" / "stale-from-older-attempt.csv").exists()  # only what the record vouches for
+    # Parts with no submission record: the number of parts must be given, else it cannot be called complete.
+    part_record(aws, "results/loose", 0, "succeeded", [(1, 3), (2, 4)])
+    result = CliRunner().invoke(cli, ["results", "results/loose", "--to", str(tmp_path / "loose")])
+    assert result.exit_code == 1 and "--parts" in result.output
+    result = CliRunner().invoke(cli, ["results", "results/loose", "--to", str(tmp_path / "loose"), "--parts", "2"])
+    assert result.exit_code == 1 and "part-00001: missing" in result.output
+    result = CliRunner().invoke(cli, ["results", "results/loose", "--to", str(tmp_path / "loose"), "--parts", "1"])
+    assert result.exit_code == 0, result.output
+
+
+class _RefusingSqs:
+    """The real (moto) SQS client, except that SendMessageBatch refuses the entries named in `refuse`."""
+
+    def __init__(self, real, refuse: set[str]) -> None:
+        self._real, self._refuse = real, refuse
+
+    def send_message_batch(self, QueueUrl, Entries):  # noqa: N803 - boto3's names
+        kept = [e for e in Entries if e["Id"] not in self._refuse]
+        answer = self._real.send_message_batch(QueueUrl=QueueUrl, Entries=kept) if kept else {"Successful": []}
+        answer["Failed"] = [{"Id": e["Id"], "SenderFault": False, "Code": "InternalError",
+                             "Message": "injected"} for e in Entries if e["Id"] in self._refuse]
+        return answer
+
+
+@pytest.mark.fault
+def test_sqs_refusing_some_entries_is_reported_and_nothing_else_lost(aws, tmp_path, monkeypatch):
+    import cpb.cli as cli_module
+    seed_inputs(aws)
+    real = cli_module.make_clients
+
+    def clients_with_faulty_sqs(region):
+        clients = real(region)
+        return type(clients)(s3=clients.s3, sqs=_RefusingSqs(clients.sqs, {"2", "7"}), batch=clients.batch,
+                             logs=clients.logs)
+
+    monkeypatch.setattr(cli_module, "make_clients", clients_with_faulty_sqs)
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps(SEED_MESSAGES["seed_list.json"]))
+    result = CliRunner().invoke(cli, ["submit", "--message-file", str(path)])
+    assert result.exit_code == 1
+    assert "2 of 12 message(s) were not accepted" in result.output  # entries 2 and 7 of the first batch of 10
+    not_sent = sorted(line.split("(")[1].split(")")[0] for line in result.output.splitlines() if "NOT sent" in line)
+    assert not_sent == ["results/s2", "results/s7"]
+    sent = sorted(json.loads(b)["output"] for b in queued(aws))
+    assert len(sent) == 10 and not set(sent) & set(not_sent)  # each job either sent once or reported, never both
