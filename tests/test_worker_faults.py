@@ -154,7 +154,7 @@ def test_s3_down_during_upload_exits_4_and_never_claims_success(bucket, plate, c
         raise EndpointConnectionError(endpoint_url=url)
 
     inject(monkeypatch, down)
-    code = worker_aws.main_aws(job_env(cellprofiler_env, tmp_path))
+    code = worker_aws.main_aws(job_env(cellprofiler_env, tmp_path, CPB_VCPUS=1))
     assert code == 4  # transient: the job definition retries exit code 4
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("cpb_worker: failed: ") and "S3 still failing after 4 attempts" in last
@@ -173,7 +173,7 @@ def test_upload_reported_done_but_missing_is_caught_before_the_record(bucket, pl
         return None
 
     inject(monkeypatch, lose_image_csv)
-    assert worker_aws.main_aws(job_env(cellprofiler_env, tmp_path)) == 4
+    assert worker_aws.main_aws(job_env(cellprofiler_env, tmp_path, CPB_VCPUS=1)) == 4
     assert "not in s3://cpb-fault-test/out/ at the right size (first: out/Image.csv)" in capsys.readouterr().err
     record = json.loads(bucket_state(bucket)["out/_cpb/run.json"])
     assert record["status"] == "failed"

@@ -13,7 +13,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from test_worker_support import NUCLEI, read_rows
+from test_worker_support import NUCLEI, PY38, REPO, read_rows
 
 BUCKET = "cpb-worker-test"
 
@@ -63,8 +63,19 @@ def job_env(cellprofiler_env, moto_url, **overrides):
     return env
 
 
-def run_worker(env):
-    return subprocess.run([sys.executable, "-m", "cpb_worker"], env=env, capture_output=True, text=True, timeout=300)
+def run_worker(env, python=sys.executable):
+    return subprocess.run([python, "-m", "cpb_worker"], env=env, capture_output=True, text=True, timeout=300)
+
+
+def python_for(version: str) -> str:
+    """This interpreter, or the container's Python 3.8 (with only boto3 1.37 + the worker on its path)."""
+    if version == "3.8":
+        if not PY38.exists():
+            if os.environ.get("CI"):
+                pytest.fail(f"{PY38} is missing in CI (make py38 builds it)")
+            pytest.skip(f"Python 3.8 virtualenv not found at {PY38} (build it with `make py38`)")
+        return str(PY38)
+    return sys.executable
 
 
 def keys(s3, prefix):
@@ -104,14 +115,17 @@ def test_job_downloads_runs_split_and_uploads_with_the_record_last(plate, s3, ce
 
 
 @pytest.mark.cellprofiler
-def test_array_child_runs_only_its_range_into_its_part_prefix(plate, s3, cellprofiler_env, moto_url):
-    env = job_env(cellprofiler_env, moto_url, CPB_OUTPUT="results/array", CPB_IMAGE_SETS_PER_JOB=2,
-                  CPB_IMAGE_SET_COUNT=3, AWS_BATCH_JOB_ARRAY_INDEX=1)
-    proc = run_worker(env)
+@pytest.mark.parametrize("python", ["current", "3.8"])
+def test_array_child_runs_only_its_range_into_its_part_prefix(plate, s3, cellprofiler_env, moto_url, python):
+    """Also on Python 3.8 + boto3 1.37, the container's, so the S3 path is proven there too."""
+    out = f"results/array-{python}"
+    env = job_env(cellprofiler_env, moto_url, CPB_OUTPUT=out, CPB_IMAGE_SETS_PER_JOB=2,
+                  CPB_IMAGE_SET_COUNT=3, AWS_BATCH_JOB_ARRAY_INDEX=1, PYTHONPATH=REPO / "image")
+    proc = run_worker(env, python_for(python))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = assert_record_matches_bucket(s3, "results/array/part-00001")
+    record = assert_record_matches_bucket(s3, f"{out}/part-00001")
     assert (record["first"], record["last"], record["array_index"], record["processes"]) == (3, 3, 1, 1)
-    assert keys(s3, "results/array/") == keys(s3, "results/array/part-00001/")  # nothing outside its part
+    assert keys(s3, f"{out}/") == keys(s3, f"{out}/part-00001/")  # nothing outside its part
 
 
 def test_out_of_range_array_index_fails_without_running(plate, s3, cellprofiler_env, moto_url):
