@@ -287,6 +287,17 @@ def test_merge_makes_image_numbers_global_either_way(tmp_path, local_numbering):
     assert sorted(result.files) == ["Experiment.csv", "Image.csv", "Nuclei.csv", "overlay_1.png", "overlay_3.png"]
 
 
+def test_merge_copies_rows_exactly_even_without_a_final_newline(tmp_path):
+    a = _range_dir(tmp_path, 1, 1, [1])
+    b = _range_dir(tmp_path, 2, 2, [2])
+    nuclei = a.out_dir / "Nuclei.csv"
+    nuclei.write_text(nuclei.read_text().rstrip("\r\n"))  # a table cut off without its last newline
+    merge([a, b], tmp_path / "out")
+    rows = list(csv.reader((tmp_path / "out" / "Nuclei.csv").open()))
+    assert rows[0] == ["ImageNumber", "ObjectNumber", "AreaShape_Area"]
+    assert [r[:2] for r in rows[1:]] == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]]
+
+
 def test_merge_refuses_different_headers(tmp_path):
     a = _range_dir(tmp_path, 1, 1, [1])
     b = _range_dir(tmp_path, 2, 2, [2], header_extra="X")

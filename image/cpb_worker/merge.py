@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import io
 import os
 import shutil
 import sys
@@ -106,39 +107,58 @@ def merge(results: List[RangeResult], output_dir: Path) -> MergeResult:
 
 
 def _concat(rel: str, sources: List[RangeResult], offsets: Dict[int, int], target: Path, output_dir: Path) -> None:
+    """Concatenate one table's ranges. Rows are copied byte for byte unless an
+    ImageNumber needs an offset or a path names the range's folder: the object
+    tables (most of the data) then cost a file copy, not a CSV parse."""
     header: Optional[List[str]] = None
     tmp = target.with_name(target.name + ".partial")
-    with open(tmp, "w", newline="", encoding="utf-8") as out:
-        writer = csv.writer(out)
+    with open(tmp, "wb") as out:
         for source in sources:
-            with open(source.out_dir / rel, newline="", encoding="utf-8") as handle:
-                reader = csv.reader(handle)
-                this = next(reader, None)
-                if this is None:
+            with open(source.out_dir / rel, "rb") as handle:
+                first_line = handle.readline()
+                if not first_line.strip():
                     continue
+                this = next(csv.reader([first_line.decode("utf-8").rstrip("\r\n")]))
                 if header is None:
                     header = this
-                    writer.writerow(header)
+                    out.write(first_line)
                 elif this != header:
                     raise PipelineFailed(f"{rel} has different columns in range {source.first}-{source.last} "
                                          "than in the first range; the pipeline's measurements vary between "
                                          "image sets: set CPB_UNSPLITTABLE=1")
                 offset = offsets[id(source)]
-                number_cols = [i for i, col in enumerate(header) if col in IMAGE_NUMBER_COLUMNS]
-                path_cols = [i for i, col in enumerate(header) if col.startswith(("PathName_", "URL_",
-                                                                                  "ObjectsPathName_",
-                                                                                  "ObjectsURL_"))]
+                number_cols = [i for i, col in enumerate(header) if col in IMAGE_NUMBER_COLUMNS] if offset else []
+                path_cols = [i for i, col in enumerate(header)
+                             if col.startswith(("PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_"))]
+                terminator = "\r\n" if first_line.endswith(b"\r\n") else "\n"
+                if not number_cols and not path_cols:
+                    shutil.copyfileobj(handle, out, 1 << 20)
+                    if _last_byte(source.out_dir / rel) not in (b"\n", b""):
+                        out.write(terminator.encode())  # never glue the next range's first row onto this one
+                    continue
                 old, new = str(source.out_dir), str(output_dir)
-                for row in reader:
-                    if offset:
-                        for i in number_cols:
-                            if row[i]:
-                                row[i] = str(int(float(row[i])) + offset)
+                text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+                buffer = io.StringIO()
+                writer = csv.writer(buffer, lineterminator=terminator)
+                for row in csv.reader(text):
+                    for i in number_cols:
+                        if row[i]:
+                            row[i] = str(int(float(row[i])) + offset)
                     for i in path_cols:
                         if old in row[i]:
                             row[i] = row[i].replace(old, new)
                     writer.writerow(row)
+                out.write(buffer.getvalue().encode("utf-8"))
     os.replace(tmp, target)
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return b""
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
 
 
 def _experiment_value(path: Path, key: str) -> Optional[str]:
