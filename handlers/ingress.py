@@ -46,7 +46,8 @@ from handlers.s3checks import check_request
 from handlers.schema import Limits, MessageError, entry_message_id, parse_body
 from handlers.submission import InProgress, PlannedJob, Submitter
 
-__all__ = ["handler", "process_event", "services", "reset_services", "Services", "Budget", "OutOfTime",
+__all__ = ["handler", "process_event", "services", "reset_services", "require_conditional_writes", "Services", "Budget",
+           "OutOfTime",
            "RETRY_CONFIG", "SUBMIT_CONFIG", "MESSAGE_MARGIN_S", "CALL_MARGIN_S", "logger"]
 
 logger = Logger(service="cpb-ingress")
@@ -79,11 +80,27 @@ class Services:
     limits: Limits
 
 
+def require_conditional_writes(s3: Any) -> None:
+    """Fail loudly when this botocore cannot send S3 conditional writes (exactly-once depends on them).
+
+    `PutObject(IfNoneMatch=...)` needs botocore >= 1.35.17 and `IfMatch` >= 1.35.64; an older
+    SDK in the Lambda runtime would reject the parameters on every message.
+    """
+    members = s3.meta.service_model.operation_model("PutObject").input_shape.members
+    missing = [name for name in ("IfNoneMatch", "IfMatch") if name not in members]
+    if missing:
+        import botocore
+        raise RuntimeError(f"botocore {botocore.__version__} cannot send S3 PutObject {' / '.join(missing)} "
+                           "(conditional writes): attach a newer boto3 to the ingress Lambda")
+
+
 @functools.lru_cache(maxsize=1)
 def _services_for(settings: tuple) -> Services:
     environ = dict(settings)
     session = boto3.session.Session()
-    return Services(s3=session.client("s3", config=RETRY_CONFIG),
+    s3 = session.client("s3", config=RETRY_CONFIG)
+    require_conditional_writes(s3)
+    return Services(s3=s3,
                     batch=session.client("batch", config=RETRY_CONFIG),
                     batch_submit=session.client("batch", config=SUBMIT_CONFIG),
                     limits=Limits.from_env(environ))
@@ -128,7 +145,7 @@ def handler(event: dict, context: Any) -> dict:
     """
     try:
         svc = services()
-    except ValueError as exc:  # the stack set a bad Lambda environment: every message waits for a fix
+    except (ValueError, RuntimeError) as exc:  # bad Lambda environment or SDK: every message waits for a fix
         logger.error("ingress misconfigured", extra={"reason": str(exc)})
         raise
     return process_event(event, context, svc)

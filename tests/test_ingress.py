@@ -263,3 +263,17 @@ def test_bad_lambda_environment_fails_the_invocation_with_a_reason(moto_stack, l
         ingress.handler(sqs_event(sqs_record(json.dumps(message()))), LambdaContext())
     assert [line["message"] for line in logs.lines] == ["ingress misconfigured"]
     assert moto_stack.jobs() == []
+
+
+def test_sdk_without_conditional_writes_is_refused_clearly(moto_stack):
+    class Shape:
+        members = {"Bucket": None, "Key": None, "Body": None}
+
+    class Model:
+        def operation_model(self, name):
+            return type("Op", (), {"input_shape": Shape})()
+
+    old_sdk = type("Client", (), {"meta": type("Meta", (), {"service_model": Model()})()})()
+    with pytest.raises(RuntimeError, match="IfNoneMatch / IfMatch"):
+        ingress.require_conditional_writes(old_sdk)
+    ingress.require_conditional_writes(ingress.services().s3)  # this SDK has them
