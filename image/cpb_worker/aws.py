@@ -143,11 +143,11 @@ def stage_inputs(job: JobEnv, stager: Stager, env: Mapping[str, str], work: Path
     paths = stager.fetch([job.pipeline] + ([job.data_file] if job.data_file else []))
     pipeline_path = paths[0]
     data_path = paths[1] if job.data_file else None
-    input_dir = stager.local(job.input) if job.input else stager.root
+    input_dir = stager.local(job.input)
     spec = JobSpec(pipeline=pipeline_path, input_dir=input_dir, data_file=data_path,
                    array_index=job.array_index, sets_per_job=job.sets_per_job,
                    expected_count=job.image_set_count, force_unsplittable=job.unsplittable, env=env)
-    if data_path is None and not (job.fsx_root is not None):
+    if data_path is None and job.fsx_root is None:
         # No data file: the image sets are whatever the input prefix holds, so fetch it all.
         keys = [k for k in stager.s3.list_keys(job.input + "/") if not k.endswith("/")]
         if not keys:
@@ -230,6 +230,9 @@ def main_aws(env: Dict[str, str]) -> int:
     work = Path(tempfile.mkdtemp(prefix="cpb-job-", dir=scratch))  # fresh per attempt: no leftovers mix in
     out_dir = work / "output"
     out_dir.mkdir()
+    if env.get("CPB_FSX_ROOT") and job.fsx_root is None:
+        print(f"cpb_worker: CPB_FSX_ROOT={env['CPB_FSX_ROOT']} is not mounted; reading inputs from S3",
+              file=sys.stderr)
     print(f"cpb_worker: job s3://{job.bucket}/{job.pipeline} on {job.input} -> {job.prefix}"
           + (" (FSx)" if job.fsx_root else " (S3)"), file=sys.stderr)
     try:

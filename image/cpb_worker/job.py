@@ -19,7 +19,7 @@ from . import datafile as df
 from .errors import BadInput, WorkerError
 from .filerules import count_image_sets
 from .merge import merge
-from .pipeline import Pipeline, export_module, load_pipeline, unsplittable_reasons
+from .pipeline import Pipeline, export_module, is_grouped, load_pipeline, unsplittable_reasons
 from .ranges import Range, array_child_range, available_cpus, split_range
 from .record import RunRecord, file_entry
 from .runner import exit_code_text, run_ranges
@@ -88,7 +88,7 @@ def plan_job(spec: JobSpec) -> Plan:
     reasons = unsplittable_reasons(pipeline)
     if spec.force_unsplittable:
         reasons.append("CPB_UNSPLITTABLE=1")
-    grouped = any("group" in r for r in reasons)
+    grouped = is_grouped(pipeline)
     skipped = 0
     data_path = _loaddata_csv(pipeline, spec)
     data = df.read_data_file(data_path) if data_path is not None else None

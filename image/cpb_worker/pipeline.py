@@ -174,6 +174,12 @@ def unsplittable_reasons(pipeline: Pipeline) -> List[str]:
     return reasons
 
 
+def is_grouped(pipeline: Pipeline) -> bool:
+    """Whether image sets are grouped (then Group_Length counts a group, not the run)."""
+    return (any(m.get("Do you want to group your images?") == "Yes" for m in pipeline.enabled("Groups"))
+            or any(m.get("Group images by metadata?") == "Yes" for m in pipeline.enabled("LoadData")))
+
+
 def export_module(pipeline: Pipeline) -> Module:
     """The ExportToSpreadsheet module whose Image.csv proves which sets ran.
 
