@@ -94,15 +94,26 @@ def cellprofiler_env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def _invoke(args: list[str]) -> tuple[int, str]:
-    """Run a `cpb` command in this process, as a user would type it; (exit code, output)."""
-    from click.testing import CliRunner
+def _invoke(args: list[str], capture: bool = True) -> tuple[int, str]:
+    """Run a `cpb` command in this process, as a user would type it; (exit code, output).
 
+    Uncaptured, it writes to the terminal itself, so its progress bars show.
+    """
     from cpb.cli import cli
-    result = CliRunner().invoke(cli, args)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+    if capture:
+        from click.testing import CliRunner
+        result = CliRunner().invoke(cli, args)
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result.exit_code, result.output
+    try:
+        cli.main(args=args, prog_name="cpb", standalone_mode=False)
+    except SystemExit as exit_:
+        return int(exit_.code or 0), ""
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code, error.format_message()
+    return 0, ""
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
@@ -147,8 +158,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                                       "--input", f"plates/{PLATE}", "--output", output_prefix,
                                       "--data-file", str(plate.images_dir / "load_data.csv"),
                                       "--image-sets-per-job", str(settings.sets_per_job), "--vcpus", "1",
-                                      "--job-name", f"demo-{PLATE}"])
-                steps.say(_indent(text))
+                                      "--job-name", f"demo-{PLATE}"], capture=not settings.echo)
                 if code != 0:
                     result.failures.append(f"cpb submit failed: {text.strip()}")
                     return _finish(result, steps)
@@ -173,8 +183,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 result.status_exit, result.status_output = _invoke(["status", output_prefix, *show_logs])
                 steps.say(_indent(result.status_output))
                 results_dir = out / "results"
-                code, text = _invoke(["results", output_prefix, "--to", str(results_dir)])
-                steps.say(_indent(text))
+                code, text = _invoke(["results", output_prefix, "--to", str(results_dir)], capture=not settings.echo)
                 if code != 0:
                     result.failures.append(f"cpb results refused: {text.strip()}")
                     return _finish(result, steps)
