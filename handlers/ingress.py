@@ -199,9 +199,10 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
     except (InProgress, OutOfTime) as exc:
         _log_failure(message_id, receive_count, "deferred", str(exc))
         raise
-    except Exception as exc:  # AWS errors left after retries, S3 outages...
-        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", type(exc).__name__))
-        _log_failure(message_id, receive_count, "aws", f"{code}: {exc}", error_code=code)
+    except Exception as exc:  # AWS errors left after retries, S3 outages, a record changed under us...
+        response = getattr(exc, "response", None)
+        code = str((response or {}).get("Error", {}).get("Code", type(exc).__name__))
+        _log_failure(message_id, receive_count, "aws" if response else "error", f"{code}: {exc}", error_code=code)
         raise
     logger.info("jobs submitted", extra={
         "message_id": message_id, "receive_count": receive_count,
