@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import click
 
+from cpb import receipts
 from cpb import results as results_mod
 from cpb import status as status_mod
 from cpb import submit as submit_mod
@@ -159,7 +160,8 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
     for request, reason in report.failed:
         click.echo(f"NOT sent ({request.output}): {reason}", err=True)
     if report.sent:
-        say(f"follow with: cpb status {' '.join(sorted({s.request.output for s in report.sent}))}")
+        receipts.record(stack.bucket, [(s.message_id, s.request.output) for s in report.sent])
+        say(f"follow with: cpb status   (or: cpb status {' '.join(sorted({s.request.output for s in report.sent}))})")
     if report.failed:
         raise UserError(f"{len(report.failed)} of {len(requests)} message(s) were not accepted by SQS")
 
@@ -200,7 +202,7 @@ def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipelin
 # --------------------------------------------------------------------------- status
 
 @cli.command()
-@click.argument("outputs", nargs=-1, required=True)
+@click.argument("outputs", nargs=-1)
 @click.option("--watch", is_flag=True, help="Refresh until every job has finished.")
 @click.option("--interval", type=float, default=15.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--timeout", type=float, help="Give up watching after this many seconds.")
@@ -211,8 +213,15 @@ def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipelin
 @stack_options
 def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: float,
            timeout: Optional[float], parts: Optional[int], no_dlq: bool, log_lines: int) -> None:
-    """Show the jobs writing to OUTPUT prefix(es); exit 0 all succeeded, 1 failed, 3 running."""
+    """Show the jobs of OUTPUT prefix(es) or message ids (default: your last submit).
+
+    Exit code 0 when all succeeded, 1 when something failed, 3 while running.
+    """
     stack.require("bucket")
+    outputs = tuple(receipts.resolve(outputs, stack.bucket)) if outputs else tuple(receipts.last_outputs(stack.bucket))
+    if not outputs:
+        raise UserError("which output? give OUTPUT prefix(es) or message ids; no earlier `cpb submit` to this "
+                        f"bucket is recorded in {receipts.receipts_file()}")
     clients = _clients(stack)
 
     def fetch() -> list[status_mod.OutputStatus]:

@@ -37,6 +37,7 @@ def aws(monkeypatch, tmp_path):
             monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("PATH", str(tmp_path / "no-pulumi"))  # no Pulumi CLI: flags/env only
+    monkeypatch.setenv("CPB_HOME", str(tmp_path / "cpb-home"))  # submit receipts
     with mock_aws(config={"batch": {"use_docker": False}}):
         s3 = boto3.client("s3", region_name=REGION)
         sqs = boto3.client("sqs", region_name=REGION)
@@ -458,3 +459,16 @@ def test_sqs_refusing_some_entries_is_reported_and_nothing_else_lost(aws, tmp_pa
     assert not_sent == ["results/s2", "results/s7"]
     sent = sorted(json.loads(b)["output"] for b in queued(aws))
     assert len(sent) == 10 and not set(sent) & set(not_sent)  # each job either sent once or reported, never both
+
+
+def test_status_without_arguments_follows_the_last_submit(aws):
+    seed_inputs(aws)
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1 and "no earlier `cpb submit`" in result.output
+    sent = invoke("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/p1/images",
+                  "--output", "results/last")
+    message_id = sent.output.split("sent ", 1)[1].split()[0]
+    for args in (["status", "--no-dlq"], ["status", message_id, "--no-dlq"]):
+        result = CliRunner().invoke(cli, args)
+        assert "results/last/: WAITING" in result.output and "no submission record yet" in result.output
+        assert result.exit_code == 3

@@ -20,7 +20,7 @@ from cpb.cli import cli
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(tmp_path_factory):
     """One moto stack for the whole corpus (creating one per case would dominate the runtime)."""
     saved = dict(os.environ)
     for key in list(os.environ):
@@ -32,7 +32,8 @@ def stack():
         "CPB_ALLOWED_ARNS": ",".join(corpus.LIMITS["allowed_arns"]),
         "CPB_MAX_VCPU": str(corpus.LIMITS["max_vcpu"]), "CPB_MAX_MEMORY_MIB": str(corpus.LIMITS["max_memory_mib"]),
         "CPB_DEFAULT_VCPU": str(corpus.LIMITS["default_vcpu"]),
-        "CPB_DEFAULT_MEMORY_MIB": str(corpus.LIMITS["default_memory_mib"])})
+        "CPB_DEFAULT_MEMORY_MIB": str(corpus.LIMITS["default_memory_mib"]),
+        "CPB_HOME": str(tmp_path_factory.mktemp("cpb-home"))})
     try:
         with mock_aws():
             s3 = boto3.client("s3", region_name=corpus.REGION)
