@@ -141,6 +141,7 @@ CORPUS: tuple = (
     Hostile("memory 1e400", _msg().replace('"results/hostile-good"}', '"results/x", "job_memory": 1e400}'),
             "job_memory"),
     Hostile("300 KB body", _msg(job_name="n" * 300_000), "body"),
+    Hostile("one byte over 256 KiB", GOOD_BODY + " " * (256 * 1024 + 1 - len(GOOD_BODY)), "body"),
     Hostile("2000-character key", _msg(pipeline="p/" * 1000 + "x.cppipe"), "pipeline"),
     Hostile("150 jobs in one list", json.dumps([good_message(output=f"results/many-{i}") for i in range(150)]),
             "body"),

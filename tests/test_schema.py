@@ -45,6 +45,12 @@ def test_seed_list_with_arns_and_defaults():
     assert second.definition(LIMITS) == corpus.JOBDEF_ARN and second.memory_mib(LIMITS) == 2048
 
 
+def test_body_of_exactly_256_kib_is_accepted():
+    body = corpus.GOOD_BODY + " " * (256 * 1024 - len(corpus.GOOD_BODY))
+    assert len(body.encode()) == LIMITS.max_body_bytes
+    assert len(parse_body(body, LIMITS)) == 1
+
+
 def test_own_bucket_uri_is_accepted_as_a_key():
     [request] = parse_body(json.dumps(corpus.good_message(pipeline=f"s3://{corpus.BUCKET}/{corpus.PIPELINE}")),
                            LIMITS)
