@@ -224,8 +224,17 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
                         f"bucket is recorded in {receipts.receipts_file()}")
     clients = _clients(stack)
 
+    dlq: dict[str, Any] = {"total": 0, "letters": []}
+    limits = limits_of(stack) if stack.dlq_url and not no_dlq else None
+
     def fetch() -> list[status_mod.OutputStatus]:
-        return [status_mod.output_status(clients.s3, clients.batch, stack.bucket, o, parts) for o in outputs]
+        states = [status_mod.output_status(clients.s3, clients.batch, stack.bucket, o, parts) for o in outputs]
+        if limits is not None:  # a message for one of these outputs may have been dead-lettered instead
+            dlq["total"], dlq["letters"] = status_mod.peek_dlq(clients.sqs, stack.dlq_url,
+                                                               lambda body: explain(body, limits))
+            for state in states:
+                state.dead_letters = [d for d in dlq["letters"] if state.output in d.output.split(",")]
+        return states
 
     if watch:
         states = status_mod.watch(fetch, lambda s: click.echo(render_status(s, stack.bucket)), interval, timeout)
@@ -234,8 +243,8 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
         click.echo(render_status(states, stack.bucket))
     if log_lines:
         click.echo(render_logs(clients.logs, stack.log_group, states, log_lines))
-    if stack.dlq_url and not no_dlq:
-        click.echo(render_dlq(clients.sqs, stack.dlq_url, stack))
+    if limits is not None:
+        click.echo(render_dlq(dlq["total"], dlq["letters"]))
     verdicts = {s.verdict for s in states}
     if "failed" in verdicts:
         sys.exit(EXIT_FAILED)
@@ -248,7 +257,9 @@ def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
     lines = []
     for state in states:
         lines.append(f"s3://{bucket}/{state.output}/: {state.verdict.upper()}")
-        if not state.jobs:
+        for letter in state.dead_letters:
+            lines.append(f"  ! message {letter.message_id} for this output is in the dead-letter queue: {letter.reason}")
+        if not state.jobs and not state.dead_letters:
             lines.append("  no submission record yet (message still in the queue, or rejected: see the DLQ)")
         for job in state.jobs:
             progress = ""
@@ -292,10 +303,8 @@ def render_logs(logs: Any, group: Optional[str], states: list[status_mod.OutputS
     return "\n".join(out) if out else "logs: no failed job with a log stream"
 
 
-def render_dlq(sqs: Any, dlq_url: str, stack: StackConfig) -> str:
+def render_dlq(total: int, letters: list[status_mod.DeadLetter]) -> str:
     """The dead-letter queue's content, each message with the reason it is there."""
-    limits = limits_of(stack)
-    total, letters = status_mod.peek_dlq(sqs, dlq_url, lambda body: explain(body, limits))
     if not total:
         return "dead-letter queue: empty"
     lines = [f"dead-letter queue: {total} message(s)"]

@@ -40,6 +40,7 @@ class OutputStatus:
     jobs: list[JobView]
     run: RunState
     message_ids: list[str]
+    dead_letters: list = field(default_factory=list)  # DeadLetter messages naming this output
 
     @property
     def verdict(self) -> str:
@@ -52,7 +53,7 @@ class OutputStatus:
             return "succeeded"
         if any(p.status == "failed" for p in self.run.parts):
             return "failed"
-        if self.jobs:  # Batch finished but the records do not say succeeded
+        if self.jobs or self.dead_letters:  # Batch finished without records, or the message was dead-lettered
             return "failed"
         return "waiting"
 

@@ -472,3 +472,14 @@ def test_status_without_arguments_follows_the_last_submit(aws):
         result = CliRunner().invoke(cli, args)
         assert "results/last/: WAITING" in result.output and "no submission record yet" in result.output
         assert result.exit_code == 3
+
+
+def test_status_of_an_output_whose_message_was_dead_lettered_is_failed(aws):
+    seed_inputs(aws)
+    bad = json.dumps({"pipeline": "pipelines/nuclei.cppipe", "input": "plates/p1/images", "output": "results/dl",
+                      "job_vcpu": 999})
+    aws["sqs"].send_message(QueueUrl=aws["dlq"], MessageBody=bad)
+    result = CliRunner().invoke(cli, ["status", "results/dl"])
+    assert result.exit_code == 1, result.output
+    assert "results/dl/: FAILED" in result.output
+    assert "for this output is in the dead-letter queue: message rejected: job_vcpu: 999 vCPUs" in result.output
