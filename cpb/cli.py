@@ -52,6 +52,13 @@ class CpbGroup(click.Group):
             if ctx.meta.get("cpb.debug") or os.environ.get("CPB_DEBUG"):
                 raise
             raise UserError(_one_line(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug or an unforeseen failure: still one line, with the way to see more
+            if ctx.meta.get("cpb.debug") or os.environ.get("CPB_DEBUG"):
+                raise
+            raise UserError(f"unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+                            "(run `cpb --debug ...` for the traceback, and please report it)") from None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -78,6 +85,8 @@ def stack_options(command: Callable) -> Callable:
                 dlq_url: Optional[str], job_queue: Optional[str], region: Optional[str], **kwargs: Any) -> Any:
         stack = discover(stack_name, {"bucket": bucket, "queue_url": queue_url, "dlq_url": dlq_url,
                                       "job_queue": job_queue, "region": region})
+        if stack.sources:
+            say(stack.describe_sources())
         return command(*args, stack=stack, **kwargs)
 
     return wrapper  # functools.wraps carries click's __click_params__ over
@@ -127,7 +136,6 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
            upload_dir: Optional[Path], dry_run: bool, no_check: bool) -> None:
     """Validate job messages like the Lambda does, then send them to the queue."""
     stack.require("bucket", *(() if dry_run else ("queue_url",)))
-    say(stack.describe_sources())
     clients = _clients(stack)
     if message_file is not None:
         if any(v is not None for v in (pipeline, input_prefix, output, data_file, image_sets_per_job)):

@@ -155,7 +155,8 @@ def test_missing_stack_is_one_line_without_traceback(aws, monkeypatch):
     result = CliRunner().invoke(cli, ["status", "x"])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
-    assert result.output.count("\n") == 1 and "CPB_BUCKET" in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("cpb: ")]
+    assert len(errors) == 1 and "CPB_BUCKET" in errors[0]
 
 
 # ------------------------------------------------------------------------- submit
@@ -335,7 +336,7 @@ def test_status_running_exits_3_and_watch_stops_at_the_end(aws):
     result = CliRunner().invoke(cli, ["status", "results/run", "--no-dlq"])
     assert result.exit_code == 3 and "RUNNING" in result.output
     result = CliRunner().invoke(cli, ["status", "results/run", "--no-dlq", "--watch", "--interval", "0.01",
-                                      "--timeout", "0.05"])
+                                      "--timeout", "2"])
     assert result.exit_code == 3 and result.output.count("results/run/: RUNNING") >= 2
 
 
@@ -483,3 +484,12 @@ def test_status_of_an_output_whose_message_was_dead_lettered_is_failed(aws):
     assert result.exit_code == 1, result.output
     assert "results/dl/: FAILED" in result.output
     assert "for this output is in the dead-letter queue: message rejected: job_vcpu: 999 vCPUs" in result.output
+
+
+def test_debug_shows_the_traceback_that_the_one_line_error_hides(aws):
+    quiet = CliRunner().invoke(cli, ["results", "results/none", "--to", "/dev/null/x", "--bucket", "no-such-bucket"])
+    assert quiet.exit_code == 1 and "Traceback" not in quiet.output
+    assert quiet.output.strip().splitlines()[-1].startswith("cpb: ") and "NoSuchBucket" in quiet.output
+    loud = CliRunner().invoke(cli, ["--debug", "results", "results/none", "--to", "/dev/null/x",
+                                    "--bucket", "no-such-bucket"])
+    assert loud.exit_code == 1 and loud.exception is not None and "NoSuchBucket" in str(loud.exception)
