@@ -62,8 +62,15 @@ class CpbGroup(click.Group):
 
 
 def _one_line(exc: BaseException) -> str:
-    """The exception as one readable line (botocore errors are long)."""
+    """The exception as one readable line (botocore errors are long), with the fix when we know it."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, NoRegionError
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, NoCredentialsError):
+        return f"{text}: sign in to AWS first (`aws sso login` or `aws configure`), or set AWS_PROFILE"
+    if isinstance(exc, NoRegionError):
+        return f"{text}: pass --region, or set CPB_REGION / AWS_REGION (the stack's region)"
+    if isinstance(exc, EndpointConnectionError):
+        return f"{text}: check the network, the region, and AWS_ENDPOINT_URL if you set it"
     return text
 
 

@@ -493,3 +493,16 @@ def test_debug_shows_the_traceback_that_the_one_line_error_hides(aws):
     loud = CliRunner().invoke(cli, ["--debug", "results", "results/none", "--to", "/dev/null/x",
                                     "--bucket", "no-such-bucket"])
     assert loud.exit_code == 1 and loud.exception is not None and "NoSuchBucket" in str(loud.exception)
+
+
+def test_no_aws_credentials_is_one_line_with_the_fix(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "CPB_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = CliRunner().invoke(cli, ["status", "results/x", "--bucket", "b-1", "--region", "us-east-1", "--no-dlq"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cpb: Unable to locate credentials: sign in to AWS first" in result.output
