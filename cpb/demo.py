@@ -145,7 +145,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         stack = create_stack(endpoint)
         steps.say(f"      bucket {stack.bucket}, queue {stack.queue_url.rsplit('/', 1)[-1]}, "
                   f"Batch queue {stack.job_queue_arn.rsplit('/', 1)[-1]} at {endpoint}")
-        env = {**stack.aws_env(), **stack.client_env(), **stack.lambda_env(), **cp_env, **quiet,
+        env = {**stack.isolation_env(), **stack.client_env(), **stack.lambda_env(), **cp_env, **quiet,
                "CPB_HOME": str(out / "cpb-home")}  # the demo's submit receipts stay in demo-output/
         with environment(env):
             with steps.step("plate", f"plate: {settings.wells} wells x {settings.sites} sites x 2 channels "

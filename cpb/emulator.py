@@ -13,7 +13,7 @@ import json
 import os
 import urllib.request
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import sys
 from pathlib import Path
@@ -31,6 +31,9 @@ REGION = "us-east-1"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_SESSION_TOKEN": "testing"}
 WORKER_IMAGE = "cellprofiler/cellprofiler:4.2.8"
+# A user's AWS profile settings must neither break nor redirect calls meant for the emulator.
+NO_PROFILE: dict = {"AWS_PROFILE": None, "AWS_DEFAULT_PROFILE": None, "AWS_CONFIG_FILE": os.devnull,
+                    "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class EmulatedStack:
         """Environment pointing boto3 (ours, the worker's) at the emulator only."""
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": self.region,
                 "AWS_REGION": self.region, **FAKE_CREDENTIALS}
+
+    def isolation_env(self) -> dict[str, Optional[str]]:
+        """aws_env plus the removal of a user's profile settings, which could
+        otherwise fail (unknown profile) or redirect calls away from the emulator."""
+        return {**self.aws_env(), **NO_PROFILE}
 
     def client_env(self) -> dict[str, str]:
         """`CPB_*` variables `cpb` reads when there is no Pulumi CLI."""
@@ -93,6 +101,11 @@ def _post(url: str, body: bytes) -> None:
 
 def create_stack(endpoint: str, name: str = "cpb-demo", region: str = REGION) -> EmulatedStack:
     """Create bucket, queue + DLQ, log group and Batch queue/definition like the stack."""
+    with environment(NO_PROFILE):
+        return _create_stack(endpoint, name, region)
+
+
+def _create_stack(endpoint: str, name: str, region: str) -> EmulatedStack:
     session = boto3.session.Session(region_name=region, aws_access_key_id="testing",
                                     aws_secret_access_key="testing", aws_session_token="testing")
 
@@ -135,14 +148,18 @@ def create_stack(endpoint: str, name: str = "cpb-demo", region: str = REGION) ->
 
 
 @contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for a block and restore the previous ones.
+def environment(values: dict[str, Optional[str]]) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for a block; restore them after.
 
     The Lambda handler and boto3 read `os.environ`; the demo must leave the
     caller's environment as it found it.
     """
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:

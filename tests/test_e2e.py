@@ -29,6 +29,7 @@ def cp(cellprofiler_env, monkeypatch):
         monkeypatch.setenv(key, cellprofiler_env[key])
     for key in ("CPB_BUCKET", "CPB_QUEUE_URL", "CPB_DLQ_URL", "CPB_JOB_QUEUE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_PROFILE", "a-profile-this-machine-does-not-have")  # the demo must not need AWS config
 
 
 def _listening(url: str) -> bool:
