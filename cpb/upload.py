@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -85,24 +87,40 @@ def upload_file(s3, bucket: str, path: Path, key: str, sha256_hex: Optional[str]
 
 
 def upload_files(s3, bucket: str, pairs: Iterable[tuple[Path, str]],
-                 progress: Optional[Callable[[int], None]] = None) -> UploadReport:
-    """Upload (local path, key) pairs, skipping unchanged objects.
+                 progress: Optional[Callable[[int], None]] = None, workers: int = 8) -> UploadReport:
+    """Upload (local path, key) pairs, skipping unchanged objects, `workers` files at a time.
 
+    A plate is thousands of small TIFFs: one request at a time would leave
+    the link idle, so files go in parallel (boto3 clients are thread-safe).
     `progress` receives byte counts (skipped files count as done) so one bar
-    covers the whole transfer.
+    covers the whole transfer. The report lists keys in the order given.
     """
-    report = UploadReport()
-    for path, key in pairs:
+    pairs = list(pairs)
+    lock = threading.Lock()
+
+    def tick(n: int) -> None:
+        if progress:
+            with lock:
+                progress(n)
+
+    def one(pair: tuple[Path, str]) -> tuple[str, bool, int]:
+        path, key = pair
         size = path.stat().st_size
         digest = sha256_file(path)
         if is_same(s3, bucket, key, size, digest):
-            report.skipped.append(key)
-            if progress:
-                progress(size)
-            continue
-        upload_file(s3, bucket, path, key, digest, callback=progress)
-        report.uploaded.append(key)
-        report.bytes_sent += size
+            tick(size)
+            return key, False, size
+        upload_file(s3, bucket, path, key, digest, callback=tick)
+        return key, True, size
+
+    report = UploadReport()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for key, sent, size in pool.map(one, pairs):
+            if sent:
+                report.uploaded.append(key)
+                report.bytes_sent += size
+            else:
+                report.skipped.append(key)
     return report
 
 
