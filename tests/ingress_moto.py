@@ -37,7 +37,6 @@ PIPELINE = "examples/ExampleHuman/ExampleHuman.cppipe"
 DATA_FILE = "examples/ExampleHuman/load_data.csv"
 #: Batch's job name rule (first character alphanumeric; moto's simple backend does not check it).
 JOB_NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
-FOREIGN_QUEUE_ARN = "arn:aws:batch:us-east-1:999999999999:job-queue/someone-elses-queue"
 
 
 @dataclasses.dataclass

@@ -4,6 +4,9 @@ Each case is sent between two good messages in one SQS batch: the hostile one
 must come back as the only batch item failure, with one structured log line
 naming the field, submit no job, and leave both good messages submitted.
 One moto stack serves the whole module (cases use distinct message ids and outputs).
+This is also where every invalid case of the ingress issue is proven (not JSON, missing or
+empty fields, wrong types, traversal, absolute paths, other buckets, memory/vCPU beyond the
+stack, foreign ARNs, missing pipeline, unreadable data file, empty input prefix).
 """
 from __future__ import annotations
 
