@@ -77,6 +77,11 @@ def test_unsplittable_pipeline_runs_in_one_process(plate, cellprofiler_env, tmp_
     assert any("last cycle" in r for r in record.unsplittable_reasons)
     assert [r["ImageNumber"] for r in read_rows(tmp_path / "out" / "Image.csv")] == ["1", "2", "3"]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["SYN1_B02_s3_w1_outlines.png"]
+    assert record.warnings == []
+    (tmp_path / "out" / "Image.csv").rename(tmp_path / "out" / "old-Image.csv")  # a reused folder's leftovers
+    again = run_local(pipeline, plate.images_dir, tmp_path / "out", data_file=plate.data_file, workers=3,
+                      env=cellprofiler_env)
+    assert "1 file(s) in the output folder are not from this run (e.g. old-Image.csv)" in again.warnings[0]
 
 
 def _copy_plate(plate, dest: Path) -> Path:

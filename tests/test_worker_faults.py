@@ -21,7 +21,7 @@ from botocore.exceptions import EndpointConnectionError
 from moto import mock_aws
 
 from cpb_worker import aws as worker_aws
-from cpb_worker.errors import Killed
+from cpb_worker.errors import Killed, PipelineFailed
 from cpb_worker.local import run_local
 from cpb_worker.record import read_local
 
@@ -237,7 +237,7 @@ def test_cellprofiler_exit_1_with_a_range_missing_is_a_failure(plate, cellprofil
             '*) echo "RuntimeError: injected crash" >&2; exit 1;; esac')
     env = dict(cellprofiler_env, REAL_CELLPROFILER=cellprofiler_env["CPB_CELLPROFILER"],
                CPB_CELLPROFILER=_wrapper(tmp_path, body))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(PipelineFailed) as info:
         run_local(NUCLEI, plate.images_dir, tmp_path / "out", data_file=plate.data_file, workers=2, env=env)
     assert info.value.exit_code == 3
     assert "image sets 3 of 1-3 are missing from Image.csv; CellProfiler exited 1: RuntimeError: injected crash" \
@@ -278,7 +278,7 @@ def test_sigterm_mid_run_stops_cellprofiler_and_a_rerun_is_clean(plate, cellprof
     assert _cellprofilers(out) == []
     assert not (out / "_cpb" / "run.json").exists()
     record = run_local(NUCLEI, plate.images_dir, out, data_file=plate.data_file, workers=2, env=cellprofiler_env)
-    assert record.status == "succeeded"
+    assert record.status == "succeeded" and record.warnings == []  # nothing of the killed attempt left over
     assert [r["ImageNumber"] for r in read_rows(out / "Image.csv")] == ["1", "2", "3"]
     counts = [float(r["Count_Nuclei"]) for r in read_rows(out / "Image.csv")]
     assert len(read_rows(out / "Nuclei.csv")) == sum(counts)  # no object rows from the killed attempt

@@ -48,6 +48,7 @@ def run_local(pipeline: PathLike, input_dir: PathLike, output_dir: PathLike, dat
         plan = plan_job(spec)
         record.timings["plan"] = round(time.monotonic() - t0, 3)
         run_plan(plan, spec.input_dir, output, record, env)
+        _warn_unlisted(record, output)
         record.status = "succeeded"
     except WorkerError as error:
         fail(record, error)
@@ -56,6 +57,17 @@ def run_local(pipeline: PathLike, input_dir: PathLike, output_dir: PathLike, dat
         raise
     _finish(record, output, t_start)
     return record
+
+
+def _warn_unlisted(record: RunRecord, output: Path) -> None:
+    """A reused output folder may hold files of an earlier run: say so rather than let
+    them pass for this run's results (the record lists only what this run wrote)."""
+    listed = {entry["key"] for entry in record.files} | {RECORD_KEY}
+    extra = sorted(str(p.relative_to(output)).replace(os.sep, "/") for p in output.rglob("*") if p.is_file()
+                   and str(p.relative_to(output)).replace(os.sep, "/") not in listed)
+    if extra:
+        record.warnings.append(f"{len(extra)} file(s) in the output folder are not from this run "
+                               f"(e.g. {extra[0]}); they are not in this record")
 
 
 def _finish(record: RunRecord, output: Path, t_start: float) -> None:
