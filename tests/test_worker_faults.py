@@ -66,7 +66,7 @@ def job_env(cellprofiler_env, tmp_path, **extra):
     return env
 
 
-def inject(monkeypatch, on_put):
+def inject(monkeypatch, on_put, operations=("PutObject",)):
     """Give every S3 client the worker makes a hook that sees each PutObject first.
 
     `on_put(count, url)` returns an HTTP status to answer with, None to let the
@@ -92,7 +92,8 @@ def inject(monkeypatch, on_put):
 
     def patched(env):  # noqa: ANN001
         client = original(env)
-        client.meta.events.register_first("before-send.s3.PutObject", hook)
+        for operation in operations:
+            client.meta.events.register_first(f"before-send.s3.{operation}", hook)
         return client
 
     monkeypatch.setattr(worker_aws, "make_client", patched)
@@ -145,6 +146,21 @@ def test_s3_slowdowns_and_5xx_during_upload_are_retried(bucket, plate, cellprofi
     assert calls["n"] > 5
     record = assert_complete(bucket, plate)
     assert record["exit_codes"] == [0, 0]
+
+
+@pytest.mark.cellprofiler
+def test_s3_slowdowns_while_downloading_inputs_are_retried(bucket, plate, cellprofiler_env, tmp_path, monkeypatch):
+    """Staging is retried like uploading: 503s and dropped connections on the first
+    reads of the pipeline, data file and images do not fail the job."""
+    def flaky(n, url):
+        if n <= 8 and n % 2:
+            raise EndpointConnectionError(endpoint_url=url)
+        return 503 if n <= 8 else None
+
+    calls = inject(monkeypatch, flaky, operations=("GetObject", "HeadObject"))
+    assert worker_aws.main_aws(job_env(cellprofiler_env, tmp_path, CPB_VCPUS=1)) == 0
+    assert calls["n"] > 8
+    assert assert_complete(bucket, plate)["timings"]["stage"] > 0
 
 
 @pytest.mark.cellprofiler
