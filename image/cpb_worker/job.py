@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 from . import datafile as df
 from .errors import BadInput, WorkerError
@@ -81,6 +81,25 @@ def _loaddata_csv(pipeline: Pipeline, spec: JobSpec) -> Optional[Path]:
     return spec.input_dir / sub / name
 
 
+def _select_range(spec: JobSpec, total: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
+    """This job's image sets: an array child's slice, an explicit range, or all."""
+    first, last = spec.first, spec.last
+    if spec.array_index is not None:
+        if total is None:
+            raise BadInput("an array child needs the image set count: give a data_file "
+                           "(or CPB_IMAGE_SET_COUNT) when using image_sets_per_job")
+        return array_child_range(spec.array_index, spec.sets_per_job or 0, total)
+    if first is not None or last is not None:
+        if total is None:
+            raise BadInput("a --first/--last range needs countable image sets: give a data file")
+        first = 1 if first is None else first
+        last = total if last is None else last
+        if not 1 <= first <= last <= total:
+            raise BadInput(f"range {first}-{last} is outside the {total} image sets (1-{total})")
+        return first, last
+    return (1, total) if total is not None else (None, None)
+
+
 def plan_job(spec: JobSpec) -> Plan:
     """Count image sets, pick this job's range and cut it for the processes."""
     pipeline = load_pipeline(spec.pipeline)
@@ -107,22 +126,7 @@ def plan_job(spec: JobSpec) -> Plan:
     if total is not None and total < 1:
         raise BadInput("no image sets to process: the data file or input folder is empty")
 
-    first, last = spec.first, spec.last
-    if spec.array_index is not None:
-        if total is None:
-            raise BadInput("an array child needs the image set count: give a data_file "
-                           "(or CPB_IMAGE_SET_COUNT) when using image_sets_per_job")
-        first, last = array_child_range(spec.array_index, spec.sets_per_job or 0, total)
-    elif first is not None or last is not None:
-        if total is None:
-            raise BadInput("a --first/--last range needs countable image sets: give a data file")
-        first = 1 if first is None else first
-        last = total if last is None else last
-        if not 1 <= first <= last <= total:
-            raise BadInput(f"range {first}-{last} is outside the {total} image sets (1-{total})")
-    elif total is not None:
-        first, last = 1, total
-
+    first, last = _select_range(spec, total)
     whole = total is not None and (first, last) == (1, total)
     if reasons and total is not None and not whole:
         raise BadInput(f"pipeline {pipeline.path.name} cannot be split into image-set ranges "
@@ -130,7 +134,7 @@ def plan_job(spec: JobSpec) -> Plan:
     if total is None:
         ranges: List[Optional[Range]] = [None]  # count unknown: one process over everything
     elif reasons:
-        ranges = [None] if whole else [(first, last)]
+        ranges = [None]  # the whole run in one process, exactly as CellProfiler would run it
     else:
         workers = spec.workers if spec.workers else available_cpus(spec.env)
         ranges = list(split_range(first, last, workers))
