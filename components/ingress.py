@@ -22,6 +22,9 @@ LAMBDA_RUNTIME = "python3.12"
 LAMBDA_HANDLER = "handlers.ingress.handler"
 # AWS's public Powertools for AWS Lambda (Python) v3 layer (account 017000801446).
 POWERTOOLS_LAYER = "arn:aws:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-{runtime}-x86_64:{version}"
+#: The worker modules the Lambda imports (stdlib only): the pipeline parser that tells whether a
+#: pipeline may be split across array children, so the Lambda refuses what the worker would.
+WORKER_MODULES_FOR_LAMBDA = ("__init__.py", "errors.py", "pipeline.py")
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600  # the SQS maximum: time to look at what failed
 
 
@@ -32,6 +35,7 @@ class JobIngressArgs:
     name_prefix: str
     region: str
     handlers_dir: Path
+    worker_dir: Path
     bucket_name: pulumi.Input[str]
     bucket_arn: pulumi.Input[str]
     job_queue_arn: pulumi.Input[str]
@@ -50,14 +54,20 @@ class JobIngressArgs:
     alarm_email: str = ""
 
 
-def lambda_code(handlers_dir: Path) -> pulumi.AssetArchive:
-    """The ``handlers`` package as the Lambda's code: its .py files only (no caches, no tests)."""
+def lambda_code(handlers_dir: Path, worker_dir: Path) -> pulumi.AssetArchive:
+    """The Lambda's code: the ``handlers`` package's .py files (no caches, no tests) plus the few
+    stdlib-only ``cpb_worker`` modules it imports (`WORKER_MODULES_FOR_LAMBDA`)."""
     files = sorted(p for p in handlers_dir.rglob("*.py") if "__pycache__" not in p.parts)
     if not any(p.name == "ingress.py" for p in files):
         raise FileNotFoundError(f"{handlers_dir}/ingress.py is missing: the Lambda's handler "
                                 f"{LAMBDA_HANDLER} would not exist")
-    return pulumi.AssetArchive({f"handlers/{p.relative_to(handlers_dir).as_posix()}": pulumi.FileAsset(str(p))
-                                for p in files})
+    assets = {f"handlers/{p.relative_to(handlers_dir).as_posix()}": pulumi.FileAsset(str(p)) for p in files}
+    for name in WORKER_MODULES_FOR_LAMBDA:
+        module = worker_dir / name
+        if not module.is_file():
+            raise FileNotFoundError(f"{module} is missing: the Lambda imports it to check pipelines")
+        assets[f"cpb_worker/{name}"] = pulumi.FileAsset(str(module))
+    return pulumi.AssetArchive(assets)
 
 
 def tls_only_queue_policy(queue_arn: str) -> dict[str, Any]:
@@ -125,7 +135,7 @@ class JobIngress(pulumi.ComponentResource):
             runtime=LAMBDA_RUNTIME,
             architectures=["x86_64"],
             handler=LAMBDA_HANDLER,
-            code=lambda_code(args.handlers_dir),
+            code=lambda_code(args.handlers_dir, args.worker_dir),
             timeout=args.lambda_timeout_seconds,
             memory_size=256,
             layers=[POWERTOOLS_LAYER.format(region=args.region, runtime=LAMBDA_RUNTIME.replace(".", ""),

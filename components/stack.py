@@ -94,6 +94,7 @@ def build_stack(cfg: StackConfig, stack: str, region: str, repo: Path = REPO,
         instance_tags=tags), opts)
     ingress = JobIngress("cpb-ingress", JobIngressArgs(
         name_prefix=prefix, region=region, handlers_dir=repo / "handlers",
+        worker_dir=repo / "image" / "cpb_worker",
         bucket_name=storage.bucket_name, bucket_arn=storage.bucket_arn,
         job_queue_arn=compute.job_queue_arn, job_definition_arn=compute.job_definition_arn,
         allowed_job_arns=cfg.allowed_job_arns,

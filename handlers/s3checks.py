@@ -12,8 +12,14 @@ API
 `check_pipeline(s3, bucket, key)`           the pipeline object exists and is readable
 `count_image_sets(s3, bucket, key) -> int`  rows of a LoadData CSV, after validating it
 `check_input(s3, bucket, prefix)`           something lies under the input prefix
+`check_splittable(s3, bucket, key)`        a pipeline about to be split over array children
+                                            carries no state across image sets
 `check_request(s3, request, limits) -> CheckedRequest`  all of them for one `JobRequest`
                                             (input only without a data file)
+
+The splittability rules are the worker's own (`cpb_worker.pipeline`, stdlib
+only, shipped in the Lambda package beside `handlers`), so the Lambda refuses
+exactly what an array child would otherwise refuse after starting.
 """
 from __future__ import annotations
 
@@ -22,10 +28,12 @@ import dataclasses
 import io
 from typing import Any, Optional
 
+from cpb_worker.errors import WorkerError
+from cpb_worker.pipeline import Pipeline, parse_modules, unsplittable_reasons
 from handlers.schema import MAX_ARRAY_SIZE, JobRequest, Limits, MessageError
 
-__all__ = ["CheckedRequest", "check_pipeline", "check_input", "count_image_sets", "check_request", "MAX_DATA_FILE_BYTES",
-           "MAX_PIPELINE_BYTES"]
+__all__ = ["CheckedRequest", "check_pipeline", "check_input", "count_image_sets", "check_splittable", "check_request",
+           "MAX_DATA_FILE_BYTES", "MAX_PIPELINE_BYTES"]
 
 #: A LoadData CSV larger than this is refused (the Lambda reads it into memory to count rows).
 MAX_DATA_FILE_BYTES = 64 * 1024 * 1024
@@ -155,6 +163,32 @@ def check_input(s3: Any, bucket: str, prefix: str) -> None:
                                     "the prefix")
 
 
+def check_splittable(s3: Any, bucket: str, key: str) -> None:
+    """Refuse to split a pipeline that carries state across image sets (TrackObjects, Crop from the
+    first set, illumination over all images, grouping...): its array children would each see only
+    their own range and produce silently wrong results.
+
+    A pipeline that cannot be parsed is left to the worker, which fails the job with the parse error
+    in its run record (the scientist then sees it in `cpb status`).
+    """
+    try:
+        raw = s3.get_object(Bucket=bucket, Key=key)["Body"].read(MAX_PIPELINE_BYTES + 1)
+    except Exception as exc:
+        error = _object_error(exc, "pipeline", bucket, key)
+        if error is None:
+            raise
+        raise error from None
+    try:
+        modules = parse_modules(raw.decode("utf-8"), key)
+    except (UnicodeDecodeError, WorkerError):
+        return
+    reasons = unsplittable_reasons(Pipeline(path=key, sha256="", modules=modules))
+    if reasons:
+        raise MessageError("image_sets_per_job", f"s3://{bucket}/{key} cannot be split across array jobs: "
+                                                 f"{'; '.join(reasons)}; remove image_sets_per_job to run "
+                                                 "it as one job")
+
+
 def check_request(s3: Any, request: JobRequest, limits: Limits) -> CheckedRequest:
     """Run the bucket checks of one request and size its array job.
 
@@ -174,4 +208,6 @@ def check_request(s3: Any, request: JobRequest, limits: Limits) -> CheckedReques
                 raise MessageError("image_sets_per_job", f"{request.image_sets_per_job} makes {children} array "
                                                          f"children for {count} image sets, more than Batch's "
                                                          f"{MAX_ARRAY_SIZE}; use at least {smallest}")
+            if children > 1:
+                check_splittable(s3, limits.bucket, request.pipeline)
     return CheckedRequest(request=request, image_set_count=count)

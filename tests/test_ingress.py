@@ -104,6 +104,25 @@ def test_one_child_array_becomes_a_plain_job_with_the_full_range(moto_stack):
     assert env["CPB_IMAGE_SET_COUNT"] == "10" and "CPB_IMAGE_SETS_PER_JOB" not in env
 
 
+@pytest.mark.hostile
+def test_array_job_of_an_unsplittable_pipeline_is_refused_before_any_child_starts(moto_stack, logs):
+    from pathlib import Path
+    nuclei = (Path(__file__).resolve().parents[1] / "cpb" / "pipelines" / "nuclei.cppipe").read_text()
+    assert "MeasureObjectSizeShape:[" in nuclei
+    moto_stack.put("pipelines/tracking.cppipe", nuclei.replace("MeasureObjectSizeShape:[", "TrackObjects:[").encode())
+    moto_stack.put("pipelines/nuclei.cppipe", nuclei.encode())
+    bad = sqs_record(json.dumps(message(pipeline="pipelines/tracking.cppipe", data_file=DATA_FILE,
+                                        image_sets_per_job=3)))
+    good = sqs_record(json.dumps(message(pipeline="pipelines/nuclei.cppipe", data_file=DATA_FILE,
+                                         image_sets_per_job=3)))
+    assert failed_ids(run(bad, good)) == [bad["messageId"]]
+    [job] = moto_stack.jobs()
+    assert job["arrayProperties"]["size"] == 4
+    [failure] = logs.failures()
+    assert failure["field"] == "image_sets_per_job"
+    assert "TrackObjects" in failure["reason"] and "remove image_sets_per_job" in failure["reason"]
+
+
 def test_data_file_without_split_counts_sets_for_a_single_job(moto_stack):
     run(sqs_record(json.dumps(message(data_file=DATA_FILE, unsplittable=True))))
     [job] = moto_stack.jobs()

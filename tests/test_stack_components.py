@@ -247,6 +247,7 @@ def test_lambda_is_packaged_from_handlers_with_the_contract_environment(stack: R
     shipped = set(function["code"].assets)
     expected = {f"handlers/{p.relative_to(REPO / 'handlers').as_posix()}" for p in (REPO / "handlers").rglob("*.py")
                 if "__pycache__" not in p.parts}
+    expected |= {"cpb_worker/__init__.py", "cpb_worker/errors.py", "cpb_worker/pipeline.py"}
     assert shipped == expected and "handlers/ingress.py" in shipped
     env = function["environment"]["variables"]
     assert env["CPB_BUCKET"] == stack.outputs["bucketName"]
@@ -329,7 +330,10 @@ def test_missing_handler_or_dockerfile_is_named(tmp_path) -> None:
 
     (tmp_path / "schema.py").write_text("")
     with pytest.raises(FileNotFoundError, match=r"ingress\.py is missing.*handlers\.ingress\.handler"):
-        lambda_code(tmp_path)
+        lambda_code(tmp_path, REPO / "image" / "cpb_worker")
+    (tmp_path / "ingress.py").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"__init__\.py is missing: the Lambda imports it"):
+        lambda_code(tmp_path, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"Dockerfile is missing"):
         CellProfilerImage("x", CellProfilerImageArgs(context_dir=tmp_path, cellprofiler_tag="4.2.8",
                                                      force_delete=False))
@@ -359,3 +363,26 @@ def test_versioning_is_per_stack() -> None:
         "Suspended"
     rules = stack.one("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration").inputs["rules"]
     assert [r["id"] for r in rules] == ["abort-incomplete-uploads"]
+
+
+def test_lambda_package_imports_on_its_own(tmp_path) -> None:
+    """Unpack the Lambda's archive as AWS would and import the handler from it alone: every module the
+    handler imports from this project must be in the package (boto3 and Powertools come from the
+    runtime and its layer, here from the virtualenv)."""
+    import subprocess
+    import sys
+
+    from components.ingress import lambda_code
+
+    archive = lambda_code(REPO / "handlers", REPO / "image" / "cpb_worker")
+    for name, asset in archive.assets.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(Path(asset.path).read_bytes())
+    probe = ("import handlers.ingress, handlers.s3checks, cpb_worker.pipeline, sys; "
+             "mods = [m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('handlers', 'cpb_worker')]; "
+             f"outside = [f for f in mods if not f.startswith({str(tmp_path)!r})]; "
+             "assert not outside, outside; print(len(mods))")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CPB_BUCKET": "b", "AWS_DEFAULT_REGION": "eu-west-1"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.strip()) >= 5
