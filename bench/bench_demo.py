@@ -1,0 +1,63 @@
+"""How should the local Batch runner use 2 cores: 2 jobs x 1 vCPU, or 1 job x 2 vCPUs?
+
+Runs the demo's whole path (emulated AWS, real Lambda handler, real worker,
+real CellProfiler) on the default plate (8 image sets, 2 per array child) for
+each layout, alternating the order over two rounds and keeping each layout's
+best batch-step time, then prints the ratios. One run, same machine, so the
+ratios are comparable even when the absolute times are noisy.
+
+    .venv/bin/python bench/bench_demo.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("CPB_CELLPROFILER", str(REPO / ".venv-cp" / "bin" / "cellprofiler"))
+
+from cpb.demo import DemoSettings, run_demo  # noqa: E402
+
+LAYOUTS = [("2 jobs x 1 vCPU", 2, 1), ("1 job x 2 vCPUs", 1, 2), ("1 job x 1 vCPU", 1, 1)]
+
+
+def measure(parallel: int, vcpus: int, out: Path) -> tuple[float, float]:
+    """(batch step wall seconds, CPU seconds of the worker processes)."""
+    before = os.times()
+    result = run_demo(DemoSettings(out_dir=out, parallel=parallel, job_vcpus=vcpus, echo=False))
+    after = os.times()
+    if not result.ok:
+        raise SystemExit(f"demo failed with parallel={parallel} vcpus={vcpus}: {result.failures}")
+    return result.timings["batch"], (after.children_user + after.children_system
+                                      - before.children_user - before.children_system)
+
+
+def main() -> None:
+    best: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="cpb-bench-demo-") as tmp:
+        for round_ in range(2):
+            order = LAYOUTS if round_ == 0 else list(reversed(LAYOUTS))
+            for name, parallel, vcpus in order:
+                wall, cpu = measure(parallel, vcpus, Path(tmp) / "demo")
+                print(f"round {round_ + 1}: {name:<16} batch step {wall:6.2f} s wall, {cpu:6.2f} s CPU "
+                      f"(load {os.getloadavg()[0]:.2f})", flush=True)
+                if name not in best or wall < best[name][0]:
+                    best[name] = (wall, cpu)
+    base = best["1 job x 1 vCPU"][0]
+    print("\nbest of 2, relative to one job at a time with 1 vCPU (higher is faster):")
+    for name, _p, _v in LAYOUTS:
+        wall, cpu = best[name]
+        print(f"  {name:<16} {wall:6.2f} s  speed-up x{base / wall:4.2f}")
+    two_by_one, one_by_two = best["2 jobs x 1 vCPU"][0], best["1 job x 2 vCPUs"][0]
+    print(f"2 jobs x 1 vCPU vs 1 job x 2 vCPUs: x{one_by_two / two_by_one:4.2f} "
+          f"({'2 x 1 is faster: the demo default' if two_by_one < one_by_two else '1 x 2 is faster'})")
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    main()
+    print(f"bench_demo took {time.monotonic() - started:.0f} s")
