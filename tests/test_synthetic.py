@@ -72,3 +72,20 @@ def test_split_run_equals_single_process_run_on_generated_data(plate_runs):
     nuclei = read_rows(root / "w2" / "Nuclei.csv")
     assert len(nuclei) == sum(float(r["Count_Nuclei"]) for r in read_rows(root / "w2" / "Image.csv"))
     assert len(list((root / "w2").glob("*_outlines.png"))) == plate.image_sets
+
+
+def test_nuclei_pipeline_uses_module_versions_cellprofiler_42_runs(shared_examples):
+    """CellProfiler 4.2.8 (the container's) runs the upstream ExampleHuman pipeline (its
+    README gives 4.2.8.1's count), so every module of nuclei.cppipe must be saved at the
+    same settings revision as there, in the same Version:5 text format."""
+    import re
+    pattern = re.compile(r"^(\w+):\[module_num:\d+\|svn_version:'Unknown'\|variable_revision_number:(\d+)\|", re.M)
+    reference = dict(pattern.findall((shared_examples / "ExampleHuman" / "ExampleHuman.cppipe").read_text()))
+    reference.update(pattern.findall(
+        (shared_examples / "ExampleHuman" / "loaddata" / "ExampleHuman_LoadData.cppipe").read_text()))
+    ours = PIPELINE.read_text()
+    assert ours.splitlines()[:3] == ["CellProfiler Pipeline: http://www.cellprofiler.org", "Version:5",
+                                     "DateRevision:400"]
+    modules = pattern.findall(ours)
+    assert len(modules) == 7
+    assert {name: rev for name, rev in modules} == {name: reference[name] for name, _ in modules}
