@@ -26,6 +26,8 @@ from cpb.stack import StackConfig, StackError, discover
 
 # Exit codes of `cpb status` (documented in docs/CLI.md).
 EXIT_OK, EXIT_FAILED, EXIT_RUNNING = 0, 1, 3
+# A 5,000-child array can fail 5,000 ways; the screen shows this many and counts the rest.
+MAX_PROBLEM_LINES = 20
 
 
 class UserError(click.ClickException):
@@ -251,8 +253,13 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
                 state.dead_letters = [d for d in dlq["letters"] if state.output in d.output.split(",")]
         return states
 
+    def show(states: list[status_mod.OutputStatus]) -> None:
+        if sys.stdout.isatty():  # a live view on a terminal; a log gets one block per refresh
+            click.clear()
+        click.echo(render_status(states, stack.bucket))
+
     if watch:
-        states = status_mod.watch(fetch, lambda s: click.echo(render_status(s, stack.bucket)), interval, timeout)
+        states = status_mod.watch(fetch, show, interval, timeout)
     else:
         states = fetch()
         click.echo(render_status(states, stack.bucket))
@@ -288,8 +295,12 @@ def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
         done_parts = sum(p.status == "succeeded" for p in state.run.parts)
         if state.run.parts:
             lines.append(f"  run records: {done_parts}/{len(state.run.parts)} succeeded")
-        for problem in state.problems():
+        problems = state.problems()
+        for problem in problems[:MAX_PROBLEM_LINES]:
             lines.append(f"  ! {problem}")
+        if len(problems) > MAX_PROBLEM_LINES:
+            lines.append(f"  ! ... and {len(problems) - MAX_PROBLEM_LINES} more; `cpb requeue --dry-run "
+                         f"{state.output}` lists every failed job")
     return "\n".join(lines)
 
 

@@ -506,3 +506,14 @@ def test_no_aws_credentials_is_one_line_with_the_fix(monkeypatch, tmp_path):
     result = CliRunner().invoke(cli, ["status", "results/x", "--bucket", "b-1", "--region", "us-east-1", "--no-dlq"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "cpb: Unable to locate credentials: sign in to AWS first" in result.output
+
+
+def test_status_of_a_wide_failed_array_stays_readable(aws):
+    job_id = array_submission(aws, "results/wide", 30)
+    states = MotoJobStates(REGION)
+    for index in range(30):
+        states.set(f"{job_id}:{index}", "FAILED", f"Essential container in task exited (exit code 3) #{index}", 3)
+    result = CliRunner().invoke(cli, ["status", "results/wide", "--no-dlq"])
+    assert result.exit_code == 1
+    assert "0/30 children succeeded, 30 failed" in result.output
+    assert result.output.count("  ! ") == 21 and "and 10 more" in result.output
