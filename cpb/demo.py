@@ -16,10 +16,11 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import click
 
@@ -136,12 +137,10 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     quiet = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_SERVICE_NAME": "cpb-ingress"}
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
-    with steps.step("setup", "setup: AWS emulated on 127.0.0.1 (moto), stack resources, CellProfiler"):
-        cp_env = cellprofiler_env()
-        server = moto_server()
-        endpoint = server.__enter__()
-        result.endpoint = endpoint
-    try:
+    with contextlib.ExitStack() as running:  # stops the emulator however the demo ends
+        with steps.step("setup", "setup: AWS emulated on 127.0.0.1 (moto), stack resources, CellProfiler"):
+            cp_env = cellprofiler_env()
+            endpoint = result.endpoint = running.enter_context(moto_server())
         stack = create_stack(endpoint)
         steps.say(f"      bucket {stack.bucket}, queue {stack.queue_url.rsplit('/', 1)[-1]}, "
                   f"Batch queue {stack.job_queue_arn.rsplit('/', 1)[-1]} at {endpoint}")
@@ -199,33 +198,40 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 result.montage = make_montage(results_dir, plate.truth, out / "plate.png",
                                               counted={(r["well"], s): c for r in result.table
                                                        for s, c in r["sites"].items()})
-    finally:
-        server.__exit__(None, None, None)
     result.ok = not result.failures and result.status_exit == 0
     return _finish(result, steps)
 
 
-def _run_batch(stack, out: Path, settings: DemoSettings, steps: Steps) -> list:
-    """Discover the submitted jobs and run them, with a jobs n/m line per change."""
+class JobProgress:
+    """`jobs n/m done (k running)` lines from the runner's events (called from its threads)."""
+
+    def __init__(self, steps: Steps) -> None:
+        self.steps, self.total, self.done, self.running = steps, 0, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, item: Any, detail: str) -> None:
+        with self._lock:
+            if kind == "start" and detail == "attempt 1":
+                self.running += 1
+            elif kind == "done":
+                self.running, self.done = self.running - 1, self.done + 1
+                self.steps.say(f"      jobs {self.done}/{self.total} done ({self.running} running): "
+                               f"{item.label} {detail}")
+            elif kind == "retry":
+                self.steps.say(f"      {item.label}: {detail}")
+
+
+def _run_batch(stack: Any, out: Path, settings: DemoSettings, steps: Steps) -> list:
+    """Discover the submitted jobs and run them, reporting progress as they finish."""
     import boto3
 
     from cpb import localbatch
-    batch = boto3.client("batch")
-    done = {"n": 0}
-    runner_holder: dict = {}
-
-    def on_event(kind: str, item, detail: str) -> None:
-        if kind == "done":
-            done["n"] += 1
-            steps.say(f"      jobs {done['n']}/{runner_holder['total']} done: {item.label} {detail}")
-        elif kind == "retry":
-            steps.say(f"      {item.label}: {detail}")
-
-    runner = localbatch.LocalBatch(batch, stack.job_queue_arn, stack.aws_env(), out / "logs",
+    progress = JobProgress(steps)
+    runner = localbatch.LocalBatch(boto3.client("batch"), stack.job_queue_arn, stack.aws_env(), out / "logs",
                                    localbatch.MotoJobStates(stack.region), parallel=settings.parallel,
-                                   vcpus_per_job=settings.job_vcpus, logs=boto3.client("logs"), on_event=on_event)
+                                   vcpus_per_job=settings.job_vcpus, logs=boto3.client("logs"), on_event=progress)
     items = runner.discover()
-    runner_holder["total"] = len(items)
+    progress.total = len(items)
     steps.say(f"      {len(items)} job(s) found in the job queue")
     try:
         outcomes = runner.run(items)
