@@ -10,6 +10,7 @@ attempt's leftovers instead of mixing them with its own results.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from .record import RECORD_KEY, RunRecord, utc_now
 from .s3io import S3IO, make_client, safe_key_path
 
 PENDING_KEY = "_cpb/pending.json"
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 @dataclass
@@ -208,7 +210,7 @@ def _print_failure_log(out_dir: Path) -> None:
     """Show the end of CellProfiler's log in the job log (CloudWatch) before the reason."""
     for log in sorted((out_dir / "_cpb" / "logs").glob("*.log")):
         lines = log.read_text(errors="replace").splitlines()
-        if any("Error" in line for line in lines):
+        if any(_ERROR_LINE.match(line) and "MySQL" not in line for line in lines):  # MySQL: harmless 5.0 warning
             sys.stderr.write(f"--- last lines of {log.name} ---\n" + "\n".join(lines[-15:]) + "\n")
             return
 
