@@ -352,3 +352,44 @@ def test_loaddata_row_range_setting_shifts_image_sets_to_csv_rows(tmp_path):
     (plate.images_dir / "SYN1_A01_s2_w1.tif").unlink()  # CSV row 2 = image set 1
     with pytest.raises(BadInput, match=r"image set 1 \(data file line 3\) Image_FileName_DNA"):
         check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")
+
+
+# --- AWS-mode environment and key mapping -----------------------------------
+
+def _job_env(**extra):
+    env = {"CPB_BUCKET": "bkt", "CPB_PIPELINE": "p/x.cppipe", "CPB_INPUT": "in/plate1/", "CPB_OUTPUT": "/out/run1"}
+    env.update(extra)
+    return env
+
+
+def test_job_environment_is_validated_and_normalised():
+    from cpb_worker.aws import JobEnv
+    job = JobEnv.from_env(_job_env(CPB_IMAGE_SETS_PER_JOB="4", AWS_BATCH_JOB_ARRAY_INDEX="3"))
+    assert (job.input, job.output, job.prefix, job.array_index) == ("in/plate1", "out/run1", "out/run1/part-00003", 3)
+    requeued = JobEnv.from_env(_job_env(CPB_IMAGE_SETS_PER_JOB="4", CPB_ARRAY_INDEX="2"))  # cpb requeue
+    assert requeued.prefix == "out/run1/part-00002"
+    assert JobEnv.from_env(_job_env()).prefix == "out/run1"
+    with pytest.raises(BadInput, match="array child without CPB_IMAGE_SETS_PER_JOB"):
+        JobEnv.from_env(_job_env(AWS_BATCH_JOB_ARRAY_INDEX="1"))
+    with pytest.raises(BadInput, match="CPB_IMAGE_SET_COUNT must be a whole number"):
+        JobEnv.from_env(_job_env(CPB_IMAGE_SET_COUNT="many"))
+    with pytest.raises(BadInput, match="lacks CPB_INPUT, CPB_OUTPUT"):
+        JobEnv.from_env({"CPB_BUCKET": "b", "CPB_PIPELINE": "p"})
+
+
+def test_data_file_locations_map_to_keys_in_the_job_bucket(tmp_path):
+    from cpb_worker.aws import JobEnv, Stager
+    fsx = tmp_path / "fsx"
+    fsx.mkdir()
+    stager = Stager(JobEnv.from_env(_job_env(CPB_FSX_ROOT=str(fsx))), s3=None, root=tmp_path / "s3")
+    assert stager.key_for("a.tif", "in/plate1") == "in/plate1/a.tif"
+    assert stager.key_for("sub/a.tif", "in/plate1") == "in/plate1/sub/a.tif"
+    assert stager.key_for("s3://bkt/other/a.tif", "in/plate1") == "other/a.tif"
+    assert stager.key_for(f"{fsx}/shared/a.tif", "in/plate1") == "shared/a.tif"
+    assert stager.local("in/plate1/a.tif") == fsx / "in" / "plate1" / "a.tif"
+    with pytest.raises(BadInput, match="images must be in the job's bucket s3://bkt"):
+        stager.key_for("s3://someone-else/a.tif", "in")
+    with pytest.raises(BadInput, match="absolute path outside the bucket"):
+        stager.key_for("/home/me/a.tif", "in")
+    with pytest.raises(BadInput, match="not a plain relative key"):
+        stager.local("in/../../etc/passwd")
