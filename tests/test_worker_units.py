@@ -90,6 +90,7 @@ def test_project_files_are_refused_with_the_fix(tmp_path):
     ("When to save:Every cycle", "When to save:Last cycle", "saves only on the last cycle"),
     ("Group images by metadata?:No", "Group images by metadata?:Yes", "groups image sets"),
     ("MeasureObjectSizeShape:[", "TrackObjects:[", "tracks across image sets"),
+    ("Select the type of image to save:Image", "Select the type of image to save:Movie/Stack", "movie/stack"),
 ])
 def test_unsplittable_pipelines_are_detected(tmp_path, old, new, why):
     reasons = unsplittable_reasons(load_pipeline(_variant(tmp_path, old, new)))

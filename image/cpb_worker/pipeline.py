@@ -162,15 +162,8 @@ def unsplittable_reasons(pipeline: Pipeline) -> List[str]:
             when = module.get("When to save") or ""
             if when in ("First cycle", "Last cycle"):
                 add(module, f"saves only on the {when.lower()}")
-            if (module.get("Saved file format") or "") == "movie":
-                add(module, "saves a movie across image sets")
-        elif name == "ExportToSpreadsheet":
-            for key in ("Calculate the per-well mean values of objects?",
-                        "Calculate the per-well median values of objects?",
-                        "Calculate the per-well standard deviation values of objects?"):
-                if module.get(key) == "Yes":
-                    add(module, "computes per-well aggregates over image sets")
-                    break
+            if (module.get("Select the type of image to save") or "").startswith("Movie"):
+                add(module, "saves a movie/stack across image sets")
     return reasons
 
 
