@@ -143,6 +143,11 @@ def unsplittable_reasons(pipeline: Pipeline) -> List[str]:
         name = module.name
         if name in ("TrackObjects", "MakeProjection", "CalculateStatistics", "CreateBatchFiles"):
             add(module, "aggregates or tracks across image sets")
+        elif name == "ExportToDatabase":
+            add(module, "writes one database per run, which ranges cannot merge")
+        elif name == "UntangleWorms":
+            if (module.get("Train or untangle worms?") or "") == "Train":
+                add(module, "trains a worm model over all image sets")
         elif name == "CorrectIlluminationCalculate":
             if (module.get("Calculate function for each image individually, or based on all images?") or "").startswith("All"):
                 add(module, "computes an illumination function over all image sets")
