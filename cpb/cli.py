@@ -145,21 +145,30 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
            upload_dir: Optional[Path], dry_run: bool, no_check: bool) -> None:
     """Validate job messages like the Lambda does, then send them to the queue."""
     stack.require("bucket", *(() if dry_run else ("queue_url",)))
-    clients = _clients(stack)
+    limits = limits_of(stack)
     if message_file is not None:
         if any(v is not None for v in (pipeline, input_prefix, output, data_file, image_sets_per_job)):
             raise UserError("give either --message-file or --pipeline/--input/--output, not both")
         body = submit_mod.read_message_file(message_file)
+        submit_mod.validate(body, limits)
+        clients = _clients(stack)
     else:
         missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
         if missing:
             raise UserError(f"missing {', '.join(missing)} (or pass --message-file FILE)")
+        # A bad message costs no upload and needs no credentials: validate the flags first, with the
+        # local files --upload will turn into keys standing in for those keys.
+        def as_key(value: Optional[str]) -> Optional[str]:
+            return f"uploads/{Path(value).name}" if upload_dir and value and Path(value).is_file() else value
+        submit_mod.validate(json.dumps(submit_mod.message_from_flags(
+            as_key(pipeline), input_prefix, output, as_key(data_file), image_sets_per_job, memory, vcpus, job_name,
+            unsplittable)), limits)
+        clients = _clients(stack)
         if upload_dir is not None:
             pipeline, data_file = upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
                                                 pipeline, data_file)
         body = json.dumps(submit_mod.message_from_flags(
             pipeline, input_prefix, output, data_file, image_sets_per_job, memory, vcpus, job_name, unsplittable))
-    limits = limits_of(stack)
     requests = submit_mod.validate(body, limits)
     if not no_check:
         checked = submit_mod.check_in_bucket(clients.s3, requests, limits)

@@ -274,6 +274,20 @@ def test_upload_skips_unchanged_files_and_sends_changed(aws, tmp_path):
     assert body["pipeline"].startswith("pipelines/") and body["pipeline"].endswith("/nuclei.cppipe")
 
 
+def test_bad_message_with_upload_is_refused_before_anything_is_uploaded(aws, tmp_path):
+    images = tmp_path / "plate"
+    images.mkdir()
+    (images / "a.tif").write_bytes(os.urandom(1024))
+    pipeline = tmp_path / "nuclei.cppipe"
+    pipeline.write_text(PIPELINE_TEXT)
+    result = invoke("submit", "--upload", str(images), "--pipeline", str(pipeline), "--input", "plates/up",
+                    "--output", "../results", "--memory", "8192")
+    assert result.exit_code == 1
+    assert "output" in result.output and "'..'" in result.output
+    assert aws["s3"].list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0
+    assert queued(aws) == []
+
+
 # ------------------------------------------------------------------------- status, results, requeue
 
 def array_submission(aws, output: str, size: int) -> str:
