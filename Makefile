@@ -19,6 +19,7 @@ export OPENBLAS_NUM_THREADS := 1
 .PHONY: test demo bench venv cellprofiler py38 clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	@echo "setup: $(VENV) with Pulumi, moto and the cpb client (first run only, about a minute)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
@@ -26,6 +27,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 $(CP_VENV)/.installed: requirements-cellprofiler.txt
+	@echo "setup: $(CP_VENV) with headless CellProfiler $(CP_VERSION) (first run only, about a minute)"
 	$(PYTHON) -m venv $(CP_VENV)
 	$(CP_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CP_VENV)/bin/python -m pip install -q --no-deps cellprofiler-nightly==$(CP_VERSION)
@@ -34,6 +36,7 @@ $(CP_VENV)/.installed: requirements-cellprofiler.txt
 
 $(PY38_VENV)/.installed: image/requirements.txt
 	@if [ -z "$(PYTHON38)" ]; then echo "python3.8 not found: worker 3.8 tests will be skipped (set PYTHON38=/path/to/python3.8)"; exit 0; fi; \
+	echo "setup: $(PY38_VENV) with $(PYTHON38) and boto3 (the container's Python, for worker tests)"; \
 	$(PYTHON38) -m venv $(PY38_VENV) && $(PY38_VENV)/bin/python -m pip install -q -r image/requirements.txt && touch $@
 
 venv: $(VENV)/.installed
