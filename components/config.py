@@ -67,7 +67,7 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("jobVcpus", "integer", 4,
                 "Default vCPUs per job (the worker runs one CellProfiler process per vCPU)."),
     ConfigField("jobMemoryMib", "integer", 15000,
-                "Default memory per job in MiB."),
+                "Default memory per job in MiB, for jobVcpus vCPUs; a message that sets only job_vcpu gets the same memory per vCPU."),
     ConfigField("jobMaxVcpus", "integer", 16,
                 "Largest vCPU count one message may ask for."),
     ConfigField("jobMaxMemoryMib", "integer", 61440,

@@ -181,7 +181,14 @@ class JobRequest:
         return self.job_vcpu if self.job_vcpu is not None else limits.default_vcpu
 
     def memory_mib(self, limits: Limits) -> int:
-        return self.job_memory if self.job_memory is not None else limits.default_memory_mib
+        """The message's memory, else the stack's default per vCPU times this job's vCPUs (the worker
+        runs one CellProfiler process per vCPU, each needing its own memory), within the stack's limit."""
+        if self.job_memory is not None:
+            return self.job_memory
+        if self.job_vcpu is None:
+            return limits.default_memory_mib
+        per_vcpu = limits.default_memory_mib / max(limits.default_vcpu, 1)
+        return min(limits.max_memory_mib, max(1024, math.ceil(per_vcpu * self.job_vcpu)))
 
     def queue(self, limits: Limits) -> str:
         return self.job_queue or limits.job_queue_arn

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -43,6 +44,19 @@ def test_seed_list_with_arns_and_defaults():
     first, second = parse_body(body, LIMITS)
     assert first.queue(LIMITS) == corpus.ALLOWED_QUEUE_ARN and first.vcpus(LIMITS) == LIMITS.default_vcpu
     assert second.definition(LIMITS) == corpus.JOBDEF_ARN and second.memory_mib(LIMITS) == 2048
+
+
+def test_memory_follows_vcpus_when_only_vcpus_are_asked_for():
+    per_vcpu = LIMITS.default_memory_mib / LIMITS.default_vcpu
+    [small] = parse_body(json.dumps({"pipeline": corpus.PIPELINE, "input": corpus.INPUT, "output": "r/a",
+                                     "job_vcpu": 2}), LIMITS)
+    assert small.memory_mib(LIMITS) == max(1024, math.ceil(per_vcpu * 2))
+    [wide] = parse_body(json.dumps({"pipeline": corpus.PIPELINE, "input": corpus.INPUT, "output": "r/b",
+                                    "job_vcpu": LIMITS.max_vcpu}), LIMITS)
+    assert wide.memory_mib(LIMITS) == min(LIMITS.max_memory_mib, math.ceil(per_vcpu * LIMITS.max_vcpu))
+    assert wide.memory_mib(LIMITS) > LIMITS.default_memory_mib  # more processes, more memory
+    [neither] = parse_body(json.dumps({"pipeline": corpus.PIPELINE, "input": corpus.INPUT, "output": "r/c"}), LIMITS)
+    assert neither.memory_mib(LIMITS) == LIMITS.default_memory_mib
 
 
 def test_body_of_exactly_256_kib_is_accepted():
