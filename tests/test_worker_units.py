@@ -394,3 +394,15 @@ def test_data_file_locations_map_to_keys_in_the_job_bucket(tmp_path):
         stager.key_for("/home/me/a.tif", "in")
     with pytest.raises(BadInput, match="not a plain relative key"):
         stager.local("in/../../etc/passwd")
+
+
+def test_loaddata_pipeline_without_data_file_says_to_pass_one(tmp_path):
+    """Forgetting --data-file is the usual LoadData mistake: the error must name the flag, not a message key."""
+    from cpb.synthetic import make_plate
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=2, seed=1, size=96, nuclei=(1, 2))
+    (plate.images_dir / "load_data.csv").unlink()  # only the copy outside the images folder is left
+    with pytest.raises(BadInput, match=r"LoadData but no data file was given.*load_data\.csv.*--data-file"):
+        plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=None))
+    # the CSV LoadData names, where it names it, still works without the flag
+    shutil.copy(plate.data_file, plate.images_dir / "load_data.csv")
+    assert plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=None, workers=1)).total == 2

@@ -76,9 +76,15 @@ def _loaddata_csv(pipeline: Pipeline, spec: JobSpec) -> Optional[Path]:
     location = (module.get("Input data file location") or "Default Input Folder|").split("|", 1)
     name = module.get("Name of the file") or ""
     if location[0] == "Elsewhere..." and len(location) > 1 and location[1]:
-        return Path(location[1]) / name
-    sub = location[1] if location[0].endswith("sub-folder") and len(location) > 1 else ""
-    return spec.input_dir / sub / name
+        named = Path(location[1]) / name
+    else:
+        sub = location[1] if location[0].endswith("sub-folder") and len(location) > 1 else ""
+        named = spec.input_dir / sub / name
+    if not named.is_file():  # the usual cause: the CSV lives elsewhere and no data file was given
+        raise BadInput(f"pipeline {pipeline.path.name} has LoadData but no data file was given, and the CSV its "
+                       f"LoadData names is not there ({named}): pass the CSV with --data-file "
+                       "(data_file in a job message)")
+    return named
 
 
 def _select_range(spec: JobSpec, total: Optional[int]) -> Tuple[Optional[int], Optional[int]]:
