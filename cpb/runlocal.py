@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:  # the worker package is imported lazily, as in run_local
+    from cpb_worker.record import RunRecord
 
 
 @dataclass
@@ -32,7 +35,23 @@ def run_local(pipeline: Path, input_dir: Path, output_dir: Path, data_file: Opti
         return LocalOutcome(False, error.exit_code,
                             f"FAILED (exit {error.exit_code}): {error.reason}\n"
                             f"run record: {Path(output_dir) / '_cpb' / 'run.json'}")
-    files = len(record.files)
+    return LocalOutcome(True, 0, summarize(record, output_dir, workers))
+
+
+def summarize(record: "RunRecord", output_dir: Path, workers: int) -> str:
+    """The verdict line, then what a scientist must know to trust it: the record's warnings
+    (e.g. an earlier run's files left in the output folder) and why fewer processes ran than
+    --workers asked for (the run record has it, but nobody opens run.json after a success)."""
     took = record.timings.get("total")
-    return LocalOutcome(True, 0, f"succeeded: image sets {record.first}-{record.last} with {record.processes} "
-                                 f"CellProfiler process(es) in {took}s; {files} file(s) in {output_dir}")
+    lines = [f"succeeded: image sets {record.first}-{record.last} with {record.processes} "
+             f"CellProfiler process(es) in {took}s; {len(record.files)} file(s) in {output_dir}"]
+    if record.processes < workers:
+        if record.unsplittable_reasons:
+            why = "the pipeline must run as one process (" + "; ".join(record.unsplittable_reasons) + ")"
+        elif record.image_set_count is not None and record.image_set_count < workers:
+            why = f"there are only {record.image_set_count} image set(s)"
+        else:
+            why = "the image sets could not be counted from the pipeline's rules (give a LoadData --data-file)"
+        lines.append(f"note: {record.processes} process(es), not --workers {workers}, because {why}")
+    lines.extend(f"warning: {warning}" for warning in record.warnings)
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -25,11 +26,16 @@ def cp(cellprofiler_env, monkeypatch):
 def test_run_local_splits_over_workers_and_merges(cp, shared_examples, tmp_path):
     human = shared_examples / "ExampleHuman"
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "Cells_from_last_week.csv").write_text("ImageNumber\n1\n")  # a reused output folder
     result = CliRunner().invoke(cli, ["run", "--local", "--pipeline", str(human / "loaddata" / "ExampleHuman_LoadData.cppipe"),
                                       "--input", str(human / "images"), "--output", str(out),
                                       "--data-file", str(human / "loaddata" / "load_data_x4.csv"), "--workers", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("succeeded: image sets 1-4 with 2 CellProfiler process(es)")
+    # the scientist sees, without opening run.json, that the folder holds a file this run did not write
+    assert "warning: 1 file(s) in the output folder are not from this run (e.g. Cells_from_last_week.csv)" \
+        in result.output
     rows = list(csv.DictReader(open(out / "Image.csv")))
     assert sorted(int(r["ImageNumber"]) for r in rows) == [1, 2, 3, 4]
     counts = {int(float(r["Count_Nuclei"])) for r in rows}
@@ -48,3 +54,18 @@ def test_run_local_bad_pipeline_is_one_line_with_worker_exit_code(tmp_path, monk
     assert result.exit_code == 2, result.output  # CONTRACTS.md: 2 = bad input
     assert result.output.startswith("FAILED (exit 2): ") and "Traceback" not in result.output
     assert json.loads((tmp_path / "out" / "_cpb" / "run.json").read_text())["status"] == "failed"
+
+
+def test_run_local_summary_says_why_fewer_processes_than_workers_ran():
+    """--workers 4 on a pipeline that must run in one process, or on fewer image sets, must not look
+    like a silent downgrade: the summary says why."""
+    from cpb.runlocal import summarize
+    from cpb_worker.record import RunRecord
+    crop = RunRecord(status="succeeded", first=1, last=3, image_set_count=3, processes=1,
+                     unsplittable_reasons=["Crop (module 5) crops every image set with the first set's pattern"])
+    text = summarize(crop, Path("out"), workers=4)
+    assert text.splitlines()[1] == ("note: 1 process(es), not --workers 4, because the pipeline must run as one "
+                                    "process (Crop (module 5) crops every image set with the first set's pattern)")
+    few = RunRecord(status="succeeded", first=1, last=2, image_set_count=2, processes=2)
+    assert "because there are only 2 image set(s)" in summarize(few, Path("out"), workers=4)
+    assert summarize(few, Path("out"), workers=2).count("\n") == 0  # got what was asked: one line
