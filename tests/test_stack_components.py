@@ -386,3 +386,51 @@ def test_lambda_package_imports_on_its_own(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 5
+
+
+def _dockerfile_run_block(marker: str) -> str:
+    """The shell text of the Dockerfile's RUN instruction containing ``marker`` (continuations joined)."""
+    instructions, current = [], ""
+    for line in (REPO / "image" / "Dockerfile").read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip().removesuffix("\\") + "\n" if line.rstrip().endswith("\\") else line + "\n"
+        if not line.rstrip().endswith("\\"):
+            instructions.append(current)
+            current = ""
+    runs = [text.split(None, 1)[1] for text in instructions if text.startswith("RUN ") and marker in text]
+    assert len(runs) == 1, f"expected one RUN with {marker!r}, found {len(runs)}"
+    return runs[0]
+
+
+def test_dockerfile_cpb_python_runs_in_cellprofilers_virtualenv(tmp_path) -> None:
+    """The official 4.2.x images install CellProfiler in a virtualenv (/opt/venv) whose bin is on PATH.
+    The Dockerfile's cpb-python must start that venv's Python with the venv active (so boto3 goes in
+    beside CellProfiler and `-m cpb_worker` sees it); a plain symlink to the venv's interpreter would
+    start the bare base Python instead. Runs the Dockerfile's own RUN text against a throw-away venv
+    laid out like the image's."""
+    import subprocess
+    import sys
+    import venv
+
+    venv_dir = tmp_path / "opt-venv"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(venv_dir)
+    site = next((venv_dir / "lib").glob("python3*/site-packages"))
+    (site / "cellprofiler").mkdir()
+    (site / "cellprofiler" / "__init__.py").write_text("__version__ = 'fake-4.2.8'\n")
+    script = venv_dir / "bin" / "cellprofiler"  # what pip writes: a shebang naming the venv's python
+    script.write_text(f"#!{venv_dir / 'bin' / 'python'}\nimport cellprofiler\n")
+    script.chmod(0o755)
+
+    target = tmp_path / "cpb-python"
+    block = _dockerfile_run_block("cp_script=").replace("/usr/local/bin/cpb-python", str(target))
+    env = {**os.environ, "PATH": f"{venv_dir / 'bin'}:{os.environ['PATH']}"}
+    env.pop("VIRTUAL_ENV", None)
+    build = subprocess.run(["sh", "-c", block], env=env, capture_output=True, text=True, timeout=60)
+    assert build.returncode == 0, build.stderr
+
+    probe = subprocess.run([str(target), "-c", "import sys, cellprofiler; print(sys.prefix)"],
+                           env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert Path(probe.stdout.strip()) == venv_dir
+    assert Path(sys.prefix) != venv_dir  # the probe's answer is not simply the test's own interpreter
