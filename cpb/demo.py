@@ -117,6 +117,34 @@ def _invoke(args: list[str], capture: bool = True) -> tuple[int, str]:
     return 0, ""
 
 
+DEMO_MARKER = ".cpb-demo"  # written into --out: the folder is the demo's to clean on the next run
+DEMO_OWNED = ("plate", "results", "logs", "cpb-home", "plate.png")
+
+
+def clear_previous_demo(out: Path) -> list[str]:
+    """Start clean: delete what an earlier demo wrote, but only in a folder a demo made.
+    In any other folder (`cpb demo --out ~/project`) same-named entries are the scientist's:
+    they are renamed aside, never deleted. Returns one line per entry moved."""
+    present = [name for name in DEMO_OWNED if (out / name).exists()]
+    ours = (out / DEMO_MARKER).is_file() or (out / "cpb-home").is_dir()  # cpb-home: demos before the marker
+    moved = []
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for name in present:
+        target = out / name
+        if not ours:
+            aside = out / f"{name}.before-demo-{stamp}"
+            target.rename(aside)
+            moved.append(f"      {target} was not written by a demo: kept, renamed to {aside.name}")
+        elif target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `cpb demo`; it deletes its own plate/ results/ logs/ "
+                                   "cpb-home/ plate.png here on its next run\n")
+    return moved
+
+
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run the demo; print progress, the table, where things are; return what happened."""
     from cpb import localbatch, localingress
@@ -124,13 +152,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     steps = Steps(7, settings.echo)
     out = settings.out_dir.resolve()
-    for owned in ("plate", "results", "logs", "cpb-home", "plate.png"):  # ours from a previous run: start clean
-        target = out / owned
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    for line in clear_previous_demo(out):
+        steps.say(line)
     pipeline = settings.pipeline or (REPO / "cpb" / "pipelines" / "nuclei.cppipe")
     output_prefix = f"results/{PLATE}"
     result = DemoResult(ok=False, output_prefix=output_prefix)

@@ -531,3 +531,20 @@ def test_status_of_a_wide_failed_array_stays_readable(aws):
     assert result.exit_code == 1
     assert "0/30 children succeeded, 30 failed" in result.output
     assert result.output.count("  ! ") == 21 and "and 10 more" in result.output
+
+
+def test_demo_never_deletes_an_out_folder_it_did_not_make(tmp_path, monkeypatch):
+    """`cpb demo --out ~/project` once deleted the project's results/: now only a demo's own folder is
+    cleared, and a scientist's same-named folder is renamed aside, with a line saying so."""
+    monkeypatch.setenv("CPB_CELLPROFILER", str(tmp_path / "no-cellprofiler"))  # stops the demo after the clean-up
+    project = tmp_path / "project"
+    (project / "results").mkdir(parents=True)
+    (project / "results" / "thesis.csv").write_text("precious\n")
+    result = CliRunner().invoke(cli, ["demo", "--out", str(project)])
+    kept = [p for p in project.iterdir() if p.name.startswith("results.before-demo-")]
+    assert len(kept) == 1 and (kept[0] / "thesis.csv").read_text() == "precious\n"
+    assert f"{project / 'results'} was not written by a demo: kept, renamed to {kept[0].name}" in result.output
+    # that folder is now the demo's: its next run clears it, as it clears any earlier demo's folder
+    (project / "results").mkdir()
+    CliRunner().invoke(cli, ["demo", "--out", str(project)])
+    assert not (project / "results").exists() and kept[0].exists()
