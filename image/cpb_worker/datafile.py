@@ -55,7 +55,7 @@ def read_data_file(path: Path) -> DataFile:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise BadInput(f"data file not found: {path} (check the message's 'data_file' key)") from None
+        raise BadInput(f"data file not found: {path} (check --data-file, or the job message's 'data_file' key)") from None
     except UnicodeDecodeError:
         raise BadInput(f"data file {path.name} is not UTF-8 text (save the CSV as UTF-8)") from None
     reader = csv.reader(io.StringIO(text))
