@@ -407,3 +407,11 @@ def test_loaddata_pipeline_without_data_file_says_to_pass_one(tmp_path):
     # the CSV LoadData names, where it names it, still works without the flag
     shutil.copy(plate.data_file, plate.images_dir / "load_data.csv")
     assert plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=None, workers=1)).total == 2
+
+
+def test_empty_input_folder_is_bad_input_before_cellprofiler_starts(shared_examples, tmp_path):
+    """An empty --input once reached CellProfiler and came back as "wrote no Image.csv" (exit 3)."""
+    empty = tmp_path / "images"
+    empty.mkdir()
+    with pytest.raises(BadInput, match=r"input folder .*images has no files: point the input at the images"):
+        plan_job(JobSpec(pipeline=shared_examples / "ExampleHuman" / "ExampleHuman.cppipe", input_dir=empty))

@@ -17,7 +17,7 @@ from typing import List, Mapping, Optional, Tuple
 
 from . import datafile as df
 from .errors import BadInput, WorkerError
-from .filerules import count_image_sets
+from .filerules import count_image_sets, list_files
 from .merge import merge
 from .pipeline import Pipeline, export_module, is_grouped, load_pipeline, unsplittable_reasons
 from .ranges import Range, array_child_range, available_cpus, split_range
@@ -122,6 +122,9 @@ def plan_job(spec: JobSpec) -> Plan:
         counted: Optional[int] = total
     else:
         counted = count_image_sets(pipeline, spec.input_dir)
+        if counted is None and not list_files(spec.input_dir):  # else CellProfiler "wrote no Image.csv"
+            raise BadInput(f"input folder {spec.input_dir} has no files: point the input at the images "
+                           "(or give a LoadData data file)")
     total = counted
     if spec.expected_count is not None:
         if counted is not None and counted != spec.expected_count:
