@@ -77,6 +77,19 @@ def tls_only_queue_policy(queue_arn: str) -> dict[str, Any]:
         "Resource": queue_arn, "Condition": {"Bool": {"aws:SecureTransport": "false"}}}]}
 
 
+def alarm_topic_key_policy(any_arn_in_account: str) -> dict[str, Any]:
+    """KMS key policy for the alarm topic: the account administers the key through IAM, and CloudWatch
+    alarms may encrypt what they publish (kms:GenerateDataKey*/Decrypt), which alias/aws/sns never allows."""
+    partition, account = any_arn_in_account.split(":")[1], any_arn_in_account.split(":")[4]
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": "AccountAdministersKeyThroughIam", "Effect": "Allow",
+         "Principal": {"AWS": f"arn:{partition}:iam::{account}:root"}, "Action": "kms:*", "Resource": "*"},
+        {"Sid": "CloudWatchAlarmsPublishToTopic", "Effect": "Allow",
+         "Principal": {"Service": "cloudwatch.amazonaws.com"},
+         "Action": ["kms:Decrypt", "kms:GenerateDataKey*"], "Resource": "*"},
+    ]}
+
+
 class JobIngress(pulumi.ComponentResource):
     """Queue, dead-letter queue, Lambda, event source mapping and DLQ alarm."""
 
@@ -164,7 +177,14 @@ class JobIngress(pulumi.ComponentResource):
 
         alarm_actions: list[pulumi.Input[str]] = []
         if args.alarm_email:
-            topic = aws.sns.Topic(f"{name}-alarms", kms_master_key_id="alias/aws/sns", opts=child)
+            # CloudWatch cannot use the AWS-managed alias/aws/sns key (its policy cannot be edited to let
+            # CloudWatch encrypt), so alarms on a topic encrypted with it never notify anyone.
+            key = aws.kms.Key(
+                f"{name}-alarms-key", description="Encrypts the DLQ alarm topic; CloudWatch alarms may use it",
+                enable_key_rotation=True, deletion_window_in_days=7,
+                policy=dlq.arn.apply(lambda arn: json.dumps(alarm_topic_key_policy(arn))),
+                opts=child)
+            topic = aws.sns.Topic(f"{name}-alarms", kms_master_key_id=key.arn, opts=child)
             aws.sns.TopicSubscription(f"{name}-alarms-email", topic=topic.arn, protocol="email",
                                       endpoint=args.alarm_email, opts=child)
             alarm_actions.append(topic.arn)

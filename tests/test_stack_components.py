@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stack_harness import REGION, REPO, Recorded, policy_document, program
+from stack_harness import ACCOUNT, REGION, REPO, Recorded, policy_document, program
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -299,7 +299,16 @@ def test_dlq_alarm_and_optional_email() -> None:
     assert not quiet.of_type("aws:sns/topic:Topic") and not alarm.get("alarmActions")
     loud = program(fsxEnabled="false", alarmEmail="lab@example.org")
     topic = loud.one("aws:sns/topic:Topic")
-    assert topic.inputs["kmsMasterKeyId"] == "alias/aws/sns"
+    # CloudWatch cannot use alias/aws/sns: the topic's key must be ours, and let CloudWatch encrypt.
+    key = loud.one("aws:kms/key:Key")
+    assert topic.inputs["kmsMasterKeyId"] == key.state["arn"] != "alias/aws/sns"
+    assert key.inputs["enableKeyRotation"] is True
+    statements = policy_document(key)["Statement"]
+    cloudwatch = [s for s in statements if s["Principal"] == {"Service": "cloudwatch.amazonaws.com"}]
+    assert cloudwatch and {"kms:Decrypt", "kms:GenerateDataKey*"} <= set(cloudwatch[0]["Action"])
+    admin = [s for s in statements if s["Principal"] == {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}]
+    assert admin and admin[0]["Action"] == "kms:*"  # without it the key could never be managed again
+    assert not quiet.of_type("aws:kms/key:Key")
     assert loud.one("aws:sns/topicSubscription:TopicSubscription").inputs["endpoint"] == "lab@example.org"
     assert loud.one("aws:cloudwatch/metricAlarm:MetricAlarm").inputs["alarmActions"] == [topic.state["arn"]]
 
