@@ -453,6 +453,12 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
         workers: int, unsplittable: bool) -> None:
     """Run the worker here with real CellProfiler, exactly as a Batch job would."""
     from cpb.runlocal import run_local
+    from cpb_worker.ranges import available_cpus
+    cpus = available_cpus({})  # this machine's CPUs (CPB_VCPUS describes a Batch job, not this machine)
+    if workers > cpus:
+        click.echo(f"note: --workers {workers} is more than the {cpus} CPU(s) here: the extra CellProfiler "
+                   f"processes share those CPUs (no faster) and each needs its own memory; try --workers {cpus}",
+                   err=True)
     outcome = run_local(pipeline, input_dir, output_dir, data_file, workers, unsplittable)
     click.echo(outcome.summary)
     if not outcome.ok:

@@ -69,3 +69,21 @@ def test_run_local_summary_says_why_fewer_processes_than_workers_ran():
     few = RunRecord(status="succeeded", first=1, last=2, image_set_count=2, processes=2)
     assert "because there are only 2 image set(s)" in summarize(few, Path("out"), workers=4)
     assert summarize(few, Path("out"), workers=2).count("\n") == 0  # got what was asked: one line
+
+
+def test_run_local_more_workers_than_cpus_says_so(tmp_path, monkeypatch):
+    """--workers 64 on a laptop starts 64 CellProfiler processes fighting for memory: say so up front."""
+    from cpb_worker.ranges import available_cpus
+    monkeypatch.setenv("CPB_CELLPROFILER", "/nonexistent/cellprofiler")  # the plan fails before any run
+    cpus = available_cpus({})
+    if cpus >= 64:
+        pytest.skip("this machine has 64 or more CPUs, as many as --workers accepts")
+    pipeline = tmp_path / "broken.cppipe"
+    pipeline.write_text("this is not a pipeline\n")
+    (tmp_path / "images").mkdir()
+    args = ["run", "--local", "--pipeline", str(pipeline), "--input", str(tmp_path / "images"),
+            "--output", str(tmp_path / "out"), "--workers"]
+    result = CliRunner().invoke(cli, args + [str(cpus + 1)])
+    assert f"note: --workers {cpus + 1} is more than the {cpus} CPU(s) here" in result.output
+    assert f"try --workers {cpus}" in result.output
+    assert "note:" not in CliRunner().invoke(cli, args + [str(cpus)]).output
