@@ -113,6 +113,9 @@ class BatchCompute(pulumi.ComponentResource):
                 "encrypted": "true", "volume_size": ROOT_VOLUME_GIB, "volume_type": "gp3",
                 "delete_on_termination": "true"}}],
             user_data=user_data,
+            # A host whose user data cannot mount /fsx shuts itself down (components/userdata.py);
+            # terminate, not stop, so Batch replaces it instead of keeping a stopped instance.
+            instance_initiated_shutdown_behavior="terminate",
             update_default_version=True,
             opts=child)
 

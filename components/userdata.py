@@ -14,26 +14,50 @@ from email.mime.text import MIMEText
 BOUNDARY = "==CPB-USER-DATA-BOUNDARY=="
 
 
-def lustre_mount_script(dns_name: str, mount_name: str, mount_path: str) -> str:
+#: Attempts (with growing pauses) for the client install and the mount: at first boot the NAT route
+#: or the package mirror can lag the instance by a few seconds.
+ATTEMPTS = 5
+
+
+def lustre_mount_script(dns_name: str, mount_name: str, mount_path: str, fstab: str = "/etc/fstab") -> str:
     """Shell script that installs the Lustre client (AL2023 or AL2) and mounts FSx at ``mount_path``.
 
-    The mount goes into /etc/fstab too, so a reboot remounts it; ``set -e``
-    makes a failed mount fail the boot, so Batch never places a job on a host
-    without /fsx.
+    The mount goes into ``fstab`` too, so a reboot remounts it. A failed user-data script does not
+    stop the ECS agent (it is only ordered after cloud-final), and Docker turns a missing host path
+    into an empty folder, so a host that could not mount would run jobs against an empty /fsx and
+    fail them as bad input. Install and mount are therefore retried, and if they still fail the
+    host shuts itself down; the launch template makes that a termination, so Batch replaces it.
     """
     source = f"{dns_name}@tcp:/{mount_name}"
     return "\n".join([
         "#!/bin/bash",
         "# cpb: mount FSx for Lustre before the ECS agent starts any job.",
-        "set -euo pipefail",
+        "set -uo pipefail",
+        "fail() {",
+        f'  echo "cpb: $* - shutting down so Batch replaces this host rather than run jobs without {mount_path}" >&2',
+        "  shutdown -h now",
+        "  exit 1",
+        "}",
+        "retry() {",
+        "  local attempt",
+        f"  for attempt in $(seq 1 {ATTEMPTS}); do",
+        '    "$@" && return 0',
+        "    sleep $((attempt * 5))",
+        "  done",
+        "  return 1",
+        "}",
         "if ! command -v mount.lustre >/dev/null 2>&1; then",
-        "  if command -v amazon-linux-extras >/dev/null 2>&1; then amazon-linux-extras install -y lustre",
-        "  else dnf install -y lustre-client; fi",
+        "  if command -v amazon-linux-extras >/dev/null 2>&1; then",
+        "    retry amazon-linux-extras install -y lustre || fail 'installing the Lustre client failed'",
+        "  else",
+        "    retry dnf install -y lustre-client || fail 'installing the Lustre client failed'",
+        "  fi",
         "fi",
-        f"mkdir -p {mount_path}",
-        f"grep -q ' {mount_path} lustre ' /etc/fstab || "
-        f"echo '{source} {mount_path} lustre defaults,relatime,flock,_netdev 0 0' >> /etc/fstab",
-        f"mountpoint -q {mount_path} || mount {mount_path}",
+        f"mkdir -p {mount_path} || fail 'cannot create {mount_path}'",
+        f"grep -q ' {mount_path} lustre ' {fstab} || "
+        f"echo '{source} {mount_path} lustre defaults,relatime,flock,_netdev 0 0' >> {fstab}",
+        f"mountpoint -q {mount_path} || retry mount {mount_path} || fail 'mounting {source} at {mount_path} failed'",
+        f"mountpoint -q {mount_path} || fail '{mount_path} is not a mount point after mounting'",
         "",
     ])
 

@@ -171,6 +171,69 @@ def test_user_data_mounts_fsx_only_when_fsx_is_on() -> None:
     assert f"{fs['dnsName']}@tcp:/{fs['mountName']} /fsx lustre" in text
     assert "mount /fsx" in text and "lustre-client" in text
     assert program(fsxEnabled="false").one("aws:ec2/launchTemplate:LaunchTemplate").inputs.get("userData") is None
+    # The script shuts a host down when it cannot mount; that must terminate it so Batch replaces it.
+    template = stack.one("aws:ec2/launchTemplate:LaunchTemplate").inputs
+    assert template["instanceInitiatedShutdownBehavior"] == "terminate"
+
+
+def _run_mount_script(tmp_path: Path, *, dnf_ok: bool = True, mount_ok: bool = True):
+    """Run the real user-data script with dnf/mount/mountpoint/shutdown/sleep replaced by recorders,
+    against a scratch fstab and mount folder; return (exit code, calls, fstab text)."""
+    import subprocess
+
+    from components.userdata import lustre_mount_script
+
+    bin_dir, state, log = tmp_path / "bin", tmp_path / "mounted", tmp_path / "calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    fakes = {
+        "dnf": f'echo "dnf $*" >> {log}; exit {0 if dnf_ok else 1}',
+        "mount": f'echo "mount $*" >> {log}; ' + (f"touch {state}; exit 0" if mount_ok else "exit 32"),
+        "mountpoint": f"test -e {state}",
+        "shutdown": f'echo "shutdown $*" >> {log}',
+        "sleep": f'echo "sleep $*" >> {log}',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    fstab = tmp_path / "fstab"
+    fstab.touch()
+    script = tmp_path / "user-data.sh"
+    script.write_text(lustre_mount_script("fs-0123.fsx.eu-west-1.amazonaws.com", "abcdefgh",
+                                          str(tmp_path / "fsx"), fstab=str(fstab)))
+    done = subprocess.run(["bash", str(script)], env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return done.returncode, calls, fstab.read_text()
+
+
+def test_mount_script_installs_client_mounts_once_and_is_idempotent(tmp_path) -> None:
+    code, calls, fstab = _run_mount_script(tmp_path)
+    mount_path = tmp_path / "fsx"
+    assert code == 0 and mount_path.is_dir()
+    assert calls == ["dnf install -y lustre-client", f"mount {mount_path}"]
+    assert fstab.splitlines() == [
+        f"fs-0123.fsx.eu-west-1.amazonaws.com@tcp:/abcdefgh {mount_path} lustre defaults,relatime,flock,_netdev 0 0"]
+    code, calls_again, fstab_again = _run_mount_script(tmp_path)  # a reboot re-runs nothing already done
+    assert code == 0 and calls_again == calls + ["dnf install -y lustre-client"] and fstab_again == fstab
+
+
+@pytest.mark.fault
+def test_mount_script_retries_then_takes_the_host_out_when_fsx_cannot_be_mounted(tmp_path) -> None:
+    """A host that cannot mount /fsx must not join the cluster: jobs there would see an empty /fsx."""
+    from components.userdata import ATTEMPTS
+
+    code, calls, _ = _run_mount_script(tmp_path, mount_ok=False)
+    assert code != 0
+    assert [c for c in calls if c.startswith("mount ")] == [f"mount {tmp_path / 'fsx'}"] * ATTEMPTS
+    assert [c for c in calls if c.startswith("sleep ")] == [f"sleep {5 * i}" for i in range(1, ATTEMPTS + 1)]
+    assert calls[-1] == "shutdown -h now"
+
+
+@pytest.mark.fault
+def test_mount_script_takes_the_host_out_when_the_client_cannot_be_installed(tmp_path) -> None:
+    code, calls, fstab = _run_mount_script(tmp_path, dnf_ok=False)
+    assert code != 0 and calls[-1] == "shutdown -h now"
+    assert not [c for c in calls if c.startswith("mount ")] and fstab == ""
 
 
 def container(stack: Recorded) -> dict:
