@@ -134,7 +134,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--unsplittable", is_flag=True, help="Run as one CellProfiler process (stateful pipelines).")
 @click.option("--message-file", "message_file", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON message file (one object or a list) instead of the flags above.")
-@click.option("--upload", "upload_dir", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--upload", "upload_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Upload this local folder of images to --input first (skips unchanged files).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the messages without sending.")
 @click.option("--no-check", is_flag=True, help="Skip checking that pipeline and inputs exist in the bucket.")
@@ -156,6 +156,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
         if missing:
             raise UserError(f"missing {', '.join(missing)} (or pass --message-file FILE)")
+        check_local_inputs(pipeline, data_file, upload_dir)
         # A bad message costs no upload and needs no credentials: validate the flags first, with the
         # local files --upload will turn into keys standing in for those keys.
         def as_key(value: Optional[str]) -> Optional[str]:
@@ -190,6 +191,21 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         say(f"follow with: cpb status   (or: cpb status {' '.join(sorted({s.request.output for s in report.sent}))})")
     if report.failed:
         raise UserError(f"{len(report.failed)} of {len(requests)} message(s) were not accepted by SQS")
+
+
+def check_local_inputs(pipeline: str, data_file: Optional[str], upload_dir: Optional[Path]) -> None:
+    """Catch a scientist's two usual slips before any credentials or upload: a CellProfiler project
+    (.cpproj, which the worker cannot run) instead of a pipeline, and, with --upload, a local file
+    path with a typo (the schema would otherwise call it a bad bucket key with '.' segments)."""
+    if pipeline.lower().endswith(".cpproj"):
+        raise UserError(f"--pipeline {pipeline} is a CellProfiler project (.cpproj), not a pipeline: in "
+                        "CellProfiler use File > Export > Pipeline and pass the .cppipe")
+    if upload_dir is None:
+        return
+    for flag, value in (("--pipeline", pipeline), ("--data-file", data_file)):
+        if value and value.startswith(("./", "../", "/", "~")) and not Path(value).expanduser().is_file():
+            raise UserError(f"{flag} {value}: no such local file (with --upload a local {flag} is uploaded; "
+                            "check the path, or give the file's bucket key)")
 
 
 def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipeline: str,

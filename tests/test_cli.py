@@ -548,3 +548,28 @@ def test_demo_never_deletes_an_out_folder_it_did_not_make(tmp_path, monkeypatch)
     (project / "results").mkdir()
     CliRunner().invoke(cli, ["demo", "--out", str(project)])
     assert not (project / "results").exists() and kept[0].exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--pipeline", "pipelines/plate1.cpproj"],
+     "--pipeline pipelines/plate1.cpproj is a CellProfiler project (.cpproj), not a pipeline: in CellProfiler "
+     "use File > Export > Pipeline and pass the .cppipe"),
+    (["--upload", "{images}", "--pipeline", "./nuclei_v2.cppipe"],
+     "--pipeline ./nuclei_v2.cppipe: no such local file (with --upload a local --pipeline is uploaded; "
+     "check the path, or give the file's bucket key)"),
+    (["--upload", "{images}", "--pipeline", "pipelines/nuclei.cppipe", "--data-file", "../plate1/load_data.csv"],
+     "--data-file ../plate1/load_data.csv: no such local file"),
+    (["--upload", "{missing}", "--pipeline", "pipelines/nuclei.cppipe"], "Directory '"),
+])
+def test_submit_names_a_scientists_slip_before_uploading_anything(aws, tmp_path, monkeypatch, args, expected):
+    """A .cpproj, a mistyped local path or a missing --upload folder once surfaced as a credentials
+    error or as "'.' path segments"; now each is named first, and nothing is uploaded or sent."""
+    images = tmp_path / "plate1"
+    images.mkdir()
+    (images / "a.tif").write_bytes(b"II*\x00fake")
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(images=images, missing=tmp_path / "plate2") for a in args]
+    result = CliRunner().invoke(cli, ["submit", *args, "--input", "plates/p1", "--output", "results/p1"])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert expected in result.output
+    assert aws["s3"].list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0 and queued(aws) == []
