@@ -32,6 +32,7 @@ BUCKET_SSE = ("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEn
               "aws:s3/bucketServerSideEncryptionConfigurationV2:BucketServerSideEncryptionConfigurationV2")
 BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
 QUEUE = "aws:sqs/queue:Queue"
+TOPIC = "aws:sns/topic:Topic"
 IAM_DOCUMENT_TYPES = {"aws:iam/rolePolicy:RolePolicy": "policy", "aws:iam/policy:Policy": "policy",
                       "aws:iam/userPolicy:UserPolicy": "policy", "aws:iam/groupPolicy:GroupPolicy": "policy"}
 COMPUTE_ENVIRONMENT = "aws:batch/computeEnvironment:ComputeEnvironment"
@@ -154,6 +155,19 @@ def validate_queue_encrypted(args: ResourceValidationArgs, report: ReportViolati
         return
     if args.props.get("sqsManagedSseEnabled") is not True and not args.props.get("kmsMasterKeyId"):
         report(f"queue {args.name} is not encrypted; set sqs_managed_sse_enabled=True or kms_master_key_id")
+
+
+def validate_topic_key_usable_by_alarms(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """Topics are encrypted, and not with alias/aws/sns: CloudWatch alarms cannot publish to a topic
+    under that AWS-managed key (its policy cannot grant CloudWatch kms:GenerateDataKey)."""
+    if args.resource_type != TOPIC:
+        return
+    key = args.props.get("kmsMasterKeyId")
+    if not key:
+        report(f"topic {args.name} is not encrypted; set kms_master_key_id to a customer-managed key")
+    elif str(key).endswith("alias/aws/sns"):
+        report(f"topic {args.name} uses alias/aws/sns, which CloudWatch alarms cannot publish to; "
+               "use a customer-managed key whose policy allows cloudwatch.amazonaws.com")
 
 
 def validate_queue_has_dlq(args: StackValidationArgs, report: ReportViolation) -> None:
@@ -366,6 +380,8 @@ POLICIES = [
     _stack("s3-encrypted", "Every bucket encrypts objects by default.", validate_bucket_encrypted),
     _stack("s3-tls-only", "Every bucket's policy denies requests not made over TLS.", validate_bucket_tls_only),
     _resource("sqs-encrypted", "Queues are encrypted at rest.", validate_queue_encrypted),
+    _resource("sns-alarm-topic-key", "Topics are encrypted with a key CloudWatch alarms can use "
+              "(not alias/aws/sns).", validate_topic_key_usable_by_alarms),
     _stack("sqs-dead-letter-queue", "Every queue has a dead-letter queue or is one.", validate_queue_has_dlq),
     _resource("iam-no-wildcard-actions", "IAM statements name their actions.", validate_no_wildcard_actions),
     _resource("iam-no-star-resource-with-arn",

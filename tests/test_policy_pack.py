@@ -121,6 +121,8 @@ BROKEN: dict[str, tuple[dict, str]] = {
     "sqs-encrypted": ({"resource_props": set_prop(cpb_guardrails.QUEUE, "sqsManagedSseEnabled", False, "dlq")},
                       "is not encrypted"),
     "sqs-dead-letter-queue": ({"stack": queue_without_dlq}, "has no dead-letter queue"),
+    "sns-alarm-topic-key": ({"resource_props": set_prop("aws:sns/topic:Topic", "kmsMasterKeyId", "alias/aws/sns")},
+                            "CloudWatch alarms cannot publish"),
     "iam-no-wildcard-actions": ({"resource_props": set_prop(
         "aws:iam/rolePolicy:RolePolicy", "policy",
         _document({"Effect": "Allow", "Action": "s3:*", "Resource": "arn:aws:s3:::b/*"}), "job-role")},
