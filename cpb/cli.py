@@ -176,6 +176,9 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         for item in checked:
             if item.image_set_count is not None:
                 say(f"{item.request.output}: {item.image_set_count} image sets in {item.request.data_file}")
+        for output in submit_mod.existing_outputs(clients.s3, stack.bucket, requests):
+            say(f"warning: s3://{stack.bucket}/{output}/ already holds results; this job replaces them "
+                "(its run deletes the earlier files): to keep them, use a new --output")
     if dry_run:
         for request in requests:
             click.echo(json.dumps(request.to_message(), sort_keys=True))

@@ -110,6 +110,13 @@ def check_in_bucket(s3, requests: list[JobRequest], limits: Limits) -> list[Chec
     return checked
 
 
+def existing_outputs(s3, bucket: str, requests: list[JobRequest]) -> list[str]:
+    """Outputs that already hold objects. A job replaces what its output holds (the worker deletes
+    the previous run's files once its own are up), so sending plate2 to plate1's output would
+    silently destroy plate1's results; the client says so before sending."""
+    return sorted({r.output for r in requests if has_prefix(s3, bucket, r.output)})
+
+
 def has_prefix(s3, bucket: str, prefix: str) -> bool:
     """True when at least one object lies under `prefix/`."""
     got = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)

@@ -573,3 +573,17 @@ def test_submit_names_a_scientists_slip_before_uploading_anything(aws, tmp_path,
     assert result.exit_code in (1, 2) and "Traceback" not in result.output
     assert expected in result.output
     assert aws["s3"].list_objects_v2(Bucket=BUCKET).get("KeyCount", 0) == 0 and queued(aws) == []
+
+
+def test_submit_warns_that_a_used_output_will_be_replaced(aws):
+    """The worker deletes an output's earlier files once its own are up: sending plate2 to plate1's
+    output must not destroy plate1's results without a word."""
+    seed_inputs(aws)
+    put(aws, "results/plate1/_cpb/run.json", json.dumps({"status": "succeeded", "files": []}))
+    common = ["submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/p1", "--dry-run"]
+    used = invoke(*common, "--output", "results/plate1")
+    assert used.exit_code == 0
+    assert (f"warning: s3://{BUCKET}/results/plate1/ already holds results; this job replaces them "
+            "(its run deletes the earlier files): to keep them, use a new --output") in used.output
+    fresh = invoke(*common, "--output", "results/plate2")  # results/plate1 is not inside results/plate2
+    assert fresh.exit_code == 0 and "warning" not in fresh.output
