@@ -391,12 +391,17 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int]) -
     stack.require("bucket")
     clients = _clients(stack)
     bar = _LazyBar("download")
+    before = results_mod.files_under(dest)
     try:
         report = results_mod.collect(clients.s3, stack.bucket, output, dest, parts, bar.advance, bar.start)
     finally:
         bar.close()
     merged = f" (merged from {report.parts} array parts)" if report.parts else ""
     click.echo(f"{len(report.files)} file(s) in {dest}{merged}")
+    foreign = sorted(before - set(report.files) - {"_cpb/runs.json"})
+    if foreign:  # another plate's results: they would pass for this output's
+        say(f"warning: {len(foreign)} file(s) in {dest} are not from {output} (e.g. {foreign[0]}); "
+            "keep each output's results in its own --to folder")
     for name, rows in sorted(report.rows.items()):
         click.echo(f"  {name}: {rows} rows")
 

@@ -161,6 +161,13 @@ def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = 
     return report
 
 
+def files_under(folder: Path) -> set[str]:
+    """Every file below `folder` as a relative POSIX path (empty when it does not exist yet)."""
+    if not folder.is_dir():
+        return set()
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
 def _write_provenance(state: RunState, dest: Path) -> None:
     """Keep the run records beside the results (what ran, which version)."""
     target = dest / "_cpb" / "runs.json"

@@ -371,7 +371,14 @@ def test_results_refuse_incomplete_runs_then_merge_parts(aws, tmp_path):
     rows = list(csv.DictReader(open(dest / "Image.csv")))
     assert [(int(r["ImageNumber"]), int(r["Count_Nuclei"])) for r in rows] == \
         [(1, 10), (2, 11), (3, 12), (4, 13), (5, 14), (6, 15)]
-    assert "merged from 3 array parts" in result.output
+    assert "merged from 3 array parts" in result.output and "warning" not in result.output
+    # downloading another output into the same folder leaves this one's files mixed in: say so
+    part_record(aws, "results/s", 0, "succeeded", [(1, 20)])
+    (dest / "A01_s1_outlines.png").write_bytes(b"png of results/r")
+    result = CliRunner().invoke(cli, ["results", "results/s/part-00000", "--to", str(dest)])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: 1 file(s) in {dest} are not from results/s/part-00000 (e.g. A01_s1_outlines.png); "
+            "keep each output's results in its own --to folder") in result.output
 
 
 def test_results_refuse_files_that_differ_from_their_record(aws, tmp_path):
