@@ -3,6 +3,7 @@ image-set counting from file rules, LoadData rewriting, range maths, merging."""
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -415,3 +416,26 @@ def test_empty_input_folder_is_bad_input_before_cellprofiler_starts(shared_examp
     empty.mkdir()
     with pytest.raises(BadInput, match=r"input folder .*images has no files: point the input at the images"):
         plan_job(JobSpec(pipeline=shared_examples / "ExampleHuman" / "ExampleHuman.cppipe", input_dir=empty))
+
+
+@pytest.mark.parametrize("location", ["Default Input Folder|", "Elsewhere...|/Users/me/outlines",
+                                      "Same folder as image|"])
+def test_saveimages_outside_the_output_folder_is_refused(tmp_path, location):
+    """Such images landed in the scientist's input folder (locally) or the container's scratch (AWS),
+    never in the results, while the run said succeeded."""
+    text = NUCLEI.read_text()
+    saving = text.index("SaveImages:[")
+    setting = "Output file location:Default Output Folder|"
+    at = text.index(setting, saving)  # SaveImages' own, not ExportToSpreadsheet's
+    pipeline = tmp_path / "saves-elsewhere.cppipe"
+    pipeline.write_text(text[:at] + "Output file location:" + location + text[at + len(setting):])
+    kind = location.split("|")[0]
+    with pytest.raises(BadInput, match=rf"SaveImages \(module 6\) saves to '{re.escape(kind)}', so its images "
+                                       r"would not be in the results: set its 'Output file location' to Default"):
+        plan_job(JobSpec(pipeline=pipeline, input_dir=tmp_path, data_file=None))
+    sub = tmp_path / "saves-in-subfolder.cppipe"
+    sub.write_text(text[:at] + "Output file location:Default Output Folder sub-folder|outlines"
+                   + text[at + len(setting):])
+    from cpb.synthetic import make_plate
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=1, seed=1, size=96, nuclei=(1, 2))
+    assert plan_job(JobSpec(pipeline=sub, input_dir=plate.images_dir, data_file=plate.data_file)).total == 1

@@ -19,7 +19,7 @@ from . import datafile as df
 from .errors import BadInput, WorkerError
 from .filerules import count_image_sets, list_files
 from .merge import merge
-from .pipeline import Pipeline, export_module, is_grouped, load_pipeline, unsplittable_reasons
+from .pipeline import Pipeline, check_saved_images, export_module, is_grouped, load_pipeline, unsplittable_reasons
 from .ranges import Range, array_child_range, available_cpus, split_range
 from .record import RunRecord, file_entry
 from .runner import exit_code_text, run_ranges
@@ -110,6 +110,7 @@ def plan_job(spec: JobSpec) -> Plan:
     """Count image sets, pick this job's range and cut it for the processes."""
     pipeline = load_pipeline(spec.pipeline)
     export_module(pipeline)
+    check_saved_images(pipeline)
     reasons = unsplittable_reasons(pipeline)
     if spec.force_unsplittable:
         reasons.append("CPB_UNSPLITTABLE=1")

@@ -172,6 +172,22 @@ def unsplittable_reasons(pipeline: Pipeline) -> List[str]:
     return reasons
 
 
+# SaveImages locations whose files end up in the job's results (the worker uploads only its output folder).
+RESULT_LOCATIONS = ("Default Output Folder", "Default Output Folder sub-folder")
+
+
+def check_saved_images(pipeline: Pipeline) -> None:
+    """Refuse SaveImages that write beside the inputs or elsewhere: locally those files land
+    in the scientist's image folder, on AWS in the container's scratch, and either way they
+    are missing from the results while the run reports success."""
+    for module in pipeline.enabled("SaveImages"):
+        kind = (module.get("Output file location") or "Default Output Folder|").split("|", 1)[0]
+        if kind not in RESULT_LOCATIONS:
+            raise BadInput(f"pipeline {pipeline.path.name}: SaveImages (module {module.number}) saves to "
+                           f"'{kind}', so its images would not be in the results: set its 'Output file "
+                           "location' to Default Output Folder (or a sub-folder of it)")
+
+
 def is_grouped(pipeline: Pipeline) -> bool:
     """Whether image sets are grouped (then Group_Length counts a group, not the run)."""
     return (any(m.get("Do you want to group your images?") == "Yes" for m in pipeline.enabled("Groups"))
