@@ -133,3 +133,76 @@ def test_job_role_reaches_only_the_data_bucket() -> None:
     document = json.loads(stack.one("aws:iam/rolePolicy:RolePolicy", "job-role").inputs["policy"])
     resources = {r for s in document["Statement"] for r in s["Resource"]}
     assert resources == {arn, f"{arn}/*"}
+
+
+# ------------------------------------------------- input names the provider knows
+
+def _args_class(resource_type: str) -> type:
+    """``aws:batch/computeEnvironment:ComputeEnvironment`` -> pulumi_aws.batch.ComputeEnvironmentArgs."""
+    import importlib
+
+    module, _, name = resource_type.split(":", 1)[1].partition(":")
+    package = module.split("/")[0]
+    package = {"lambda": "lambda_"}.get(package, package)
+    resource_class = getattr(importlib.import_module(f"pulumi_aws.{package}"), name)
+    # The resource's own module names its args class in __all__: `<Name>Args`, or `<Name>InitArgs` where
+    # a nested input type already has that name (s3.BucketVersioningArgs is the legacy Bucket's block).
+    module = importlib.import_module(resource_class.__module__)
+    [args_name] = [n for n in module.__all__ if n in (f"{name}Args", f"{name}InitArgs")]
+    return getattr(module, args_name)
+
+
+def _fields(args_class: type) -> dict[str, str]:
+    """Wire name (camelCase, what the engine receives) -> the annotation text of that input."""
+    import inspect
+
+    annotations = {k: str(p.annotation) for k, p in inspect.signature(args_class.__init__).parameters.items()}
+    return {prop.fget._pulumi_name: annotations.get(attr, "")
+            for attr, prop in vars(args_class).items()
+            if isinstance(prop, property) and hasattr(prop.fget, "_pulumi_name")}
+
+
+def unknown_input_names(resource_type: str, inputs: dict) -> list[str]:
+    """Input keys, at any depth, that the installed pulumi_aws does not declare for this resource.
+
+    Mocks accept any name and the Python SDK passes nested dicts through unchecked, so a misspelt
+    nested key (say ``ec2Configuration``) would only surface on a real `pulumi up`.
+    """
+    import importlib
+    import re
+
+    def walk(args_class: type, value: dict, path: str) -> list[str]:
+        fields, found = _fields(args_class), []
+        module = importlib.import_module(args_class.__module__)  # nested types as this module sees them
+        for key, item in value.items():
+            if key not in fields:
+                found.append(f"{path}{key}")
+                continue
+            nested = re.search(r"ForwardRef\('(\w+Args)'\)", fields[key])
+            if not nested or item is None:
+                continue
+            nested_class = getattr(module, nested.group(1))
+            for index, element in enumerate(item if isinstance(item, list) else [item]):
+                if isinstance(element, dict):
+                    found += walk(nested_class, element, f"{path}{key}[{index}]." if isinstance(item, list)
+                                  else f"{path}{key}.")
+        return found
+
+    return walk(_args_class(resource_type), inputs, "")
+
+
+def test_every_input_name_is_one_the_aws_provider_declares(stack: Recorded) -> None:
+    checked = [r for r in stack.resources if r.type.startswith("aws:")]
+    assert len(checked) >= 30
+    problems = {r.name: unknown_input_names(r.type, r.inputs) for r in checked}
+    assert not {name: keys for name, keys in problems.items() if keys}
+
+
+def test_a_misspelt_nested_input_name_is_caught(stack: Recorded) -> None:
+    environment = dict(stack.one("aws:batch/computeEnvironment:ComputeEnvironment", "spot").inputs)
+    resources = dict(environment["computeResources"])
+    resources["ec2Configuration"] = resources.pop("ec2Configurations")  # the API's spelling, not Pulumi's
+    resources["launchTemplate"] = {**resources["launchTemplate"], "templateVersion": "1"}
+    environment["computeResources"] = resources
+    assert unknown_input_names("aws:batch/computeEnvironment:ComputeEnvironment", environment) == [
+        "computeResources.launchTemplate.templateVersion", "computeResources.ec2Configuration"]
