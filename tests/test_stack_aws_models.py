@@ -141,10 +141,11 @@ def _args_class(resource_type: str) -> type:
     """``aws:batch/computeEnvironment:ComputeEnvironment`` -> pulumi_aws.batch.ComputeEnvironmentArgs."""
     import importlib
 
-    module, _, name = resource_type.split(":", 1)[1].partition(":")
+    provider, rest = resource_type.split(":", 1)
+    module, _, name = rest.partition(":")
     package = module.split("/")[0]
     package = {"lambda": "lambda_"}.get(package, package)
-    resource_class = getattr(importlib.import_module(f"pulumi_aws.{package}"), name)
+    resource_class = getattr(importlib.import_module(f"pulumi_{provider}.{package}"), name)
     # The resource's own module names its args class in __all__: `<Name>Args`, or `<Name>InitArgs` where
     # a nested input type already has that name (s3.BucketVersioningArgs is the legacy Bucket's block).
     module = importlib.import_module(resource_class.__module__)
@@ -163,7 +164,7 @@ def _fields(args_class: type) -> dict[str, str]:
 
 
 def unknown_input_names(resource_type: str, inputs: dict) -> list[str]:
-    """Input keys, at any depth, that the installed pulumi_aws does not declare for this resource.
+    """Input keys, at any depth, that the installed pulumi_aws/pulumi_awsx do not declare for this resource.
 
     Mocks accept any name and the Python SDK passes nested dicts through unchecked, so a misspelt
     nested key (say ``ec2Configuration``) would only surface on a real `pulumi up`.
@@ -191,9 +192,9 @@ def unknown_input_names(resource_type: str, inputs: dict) -> list[str]:
     return walk(_args_class(resource_type), inputs, "")
 
 
-def test_every_input_name_is_one_the_aws_provider_declares(stack: Recorded) -> None:
-    checked = [r for r in stack.resources if r.type.startswith("aws:")]
-    assert len(checked) >= 30
+def test_every_input_name_is_one_the_aws_providers_declare(stack: Recorded) -> None:
+    checked = [r for r in stack.resources if r.type.startswith(("aws:", "awsx:"))]
+    assert len(checked) >= 30 and {"awsx:ec2:Vpc", "awsx:ecr:Image"} <= {r.type for r in checked}
     problems = {r.name: unknown_input_names(r.type, r.inputs) for r in checked}
     assert not {name: keys for name, keys in problems.items() if keys}
 
