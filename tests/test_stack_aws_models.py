@@ -207,3 +207,55 @@ def test_a_misspelt_nested_input_name_is_caught(stack: Recorded) -> None:
     environment["computeResources"] = resources
     assert unknown_input_names("aws:batch/computeEnvironment:ComputeEnvironment", environment) == [
         "computeResources.launchTemplate.templateVersion", "computeResources.ec2Configuration"]
+
+
+# ------------------------------------------------- enum values AWS accepts
+
+def _enum(service: str, shape: str) -> list[str]:
+    return list(botocore.session.get_session().get_service_model(service).shape_for(shape).enum)
+
+
+def enum_values_sent(stack: Recorded) -> list[tuple[str, str, str]]:
+    """(value, service, botocore enum shape) for every enumerated field the stack sets."""
+    sent: list[tuple[str, str, str]] = []
+    for env in stack.of_type("aws:batch/computeEnvironment:ComputeEnvironment"):
+        resources = env.inputs["computeResources"]
+        sent += [(resources["type"], "batch", "CRType"),
+                 (resources["allocationStrategy"], "batch", "CRAllocationStrategy"),
+                 (env.inputs["type"], "batch", "CEType")]
+    queue = stack.one("aws:batch/jobQueue:JobQueue").inputs
+    sent += [(queue["state"], "batch", "JQState")]
+    for action in queue["jobStateTimeLimitActions"]:
+        sent += [(action["action"], "batch", "JobStateTimeLimitActionsAction"),
+                 (action["state"], "batch", "JobStateTimeLimitActionsState")]
+    definition = stack.one("aws:batch/jobDefinition:JobDefinition").inputs
+    sent += [(c, "batch", "PlatformCapability") for c in definition["platformCapabilities"]]
+    sent += [(definition["type"], "batch", "JobDefinitionType")]
+    for fs in stack.of_type("aws:fsx/lustreFileSystem:LustreFileSystem"):
+        sent += [(fs.inputs["deploymentType"], "fsx", "LustreDeploymentType"),
+                 (fs.inputs["dataCompressionType"], "fsx", "DataCompressionType")]
+    for link in stack.of_type("aws:fsx/dataRepositoryAssociation:DataRepositoryAssociation"):
+        for policy in ("autoImportPolicy", "autoExportPolicy"):
+            sent += [(event, "fsx", "EventType") for event in link.inputs["s3"][policy]["events"]]
+    template = stack.one("aws:ec2/launchTemplate:LaunchTemplate").inputs
+    sent += [(template["metadataOptions"]["httpTokens"], "ec2", "LaunchTemplateHttpTokensState"),
+             (template["metadataOptions"]["httpEndpoint"], "ec2", "LaunchTemplateInstanceMetadataEndpointState"),
+             (template["instanceInitiatedShutdownBehavior"], "ec2", "ShutdownBehavior")]
+    sent += [(d["ebs"]["volumeType"], "ec2", "VolumeType") for d in template["blockDeviceMappings"]]
+    function = stack.one("aws:lambda/function:Function").inputs
+    sent += [(function["runtime"], "lambda", "Runtime"), (function["loggingConfig"]["logFormat"], "lambda", "LogFormat")]
+    sent += [(a, "lambda", "Architecture") for a in function["architectures"]]
+    return sent
+
+
+def test_every_enumerated_value_is_one_aws_accepts(stack: Recorded) -> None:
+    sent = enum_values_sent(stack)
+    assert len(sent) >= 15
+    wrong = [(value, shape, _enum(service, shape)) for value, service, shape in sent
+             if value not in _enum(service, shape)]
+    assert not wrong
+
+
+def test_enum_check_catches_a_value_aws_does_not_have() -> None:
+    assert "SPOT_PRICE_CAPACITY_OPTIMISED" not in _enum("batch", "CRAllocationStrategy")
+    assert "python3.12" in _enum("lambda", "Runtime") and "python3.21" not in _enum("lambda", "Runtime")
