@@ -2,9 +2,9 @@
 
 Private subnets over >= 2 AZs (awsx builds subnets, routes and NAT), an S3
 gateway endpoint on every route table so image traffic to the bucket never
-pays NAT data charges, a compute group with egress only, and an FSx group that
-admits Lustre traffic (TCP 988, 1018-1023) only from the compute group and
-itself.
+pays NAT data charges, a compute group whose only inbound traffic is Lustre
+from the file servers, and an FSx group that admits Lustre traffic (TCP 988,
+1018-1023) only from the compute group and itself.
 """
 from __future__ import annotations
 
@@ -98,6 +98,19 @@ class Network(pulumi.ComponentResource):
                 protocol="-1", from_port=0, to_port=0, cidr_blocks=[args.cidr_block])],
             opts=child,
         )
+
+        # Lustre clients also listen on the Lustre ports: the file servers connect back to them (lock
+        # callbacks, reconnects), and AWS's client security-group rules admit those ports from the file
+        # system's group. A separate rule resource, because the FSx group already names this group.
+        for low, high in LUSTRE_PORT_RANGES:
+            aws.vpc.SecurityGroupIngressRule(
+                f"{name}-compute-lustre-{low}",
+                description=f"Lustre {low}-{high} from the FSx file servers only",
+                security_group_id=compute_sg.id,
+                referenced_security_group_id=fsx_sg.id,
+                ip_protocol="tcp", from_port=low, to_port=high,
+                opts=child,
+            )
 
         self.vpc_id = vpc.vpc_id
         self.private_subnet_ids = vpc.private_subnet_ids

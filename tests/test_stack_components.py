@@ -53,10 +53,16 @@ def test_s3_gateway_endpoint_is_on_every_route_table(stack: Recorded) -> None:
     assert sorted(endpoint["routeTableIds"]) == sorted(tables) and len(tables) == 4
 
 
-def test_compute_group_has_egress_and_no_ingress(stack: Recorded) -> None:
-    compute = stack.one(SG, "compute").inputs
-    assert not compute.get("ingress")
-    assert compute["egress"] and compute["vpcId"] == vpc_state(stack)["vpcId"]
+def test_compute_group_admits_only_lustre_from_the_file_servers(stack: Recorded) -> None:
+    compute = stack.one(SG, "compute")
+    assert not compute.inputs.get("ingress")  # no inline rules: they would fight the rule resources
+    assert compute.inputs["egress"] and compute.inputs["vpcId"] == vpc_state(stack)["vpcId"]
+    rules = [r.inputs for r in stack.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")]
+    assert sorted((r["fromPort"], r["toPort"]) for r in rules) == [(988, 988), (1018, 1023)]
+    for rule in rules:
+        assert rule["securityGroupId"] == compute.id and rule["ipProtocol"] == "tcp"
+        assert rule["referencedSecurityGroupId"] == stack.one(SG, "fsx").id
+        assert not rule.get("cidrIpv4") and not rule.get("cidrIpv6") and not rule.get("prefixListId")
 
 
 def test_fsx_group_admits_only_lustre_ports_from_compute_and_itself(stack: Recorded) -> None:
