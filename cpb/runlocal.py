@@ -5,12 +5,35 @@ pipeline here exercises exactly what AWS will run (minus S3).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
+
+import click
 
 if TYPE_CHECKING:  # the worker package is imported lazily, as in run_local
     from cpb_worker.record import RunRecord
+
+
+REPO = Path(__file__).resolve().parent.parent
+# What the project's headless CellProfiler 5 (`make venv cellprofiler` -> .venv-cp) needs to read images.
+PROJECT_CELLPROFILER_ARGS = "-e imageio_reader imageio_reader_v3"
+
+
+def cellprofiler_defaults(environ: Mapping[str, str], repo: Path = REPO) -> Tuple[Dict[str, str], Optional[str]]:
+    """The environment for the worker, and a note when it picked CellProfiler itself.
+
+    `make demo` finds the project's .venv-cp on its own; without the same default,
+    `cpb run --local` right after it failed with "cannot start CellProfiler", or, with
+    only CPB_CELLPROFILER set, with a Java/Bio-Formats error ("ome:formats-gpl")."""
+    env = dict(environ)
+    project = repo / ".venv-cp" / "bin" / "cellprofiler"
+    if env.get("CPB_CELLPROFILER") or not project.exists():
+        return env, None
+    env["CPB_CELLPROFILER"] = str(project)
+    env.setdefault("CPB_CELLPROFILER_ARGS", PROJECT_CELLPROFILER_ARGS)
+    return env, f"note: using the project's CellProfiler {project} (set CPB_CELLPROFILER to use another)"
 
 
 @dataclass
@@ -28,9 +51,12 @@ def run_local(pipeline: Path, input_dir: Path, output_dir: Path, data_file: Opti
     from cpb_worker.errors import WorkerError
     from cpb_worker.local import run_local as worker_run_local
 
+    env, note = cellprofiler_defaults(os.environ)
+    if note:
+        click.echo(note, err=True)
     try:
         record = worker_run_local(pipeline, input_dir, output_dir, data_file=data_file, workers=workers,
-                                  unsplittable=unsplittable)
+                                  unsplittable=unsplittable, env=env)
     except WorkerError as error:
         return LocalOutcome(False, error.exit_code,
                             f"FAILED (exit {error.exit_code}): {error.reason}\n"

@@ -87,3 +87,20 @@ def test_run_local_more_workers_than_cpus_says_so(tmp_path, monkeypatch):
     assert f"note: --workers {cpus + 1} is more than the {cpus} CPU(s) here" in result.output
     assert f"try --workers {cpus}" in result.output
     assert "note:" not in CliRunner().invoke(cli, args + [str(cpus)]).output
+
+
+def test_run_local_finds_the_projects_cellprofiler_like_the_demo(tmp_path):
+    """Right after `make demo`, `cpb run --local` failed with "cannot start CellProfiler": the demo
+    finds .venv-cp by itself, run --local did not. A CellProfiler the scientist chose still wins."""
+    from cpb.runlocal import PROJECT_CELLPROFILER_ARGS, cellprofiler_defaults
+    exe = tmp_path / ".venv-cp" / "bin" / "cellprofiler"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    env, note = cellprofiler_defaults({"PATH": "/usr/bin"}, repo=tmp_path)
+    assert env["CPB_CELLPROFILER"] == str(exe) and env["CPB_CELLPROFILER_ARGS"] == PROJECT_CELLPROFILER_ARGS
+    assert note == f"note: using the project's CellProfiler {exe} (set CPB_CELLPROFILER to use another)"
+    mine = {"CPB_CELLPROFILER": "/opt/cp/cellprofiler"}
+    assert cellprofiler_defaults(mine, repo=tmp_path) == (mine, None)
+    kept = cellprofiler_defaults({"CPB_CELLPROFILER_ARGS": "-L 10"}, repo=tmp_path)[0]["CPB_CELLPROFILER_ARGS"]
+    assert kept == "-L 10"
+    assert cellprofiler_defaults({}, repo=tmp_path / "elsewhere") == ({}, None)  # nothing to find: unchanged
