@@ -104,3 +104,19 @@ def test_run_local_finds_the_projects_cellprofiler_like_the_demo(tmp_path):
     kept = cellprofiler_defaults({"CPB_CELLPROFILER_ARGS": "-L 10"}, repo=tmp_path)[0]["CPB_CELLPROFILER_ARGS"]
     assert kept == "-L 10"
     assert cellprofiler_defaults({}, repo=tmp_path / "elsewhere") == ({}, None)  # nothing to find: unchanged
+
+
+@pytest.mark.cellprofiler
+def test_run_local_reads_an_excel_csv_with_a_byte_order_mark(cp, tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; CellProfiler's LoadData took it for part of
+    the first column's name and failed with "The DNA image is missing from the pipeline"."""
+    from cpb.synthetic import PIPELINE, make_plate
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=1, seed=2, size=128)
+    excel = tmp_path / "from_excel.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + plate.data_file.read_bytes().replace(b"\n", b"\r\n"))
+    result = CliRunner().invoke(cli, ["run", "--local", "--pipeline", str(PIPELINE), "--input", str(plate.images_dir),
+                                      "--output", str(tmp_path / "out"), "--data-file", str(excel)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "out" / "Image.csv")))
+    assert [int(float(r["Count_Nuclei"])) for r in rows] == [plate.truth[("A01", 1)]]
+    assert not (tmp_path / "out" / "_cpb" / "ranges").exists()  # the mark-free copy went with the work folder

@@ -8,6 +8,7 @@ locally is local.py's.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import shutil
 import time
@@ -201,6 +202,8 @@ def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
     work, logs = output_dir / WORK_DIR, output_dir / LOG_DIR
     for stale in (work, logs):
         shutil.rmtree(stale, ignore_errors=True)
+    if data_file is not None:
+        data_file = without_bom(data_file, work)
     t0 = time.monotonic()
     results = run_ranges(plan.pipeline.path, input_dir, data_file, plan.ranges, work, logs, env)
     record.timings["cellprofiler"] = round(time.monotonic() - t0, 3)
@@ -222,6 +225,19 @@ def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
     record.files = [file_entry(output_dir, rel) for rel in rels]
     record.timings["verify"] = round(time.monotonic() - t0, 3)
     return record
+
+
+def without_bom(data_file: Path, work: Path) -> Path:
+    """The data file, or a copy without its UTF-8 byte-order mark. Excel's "CSV UTF-8" writes
+    one; CellProfiler's LoadData reads it as part of the first column's name, so that channel
+    vanishes ("The DNA image is missing from the pipeline"). The worker's own reader skips it."""
+    raw = data_file.read_bytes()
+    if not raw.startswith(codecs.BOM_UTF8):
+        return data_file
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / data_file.name
+    copy.write_bytes(raw[len(codecs.BOM_UTF8):])
+    return copy
 
 
 def fail(record: RunRecord, error: WorkerError) -> RunRecord:
