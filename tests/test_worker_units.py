@@ -234,6 +234,11 @@ def test_data_file_errors_name_the_row_and_column(tmp_path):
     bad.write_text("Image_FileName_DNA\n")
     with pytest.raises(BadInput, match="lists no image sets"):
         df.read_data_file(bad)
+    for separator in (";", "\t"):  # European Excel's "CSV" and a tab-separated export
+        bad.write_text(f"Image_FileName_DNA{separator}Image_FileName_Cells\na.tif{separator}b.tif\n")
+        with pytest.raises(BadInput, match=f"separates its columns with {re.escape(repr(separator))}, LoadData needs commas: "
+                                           r"save it as CSV \(comma delimited\)"):
+            df.read_data_file(bad)
     with pytest.raises(BadInput, match=r"data file not found: .*absent\.csv \(check --data-file, or the job "
                                        r"message's 'data_file' key\)"):  # local runs have a flag, not a message
         df.read_data_file(tmp_path / "absent.csv")

@@ -64,6 +64,10 @@ def read_data_file(path: Path) -> DataFile:
     except StopIteration:
         raise BadInput(f"data file {path.name} is empty: it needs a header row and one row per image set") from None
     header = [h.strip() for h in header]
+    separator = next((sep for sep in (";", "\t") if len(header) == 1 and sep in header[0]), None)
+    if separator:  # a spreadsheet saving with a regional list separator: every row reads as one column
+        raise BadInput(f"data file {path.name} separates its columns with {separator!r}, LoadData needs commas: "
+                       "save it as CSV (comma delimited)")
     if not any(h.startswith(("Image_FileName_", "Image_URL_", "Image_ObjectsFileName_", "Image_ObjectsURL_"))
                for h in header):
         raise BadInput(f"data file {path.name} has no Image_FileName_<name> or Image_URL_<name> column "
