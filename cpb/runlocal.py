@@ -29,10 +29,13 @@ def cellprofiler_defaults(environ: Mapping[str, str], repo: Path = REPO) -> Tupl
     only CPB_CELLPROFILER set, with a Java/Bio-Formats error ("ome:formats-gpl")."""
     env = dict(environ)
     project = repo / ".venv-cp" / "bin" / "cellprofiler"
-    if env.get("CPB_CELLPROFILER") or not project.exists():
+    chosen = env.get("CPB_CELLPROFILER")
+    if not project.exists() or (chosen and Path(chosen).resolve() != project.resolve()):
+        return env, None  # no project CellProfiler, or the scientist's own: its arguments are theirs to give
+    env.setdefault("CPB_CELLPROFILER_ARGS", PROJECT_CELLPROFILER_ARGS)
+    if chosen:
         return env, None
     env["CPB_CELLPROFILER"] = str(project)
-    env.setdefault("CPB_CELLPROFILER_ARGS", PROJECT_CELLPROFILER_ARGS)
     return env, f"note: using the project's CellProfiler {project} (set CPB_CELLPROFILER to use another)"
 
 

@@ -104,6 +104,9 @@ def test_run_local_finds_the_projects_cellprofiler_like_the_demo(tmp_path):
     kept = cellprofiler_defaults({"CPB_CELLPROFILER_ARGS": "-L 10"}, repo=tmp_path)[0]["CPB_CELLPROFILER_ARGS"]
     assert kept == "-L 10"
     assert cellprofiler_defaults({}, repo=tmp_path / "elsewhere") == ({}, None)  # nothing to find: unchanged
+    # CPB_CELLPROFILER naming the project's own, without its arguments, failed on Bio-Formats ("ome:formats-gpl")
+    named = cellprofiler_defaults({"CPB_CELLPROFILER": str(exe)}, repo=tmp_path)
+    assert named == ({"CPB_CELLPROFILER": str(exe), "CPB_CELLPROFILER_ARGS": PROJECT_CELLPROFILER_ARGS}, None)
 
 
 @pytest.mark.cellprofiler
