@@ -444,3 +444,24 @@ def test_saveimages_outside_the_output_folder_is_refused(tmp_path, location):
     from cpb.synthetic import make_plate
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=1, seed=1, size=96, nuclei=(1, 2))
     assert plan_job(JobSpec(pipeline=sub, input_dir=plate.images_dir, data_file=plate.data_file)).total == 1
+
+
+def test_missing_images_say_when_the_csv_was_written_for_another_machine(tmp_path):
+    """A CSV with the author's absolute Image_PathName_ folders: the file names are right, the folders
+    are not; the error points at the columns to fix instead of only listing absent paths."""
+    from cpb.synthetic import make_plate
+    from cpb_worker.job import check_images
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=2, seed=1, size=96, nuclei=(1, 2))
+    rows = list(csv.reader(open(plate.data_file)))
+    moved = tmp_path / "from_alice.csv"
+    with open(moved, "w", newline="") as handle:
+        csv.writer(handle).writerows([rows[0] + ["Image_PathName_DNA", "Image_PathName_Cells"]]
+                                     + [r + ["/Users/alice/plate1", "/Users/alice/plate1"] for r in rows[1:]])
+    plan = plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=moved))
+    with pytest.raises(BadInput, match=r"image not found: image set 1 .*/Users/alice/plate1/SYN1_A01_s1_w1\.tif.*"
+                                       rf"; files of those names are in {re.escape(str(plate.images_dir))}: drop "
+                                       r"the data file's Image_PathName_ columns or make them relative to it"):
+        check_images(plan, moved, plate.images_dir, tmp_path / "out")
+    (plate.images_dir / "SYN1_A01_s1_w1.tif").unlink()  # absent everywhere: the general advice
+    with pytest.raises(BadInput, match=r"SYN1_A01_s1_w1\.tif; check the data file's paths and the input folder"):
+        check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")

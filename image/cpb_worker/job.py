@@ -172,6 +172,7 @@ def check_images(plan: Plan, data_file: Path, input_dir: Path, output_dir: Path)
     data = df.read_data_file(data_file)
     base = loaddata_base(plan, input_dir, output_dir)
     missing = []
+    found_in_base = False  # a CSV written on another machine: its folders are wrong, its file names right
     for number, column, location in df.image_locations(data, plan.first, plan.last, plan.rows_skipped):
         local = df.url_to_path(location)
         if local is None:
@@ -179,9 +180,12 @@ def check_images(plan: Plan, data_file: Path, input_dir: Path, output_dir: Path)
         path = Path(local) if os.path.isabs(local) else base / local
         if not path.is_file():
             missing.append(f"image set {number - plan.rows_skipped} (data file line {number + 1}) {column}: {path}")
+            found_in_base = found_in_base or (base / path.name).is_file()
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise BadInput(f"image not found: {'; '.join(missing[:3])}{more}")
+        fix = (f"; files of those names are in {base}: drop the data file's Image_PathName_ columns or make "
+               "them relative to it" if found_in_base else "; check the data file's paths and the input folder")
+        raise BadInput(f"image not found: {'; '.join(missing[:3])}{more}{fix}")
 
 
 def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
