@@ -128,6 +128,11 @@ def test_expected_count_mismatch_and_stray_data_file_are_bad_input(tmp_path):
         plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file, expected_count=5))
     with pytest.raises(BadInput, match="range 2-9 is outside the 3 image sets"):
         plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file, first=2, last=9))
+    no_loaddata = _variant(tmp_path, "|enabled:True|wants_pause:False]\n    Input data file location",
+                           "|enabled:False|wants_pause:False]\n    Input data file location")
+    with pytest.raises(BadInput, match=r"data file load_data\.csv was given but pipeline variant\.cppipe has no "
+                                       r"LoadData module: add LoadData, or drop the data file \(--data-file, "):
+        plan_job(JobSpec(pipeline=no_loaddata, input_dir=plate.images_dir, data_file=plate.data_file))
 
 
 # --- counting image sets without a data file ---------------------------------

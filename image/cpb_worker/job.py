@@ -68,8 +68,8 @@ def _loaddata_csv(pipeline: Pipeline, spec: JobSpec) -> Optional[Path]:
     modules = pipeline.enabled("LoadData")
     if not modules:
         if spec.data_file is not None:
-            raise BadInput(f"data_file {spec.data_file.name} was given but pipeline {pipeline.path.name} has no "
-                           "LoadData module: add LoadData or drop data_file")
+            raise BadInput(f"data file {spec.data_file.name} was given but pipeline {pipeline.path.name} has no "
+                           "LoadData module: add LoadData, or drop the data file (--data-file, data_file)")
         return None
     if spec.data_file is not None:
         return spec.data_file
