@@ -478,6 +478,10 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
     """Run the worker here with real CellProfiler, exactly as a Batch job would."""
     from cpb.runlocal import run_local
     from cpb_worker.ranges import available_cpus
+    if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
+        # the rule the Lambda applies to S3 prefixes; here the next run would also read the outlines as images
+        raise UserError(f"--output {output_dir} is inside --input {input_dir}: results would mix with the "
+                        "images; choose an output folder outside the input folder")
     cpus = available_cpus({})  # this machine's CPUs (CPB_VCPUS describes a Batch job, not this machine)
     if workers > cpus:
         click.echo(f"note: --workers {workers} is more than the {cpus} CPU(s) here: the extra CellProfiler "

@@ -123,3 +123,20 @@ def test_run_local_reads_an_excel_csv_with_a_byte_order_mark(cp, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "Image.csv")))
     assert [int(float(r["Count_Nuclei"])) for r in rows] == [plate.truth[("A01", 1)]]
     assert not (tmp_path / "out" / "_cpb" / "ranges").exists()  # the mark-free copy went with the work folder
+
+
+@pytest.mark.parametrize("inside", ["", "results"])
+def test_run_local_refuses_an_output_inside_the_input(tmp_path, inside):
+    """The Lambda refuses an output prefix inside the input; locally the outlines would also be read as
+    images by the next run. Refused before anything is written."""
+    images = tmp_path / "images"
+    images.mkdir()
+    pipeline = tmp_path / "p.cppipe"
+    pipeline.write_text("CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\n")
+    output = images / inside if inside else images
+    result = CliRunner().invoke(cli, ["run", "--local", "--pipeline", str(pipeline), "--input", str(images),
+                                      "--output", str(output)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().endswith(f"--output {output} is inside --input {images}: results would mix with "
+                                          "the images; choose an output folder outside the input folder")
+    assert sorted(images.rglob("*")) == []
