@@ -197,9 +197,10 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
 
 
 def check_local_inputs(pipeline: str, data_file: Optional[str], upload_dir: Optional[Path]) -> None:
-    """Catch a scientist's two usual slips before any credentials or upload: a CellProfiler project
-    (.cpproj, which the worker cannot run) instead of a pipeline, and, with --upload, a local file
-    path with a typo (the schema would otherwise call it a bad bucket key with '.' segments)."""
+    """Catch a scientist's usual slips before any credentials or upload: a CellProfiler project
+    (.cpproj, which the worker cannot run) instead of a pipeline and, with --upload, a local file
+    path with a typo (the schema would otherwise call it a bad bucket key with '.' segments) or a
+    local pipeline the worker would refuse (checked with the worker's own rules)."""
     if pipeline.lower().endswith(".cpproj"):
         raise UserError(f"--pipeline {pipeline} is a CellProfiler project (.cpproj), not a pipeline: in "
                         "CellProfiler use File > Export > Pipeline and pass the .cppipe")
@@ -209,6 +210,15 @@ def check_local_inputs(pipeline: str, data_file: Optional[str], upload_dir: Opti
         if value and value.startswith(("./", "../", "/", "~")) and not Path(value).expanduser().is_file():
             raise UserError(f"{flag} {value}: no such local file (with --upload a local {flag} is uploaded; "
                             "check the path, or give the file's bucket key)")
+    if Path(pipeline).is_file():  # the worker's own checks, here, instead of after an upload and a Batch start
+        from cpb_worker.errors import WorkerError
+        from cpb_worker.pipeline import check_saved_images, export_module, load_pipeline
+        try:
+            parsed = load_pipeline(Path(pipeline))
+            export_module(parsed)
+            check_saved_images(parsed)
+        except WorkerError as error:
+            raise UserError(f"--pipeline: {error.reason}") from None
 
 
 def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipeline: str,

@@ -26,7 +26,8 @@ from handlers.schema import Limits, MessageError, parse_body
 
 REGION = "us-east-1"
 BUCKET = "cpb-test-data"
-PIPELINE_TEXT = "CellProfiler Pipeline: http://www.cellprofiler.org\nVersion:5\n"
+# A pipeline the worker accepts: `cpb submit --upload` checks a local pipeline with the worker's rules.
+PIPELINE_TEXT = (Path(__file__).resolve().parent.parent / "cpb" / "pipelines" / "nuclei.cppipe").read_text()
 
 
 @pytest.fixture
@@ -567,6 +568,8 @@ def test_demo_never_deletes_an_out_folder_it_did_not_make(tmp_path, monkeypatch)
     (["--upload", "{images}", "--pipeline", "pipelines/nuclei.cppipe", "--data-file", "../plate1/load_data.csv"],
      "--data-file ../plate1/load_data.csv: no such local file"),
     (["--upload", "{missing}", "--pipeline", "pipelines/nuclei.cppipe"], "Directory '"),
+    (["--upload", "{images}", "--pipeline", "{no_export}"],
+     "--pipeline: pipeline no_export.cppipe has no enabled ExportToSpreadsheet module: add one"),
 ])
 def test_submit_names_a_scientists_slip_before_uploading_anything(aws, tmp_path, monkeypatch, args, expected):
     """A .cpproj, a mistyped local path or a missing --upload folder once surfaced as a credentials
@@ -575,7 +578,12 @@ def test_submit_names_a_scientists_slip_before_uploading_anything(aws, tmp_path,
     images.mkdir()
     (images / "a.tif").write_bytes(b"II*\x00fake")
     monkeypatch.chdir(tmp_path)
-    args = [a.format(images=images, missing=tmp_path / "plate2") for a in args]
+    from cpb.synthetic import PIPELINE
+    no_export = tmp_path / "no_export.cppipe"  # a pipeline the worker would refuse after the upload
+    no_export.write_text(PIPELINE.read_text()
+                         .replace("|enabled:True|wants_pause:False]\n    Select the column delimiter",
+                                  "|enabled:False|wants_pause:False]\n    Select the column delimiter"))
+    args = [a.format(images=images, missing=tmp_path / "plate2", no_export=no_export) for a in args]
     result = CliRunner().invoke(cli, ["submit", *args, "--input", "plates/p1", "--output", "results/p1"])
     assert result.exit_code in (1, 2) and "Traceback" not in result.output
     assert expected in result.output
