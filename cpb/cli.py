@@ -291,16 +291,18 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
                 state.dead_letters = [d for d in dlq["letters"] if state.output in d.output.split(",")]
         return states
 
+    sent = receipts.sent_outputs(stack.bucket)
+
     def show(states: list[status_mod.OutputStatus]) -> None:
         if sys.stdout.isatty():  # a live view on a terminal; a log gets one block per refresh
             click.clear()
-        click.echo(render_status(states, stack.bucket))
+        click.echo(render_status(states, stack.bucket, sent))
 
     if watch:
         states = status_mod.watch(fetch, show, interval, timeout)
     else:
         states = fetch()
-        click.echo(render_status(states, stack.bucket))
+        click.echo(render_status(states, stack.bucket, sent))
     if log_lines:
         click.echo(render_logs(clients.logs, stack.log_group, states, log_lines))
     if limits is not None:
@@ -312,8 +314,9 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
         sys.exit(EXIT_RUNNING)
 
 
-def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
-    """Human-readable status of several outputs."""
+def render_status(states: list[status_mod.OutputStatus], bucket: str, sent: Optional[list[str]] = None) -> str:
+    """Human-readable status of several outputs. `sent`: the outputs `cpb submit` sent from here,
+    so that a mistyped prefix (which would wait forever) is called out."""
     lines = []
     for state in states:
         lines.append(f"s3://{bucket}/{state.output}/: {state.verdict.upper()}")
@@ -321,6 +324,10 @@ def render_status(states: list[status_mod.OutputStatus], bucket: str) -> str:
             lines.append(f"  ! message {letter.message_id} for this output is in the dead-letter queue: {letter.reason}")
         if not state.jobs and not state.dead_letters:
             lines.append("  no submission record yet (message still in the queue, or rejected: see the DLQ)")
+            if sent is not None and state.output not in sent and not state.run.parts:
+                recent = ", ".join(sent[-3:][::-1]) or "none"
+                lines.append(f"  ! no `cpb submit` from here sent to {state.output}: unless it was sent another "
+                             f"way, check the prefix (recent outputs: {recent})")
         for job in state.jobs:
             progress = ""
             if job.array_size:

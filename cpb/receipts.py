@@ -72,3 +72,8 @@ def resolve(names: Iterable[str], bucket: str, environ: Mapping[str, str] = os.e
     """Turn message ids from earlier submits into their outputs; other names are outputs already."""
     by_id = {r["message_id"]: r["output"] for r in _read(environ) if r.get("bucket") == bucket}
     return list(dict.fromkeys(by_id.get(name, name) for name in names))
+
+
+def sent_outputs(bucket: str, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Every output `cpb submit` on this machine sent to `bucket`, most recent last (for spotting typos)."""
+    return list(dict.fromkeys(r["output"] for r in _read(environ) if r.get("bucket") == bucket))

@@ -494,7 +494,11 @@ def test_status_without_arguments_follows_the_last_submit(aws):
     for args in (["status", "--no-dlq"], ["status", message_id, "--no-dlq"]):
         result = CliRunner().invoke(cli, args)
         assert "results/last/: WAITING" in result.output and "no submission record yet" in result.output
-        assert result.exit_code == 3
+        assert result.exit_code == 3 and "no `cpb submit` from here" not in result.output
+    # a mistyped prefix would say WAITING forever: it is called out, with the outputs really sent
+    typo = CliRunner().invoke(cli, ["status", "results/lsat", "--no-dlq"])
+    assert ("! no `cpb submit` from here sent to results/lsat: unless it was sent another way, check the prefix "
+            "(recent outputs: results/last)") in typo.output
 
 
 def test_status_of_an_output_whose_message_was_dead_lettered_is_failed(aws):
