@@ -177,6 +177,45 @@ def test_fsx_mode_reads_the_mounted_files_not_s3(plate, s3, cellprofiler_env, mo
 
 
 @pytest.mark.cellprofiler
+@pytest.mark.fault
+def test_files_fsx_has_not_imported_yet_are_read_from_s3(plate, s3, cellprofiler_env, moto_url, tmp_path):
+    """FSx imports new objects shortly after they land in S3: a job started right after the upload reads
+    the late ones from S3 instead of failing (exit 2 would not be retried) or skipping image sets."""
+    fsx = tmp_path / "fsx"
+    shutil.copytree(plate.images_dir, fsx / "plates" / "p1" / "images")
+    late = sorted((fsx / "plates" / "p1" / "images").iterdir())[-1]
+    late.unlink()
+    (fsx / "pipelines").mkdir()
+    shutil.copy(NUCLEI, fsx / "pipelines" / "nuclei.cppipe")  # the data file is late too
+    env = job_env(cellprofiler_env, moto_url, CPB_FSX_ROOT=fsx, CPB_OUTPUT="results/fsx-late")
+    proc = run_worker(env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not yet on FSx" in proc.stderr and "reading them from S3" in proc.stderr
+    record = assert_record_matches_bucket(s3, "results/fsx-late")
+    assert record["image_set_count"] == 3
+    (tmp_path / "Image.csv").write_bytes(get(s3, "results/fsx-late/Image.csv"))
+    assert [r["ImageNumber"] for r in read_rows(tmp_path / "Image.csv")] == ["1", "2", "3"]
+
+
+@pytest.mark.fault
+def test_input_prefix_missing_files_on_fsx_is_staged_whole_from_s3(plate, s3, moto_url, tmp_path, monkeypatch):
+    """Without a data file the folder is the image list: a lagging FSx folder must not shrink it."""
+    from cpb_worker.aws import JobEnv, Stager
+    from cpb_worker.s3io import S3IO, make_client
+    env = job_env({}, moto_url, CPB_FSX_ROOT=tmp_path / "fsx", CPB_DATA_FILE=None)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, env[name])
+    on_fsx = tmp_path / "fsx" / "plates" / "p1" / "images"
+    shutil.copytree(plate.images_dir, on_fsx)
+    stager = Stager(JobEnv.from_env(env), S3IO(make_client(env), BUCKET), root=tmp_path / "scratch")
+    assert stager.input_dir("plates/p1/images") == on_fsx  # complete: read in place
+    (on_fsx / plate.images[0].name).unlink()
+    staged = stager.input_dir("plates/p1/images")
+    assert staged == tmp_path / "scratch" / "plates" / "p1" / "images"
+    assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in plate.images)
+
+
+@pytest.mark.cellprofiler
 def test_names_and_types_pipeline_without_data_file_downloads_the_input_prefix(shared_examples, s3, cellprofiler_env,
                                                                                moto_url, tmp_path):
     """ExampleHuman (Images/NamesAndTypes, no LoadData): image sets counted from file rules."""

@@ -91,24 +91,57 @@ class JobEnv:
 
 
 class Stager:
-    """Makes bucket keys available as local files: from FSx when mounted, else S3."""
+    """Makes bucket keys available as local files: from FSx when mounted, else S3.
+
+    FSx imports objects a little after they land in S3, so a job sent right
+    after an upload can find some of its files not yet on /fsx. Those (and
+    only those) are read from S3 into the scratch folder instead: the Lambda
+    has already checked they exist, and a lagging import is no reason to fail.
+    """
 
     def __init__(self, job: JobEnv, s3: S3IO, root: Path) -> None:
         self.job, self.s3, self.root = job, s3, root
+        self.from_s3: Dict[str, Path] = {}  # keys FSx did not have yet, staged from S3
 
     def local(self, key: str) -> Path:
+        if key in self.from_s3:
+            return self.from_s3[key]
         base = self.job.fsx_root if self.job.fsx_root is not None else self.root
         return safe_key_path(base, key)
 
     def fetch(self, keys: List[str]) -> List[Path]:
-        paths = [self.local(k) for k in keys]
         if self.job.fsx_root is not None:
-            absent = [k for k, p in zip(keys, paths) if not p.is_file()]
-            if absent:
-                raise BadInput(f"not found on FSx ({self.job.fsx_root}): {', '.join(absent[:3])}")
-            return paths
+            late = [k for k in keys if not self.local(k).is_file()]
+            if late:
+                print(f"cpb_worker: {len(late)} file(s) not yet on FSx ({self.job.fsx_root}), e.g. {late[0]}; "
+                      "reading them from S3", file=sys.stderr)
+                pairs = [(k, safe_key_path(self.root, k)) for k in late]
+                self.s3.download_many(pairs)
+                self.from_s3.update(pairs)
+            return [self.local(k) for k in keys]
+        paths = [self.local(k) for k in keys]
         self.s3.download_many([(k, p) for k, p in zip(keys, paths) if not p.is_file()])
         return paths
+
+    def input_dir(self, prefix: str) -> Path:
+        """The folder holding every object under `prefix` (no data file: the folder IS the image list).
+
+        On FSx a folder missing any of S3's objects would silently drop image sets, so then the whole
+        prefix is staged from S3 instead.
+        """
+        keys = [k for k in self.s3.list_keys(prefix + "/") if not k.endswith("/")]
+        if not keys:
+            raise BadInput(f"input prefix s3://{self.job.bucket}/{prefix}/ holds no files")
+        if self.job.fsx_root is not None and all(self.local(k).is_file() for k in keys):
+            return self.local(prefix)
+        if self.job.fsx_root is not None:
+            print(f"cpb_worker: FSx ({self.job.fsx_root}) does not hold every file of {prefix}/ yet; "
+                  "reading the input prefix from S3", file=sys.stderr)
+        pairs = [(k, safe_key_path(self.root, k)) for k in keys]
+        self.s3.download_many([(k, p) for k, p in pairs if not p.is_file()])
+        folder = safe_key_path(self.root, prefix)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def key_for(self, location: str, base_key: str) -> str:
         """The bucket key of an image location written in a LoadData CSV."""
@@ -145,17 +178,11 @@ def stage_inputs(job: JobEnv, stager: Stager, env: Mapping[str, str], work: Path
     paths = stager.fetch([job.pipeline] + ([job.data_file] if job.data_file else []))
     pipeline_path = paths[0]
     data_path = paths[1] if job.data_file else None
-    input_dir = stager.local(job.input)
+    # No data file: the image sets are whatever the input prefix holds, so all of it is needed.
+    input_dir = stager.input_dir(job.input) if data_path is None else stager.local(job.input)
     spec = JobSpec(pipeline=pipeline_path, input_dir=input_dir, data_file=data_path,
                    array_index=job.array_index, sets_per_job=job.sets_per_job,
                    expected_count=job.image_set_count, force_unsplittable=job.unsplittable, env=env)
-    if data_path is None and job.fsx_root is None:
-        # No data file: the image sets are whatever the input prefix holds, so fetch it all.
-        keys = [k for k in stager.s3.list_keys(job.input + "/") if not k.endswith("/")]
-        if not keys:
-            raise BadInput(f"input prefix s3://{job.bucket}/{job.input}/ holds no files")
-        stager.fetch(keys)
-        input_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_job(spec)
     if plan.data is None:
         return plan, input_dir, None
