@@ -6,7 +6,7 @@ CP_VENV := .venv-cp
 PY := $(VENV)/bin/python
 CELLPROFILER := $(CURDIR)/$(CP_VENV)/bin/cellprofiler
 CP_VERSION := 5.0.0.dev784
-# Python 3.8 (the official CellProfiler 4.2 image's Python) for worker compatibility tests.
+# Python 3.8, the oldest Python the worker supports (the CellProfiler 4.2 image has 3.9), for worker tests.
 # (pyenv shims exist for versions that are not active, so each candidate is tried.)
 PYTHON38 ?= $(shell for p in $$HOME/.pyenv/versions/3.8*/bin/python3.8 $$(command -v python3.8); do \
 	  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && { echo "$$p"; break; }; done)
