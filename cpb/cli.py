@@ -487,11 +487,11 @@ def requeue(stack: StackConfig, outputs: tuple[str, ...], from_dlq: bool, force:
               help="Local folder for the results.")
 @click.option("--data-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="LoadData CSV listing the image sets.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="CellProfiler processes to run side by side.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="CellProfiler processes to run side by side.  [default: one per CPU here]")
 @click.option("--unsplittable", is_flag=True, help="Run as one CellProfiler process (stateful pipelines).")
 def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_file: Optional[Path],
-        workers: int, unsplittable: bool) -> None:
+        workers: Optional[int], unsplittable: bool) -> None:
     """Run the worker here with real CellProfiler, exactly as a Batch job would."""
     from cpb.runlocal import run_local
     from cpb_worker.ranges import available_cpus
@@ -500,7 +500,9 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
         raise UserError(f"--output {output_dir} is inside --input {input_dir}: results would mix with the "
                         "images; choose an output folder outside the input folder")
     cpus = available_cpus({})  # this machine's CPUs (CPB_VCPUS describes a Batch job, not this machine)
-    if workers > cpus:
+    if workers is None:
+        workers = cpus  # as a Batch job uses its vCPUs
+    elif workers > cpus:
         click.echo(f"note: --workers {workers} is more than the {cpus} CPU(s) here: the extra CellProfiler "
                    f"processes share those CPUs (no faster) and each needs its own memory; try --workers {cpus}",
                    err=True)

@@ -140,3 +140,26 @@ def test_run_local_refuses_an_output_inside_the_input(tmp_path, inside):
     assert result.output.strip().endswith(f"--output {output} is inside --input {images}: results would mix with "
                                           "the images; choose an output folder outside the input folder")
     assert sorted(images.rglob("*")) == []
+
+
+def test_run_local_defaults_to_one_process_per_cpu_like_a_batch_job(tmp_path, monkeypatch):
+    """Without --workers, a laptop run uses every CPU, as a Batch job uses every vCPU it was given."""
+    import cpb.runlocal
+    import cpb_worker.ranges
+    from cpb.runlocal import LocalOutcome
+    asked = {}
+
+    def fake_run(pipeline, input_dir, output_dir, data_file, workers, unsplittable):
+        asked["workers"] = workers
+        return LocalOutcome(True, 0, "succeeded")
+
+    monkeypatch.setattr(cpb_worker.ranges, "available_cpus", lambda env: 3)
+    monkeypatch.setattr(cpb.runlocal, "run_local", fake_run)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "p.cppipe").write_text("x")
+    base = ["run", "--local", "--pipeline", str(tmp_path / "p.cppipe"), "--input", str(tmp_path / "images"),
+            "--output", str(tmp_path / "out")]
+    assert CliRunner().invoke(cli, base).exit_code == 0
+    assert asked["workers"] == 3
+    result = CliRunner().invoke(cli, base + ["--workers", "1"])
+    assert result.exit_code == 0 and asked["workers"] == 1 and "note:" not in result.output
