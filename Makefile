@@ -2,17 +2,42 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-CP_VENV := .venv-cp
 PY := $(VENV)/bin/python
-CELLPROFILER := $(CURDIR)/$(CP_VENV)/bin/cellprofiler
-CP_VERSION := 5.0.0.dev784
-# Python 3.8, the oldest Python the worker supports (the CellProfiler 4.2 image has 3.9), for worker tests.
-# (pyenv shims exist for versions that are not active, so each candidate is tried.)
-PYTHON38 ?= $(shell for p in $$HOME/.pyenv/versions/3.8*/bin/python3.8 $$(command -v python3.8); do \
-	  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && { echo "$$p"; break; }; done)
+
+# The one CellProfiler the project runs (the container's), named in image/cellprofiler.mk.
+include image/cellprofiler.mk
+# CELLPROFILER=4 (default): that release, as the container runs it.
+# CELLPROFILER=5: the opt-in 5.0 nightly (Python 3.11, no Java), e.g. `make CELLPROFILER=5 test`.
+CELLPROFILER ?= 4
+
+# Finds the first interpreter of the given minor versions (pyenv shims exist for versions that are
+# not active, so each candidate is run).
+find_python = $(shell for v in $(1); do for p in $$HOME/.pyenv/versions/$$v.*/bin/python$$v $$(command -v python$$v); do \
+	  "$$p" -c "import sys; assert sys.version_info[:2] == tuple(map(int, '$$v'.split('.')))" 2>/dev/null \
+	  && { echo "$$p"; exit 0; }; done; done)
+
+ifeq ($(CELLPROFILER),5)
+CP_VENV := .venv-cp5
+CP_LABEL := CellProfiler 5.0 nightly (opt-in; NOT what the container runs)
+CP_PYTHON := $(PYTHON)
+CP_ARGS := -e imageio_reader imageio_reader_v3
+else
+CP_VENV := .venv-cp
+CP_LABEL := CellProfiler $(CELLPROFILER_PYPI) (the container's $(CELLPROFILER_TAG))
+# The container runs CellProfiler on Python 3.8 (/opt/venv); 3.9 works too.
+CP_PYTHON ?= $(call find_python,3.8 3.9)
+CP_ARGS :=
+# python-javabridge compiles against a JDK; found from javac unless JAVA_HOME is set.
+JAVA_HOME ?= $(shell j="$$(command -v javac)" && dirname "$$(dirname "$$(readlink -f "$$j")")")
+endif
+CP_NIGHTLY := 5.0.0.dev784
+
+# Python 3.8, the oldest Python the worker supports (the container's), for worker tests.
+PYTHON38 ?= $(call find_python,3.8)
 PY38_VENV := .venv-py38
 
-export CPB_CELLPROFILER ?= $(CELLPROFILER)
+export CPB_CELLPROFILER ?= $(CURDIR)/$(CP_VENV)/bin/cellprofiler
+export CPB_CELLPROFILER_ARGS ?= $(CP_ARGS)
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 
@@ -26,12 +51,31 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(CP_VENV)/.installed: requirements-cellprofiler.txt
-	@echo "setup: $(CP_VENV) with headless CellProfiler $(CP_VERSION) (first run only, about a minute)"
-	$(PYTHON) -m venv $(CP_VENV)
-	$(CP_VENV)/bin/python -m pip install -q --upgrade pip
-	$(CP_VENV)/bin/python -m pip install -q --no-deps cellprofiler-nightly==$(CP_VERSION)
-	$(CP_VENV)/bin/python -m pip install -q -r requirements-cellprofiler.txt
+# CellProfiler 4.2 (default): headless, no wxPython/mysqlclient; python-javabridge built from
+# source against the JDK after numpy/Cython are in place (--no-build-isolation).
+.venv-cp/.installed: requirements-cellprofiler.txt requirements-cellprofiler-build.txt image/cellprofiler.mk
+	@if [ -z "$(CP_PYTHON)" ]; then echo "make: $(CP_LABEL) needs Python 3.8 or 3.9 (none found: install one, e.g. \`pyenv install 3.8\`, or set CP_PYTHON=/path/to/python3.8)" >&2; exit 1; fi
+	@if [ -z "$(JAVA_HOME)" ] || [ ! -x "$(JAVA_HOME)/bin/javac" ]; then echo "make: $(CP_LABEL) needs a JDK to build python-javabridge (none found: install one, e.g. \`apt install openjdk-17-jdk-headless\`, or set JAVA_HOME)" >&2; exit 1; fi
+	@echo "setup: .venv-cp with headless $(CP_LABEL) on $$($(CP_PYTHON) --version) (first run only, about a minute)"
+	rm -rf .venv-cp
+	$(CP_PYTHON) -m venv .venv-cp
+	.venv-cp/bin/python -m pip install -q --upgrade 'pip<25'
+	.venv-cp/bin/python -m pip install -q -r requirements-cellprofiler-build.txt
+	JAVA_HOME="$(JAVA_HOME)" .venv-cp/bin/python -m pip install -q --no-build-isolation -r requirements-cellprofiler.txt
+	.venv-cp/bin/python -m pip install -q --no-deps cellprofiler==$(CELLPROFILER_PYPI)
+	@v="$$(.venv-cp/bin/cellprofiler --version 2>/dev/null | tail -n 1)"; [ "$$v" = "$(CELLPROFILER_PYPI)" ] \
+	  || { echo "make: .venv-cp/bin/cellprofiler --version says '$$v', expected $(CELLPROFILER_PYPI)" >&2; exit 1; }
+	printf '%s\n' "$(CP_ARGS)" > .venv-cp/cpb-cellprofiler-args
+	touch $@
+
+# CellProfiler 5.0 nightly (opt-in): Python 3.11, imageio readers instead of Bio-Formats, no Java.
+.venv-cp5/.installed: requirements-cellprofiler5.txt
+	@echo "setup: .venv-cp5 with headless $(CP_LABEL) (first run only, about a minute)"
+	$(CP_PYTHON) -m venv .venv-cp5
+	.venv-cp5/bin/python -m pip install -q --upgrade pip
+	.venv-cp5/bin/python -m pip install -q --no-deps cellprofiler-nightly==$(CP_NIGHTLY)
+	.venv-cp5/bin/python -m pip install -q -r requirements-cellprofiler5.txt
+	printf '%s\n' "$(CP_ARGS)" > .venv-cp5/cpb-cellprofiler-args
 	touch $@
 
 $(PY38_VENV)/.installed: image/requirements.txt
@@ -53,4 +97,4 @@ bench: venv cellprofiler
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(CP_VENV) $(PY38_VENV) .pytest_cache demo-output
+	rm -rf $(VENV) .venv-cp .venv-cp5 $(PY38_VENV) .pytest_cache demo-output

@@ -35,7 +35,8 @@ BUCKET = "cpb-bench"
 def cellprofiler_env() -> dict:
     env = dict(os.environ)
     env.setdefault("CPB_CELLPROFILER", str(REPO / ".venv-cp" / "bin" / "cellprofiler"))
-    env.setdefault("CPB_CELLPROFILER_ARGS", "-e imageio_reader imageio_reader_v3")
+    from cpb_worker.runner import venv_args
+    env.setdefault("CPB_CELLPROFILER_ARGS", venv_args(env["CPB_CELLPROFILER"]))
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = "1"
     return env
@@ -50,7 +51,7 @@ def make_data(work: Path, sets: int):
         return (EXAMPLES / "loaddata" / "ExampleHuman_LoadData.cppipe", EXAMPLES / "images", data,
                 f"ExampleHuman x{sets}")
     sys.path.insert(0, str(REPO))
-    from cpb.synthetic import PIPELINE, make_plate
+    from cpb.demo.synthetic import PIPELINE, make_plate
     wells = [f"A{i:02d}" for i in range(1, (sets + 1) // 2 + 1)]
     plate = make_plate(work / "plate", wells=wells, sites=2, seed=1, size=768, nuclei=(40, 80))
     return PIPELINE, plate.images_dir, plate.data_file, f"synthetic plate, {plate.image_sets} sets of 768x768"

@@ -17,24 +17,19 @@ if TYPE_CHECKING:  # the worker package is imported lazily, as in run_local
 
 
 REPO = Path(__file__).resolve().parent.parent
-# What the project's headless CellProfiler 5 (`make venv cellprofiler` -> .venv-cp) needs to read images.
-PROJECT_CELLPROFILER_ARGS = "-e imageio_reader imageio_reader_v3"
 
 
 def cellprofiler_defaults(environ: Mapping[str, str], repo: Path = REPO) -> Tuple[Dict[str, str], Optional[str]]:
     """The environment for the worker, and a note when it picked CellProfiler itself.
 
-    `make demo` finds the project's .venv-cp on its own; without the same default,
-    `cpb run --local` right after it failed with "cannot start CellProfiler", or, with
-    only CPB_CELLPROFILER set, with a Java/Bio-Formats error ("ome:formats-gpl")."""
+    `make demo` finds the project's .venv-cp (CellProfiler as the container runs it) on its own;
+    without the same default, `cpb run --local` right after it failed with "cannot start
+    CellProfiler". The arguments a project CellProfiler needs are recorded beside it by `make`
+    (cpb_worker.runner.venv_args), so naming it in CPB_CELLPROFILER needs nothing more."""
     env = dict(environ)
     project = repo / ".venv-cp" / "bin" / "cellprofiler"
-    chosen = env.get("CPB_CELLPROFILER")
-    if not project.exists() or (chosen and Path(chosen).resolve() != project.resolve()):
-        return env, None  # no project CellProfiler, or the scientist's own: its arguments are theirs to give
-    env.setdefault("CPB_CELLPROFILER_ARGS", PROJECT_CELLPROFILER_ARGS)
-    if chosen:
-        return env, None
+    if env.get("CPB_CELLPROFILER") or not project.exists():
+        return env, None  # the scientist's own choice, or no project CellProfiler to offer
     env["CPB_CELLPROFILER"] = str(project)
     return env, f"note: using the project's CellProfiler {project} (set CPB_CELLPROFILER to use another)"
 

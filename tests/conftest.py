@@ -68,10 +68,41 @@ def cellprofiler_env() -> dict[str, str]:
     """Environment for running the worker against the real CellProfiler here."""
     env = dict(os.environ)
     env["CPB_CELLPROFILER"] = cellprofiler_command()
-    env.setdefault("CPB_CELLPROFILER_ARGS", "-e imageio_reader imageio_reader_v3")
+    from cpb_worker.runner import venv_args
+    env.setdefault("CPB_CELLPROFILER_ARGS", venv_args(env["CPB_CELLPROFILER"]))
     env["OMP_NUM_THREADS"] = "1"
     env["OPENBLAS_NUM_THREADS"] = "1"
     return env
+
+
+def project_cellprofiler_versions() -> dict[str, str]:
+    """CELLPROFILER_TAG / CELLPROFILER_PYPI from image/cellprofiler.mk, the one place naming them."""
+    values = {}
+    for line in (REPO / "image" / "cellprofiler.mk").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
+
+
+@pytest.fixture(scope="session")
+def cellprofiler_version(cellprofiler_env) -> str:
+    """What the CellProfiler the tests run says it is (`cellprofiler --version`)."""
+    import subprocess
+    from cpb_worker.runner import cellprofiler_argv
+    out = subprocess.run(cellprofiler_argv(cellprofiler_env) + ["--version"], capture_output=True, text=True,
+                         env=cellprofiler_env, timeout=120).stdout.strip().splitlines()
+    return out[-1] if out else "unknown"
+
+
+#: Nuclei IdentifyPrimaryObjects finds in ExampleHuman's one image set, by CellProfiler major version
+#: (measured: 4.2.8.1 finds 289, the 5.0 nightly 290).
+EXAMPLE_HUMAN_NUCLEI = {"4": 289, "5": 290}
+
+
+@pytest.fixture(scope="session")
+def example_human_nuclei(cellprofiler_version) -> int:
+    return EXAMPLE_HUMAN_NUCLEI[cellprofiler_version.split(".")[0]]
 
 
 @pytest.fixture(scope="session")

@@ -91,29 +91,30 @@ def test_run_local_more_workers_than_cpus_says_so(tmp_path, monkeypatch):
 
 def test_run_local_finds_the_projects_cellprofiler_like_the_demo(tmp_path):
     """Right after `make demo`, `cpb run --local` failed with "cannot start CellProfiler": the demo
-    finds .venv-cp by itself, run --local did not. A CellProfiler the scientist chose still wins."""
-    from cpb.runlocal import PROJECT_CELLPROFILER_ARGS, cellprofiler_defaults
+    finds .venv-cp by itself, run --local did not. A CellProfiler the scientist chose still wins,
+    and the arguments `make` recorded beside a project CellProfiler go with it however it is named."""
+    from cpb.runlocal import cellprofiler_defaults
+    from cpb_worker.runner import cellprofiler_argv
     exe = tmp_path / ".venv-cp" / "bin" / "cellprofiler"
     exe.parent.mkdir(parents=True)
     exe.write_text("#!/bin/sh\n")
     env, note = cellprofiler_defaults({"PATH": "/usr/bin"}, repo=tmp_path)
-    assert env["CPB_CELLPROFILER"] == str(exe) and env["CPB_CELLPROFILER_ARGS"] == PROJECT_CELLPROFILER_ARGS
+    assert env["CPB_CELLPROFILER"] == str(exe)
     assert note == f"note: using the project's CellProfiler {exe} (set CPB_CELLPROFILER to use another)"
     mine = {"CPB_CELLPROFILER": "/opt/cp/cellprofiler"}
     assert cellprofiler_defaults(mine, repo=tmp_path) == (mine, None)
-    kept = cellprofiler_defaults({"CPB_CELLPROFILER_ARGS": "-L 10"}, repo=tmp_path)[0]["CPB_CELLPROFILER_ARGS"]
-    assert kept == "-L 10"
     assert cellprofiler_defaults({}, repo=tmp_path / "elsewhere") == ({}, None)  # nothing to find: unchanged
-    # CPB_CELLPROFILER naming the project's own, without its arguments, failed on Bio-Formats ("ome:formats-gpl")
-    named = cellprofiler_defaults({"CPB_CELLPROFILER": str(exe)}, repo=tmp_path)
-    assert named == ({"CPB_CELLPROFILER": str(exe), "CPB_CELLPROFILER_ARGS": PROJECT_CELLPROFILER_ARGS}, None)
+    assert cellprofiler_argv(env) == [str(exe)]  # 4.2.8 (the container's) needs no arguments
+    (tmp_path / ".venv-cp" / "cpb-cellprofiler-args").write_text("-e imageio_reader imageio_reader_v3\n")
+    assert cellprofiler_argv(env) == [str(exe), "-e", "imageio_reader", "imageio_reader_v3"]  # a 5.0 venv's
+    assert cellprofiler_argv(dict(env, CPB_CELLPROFILER_ARGS="-L 10")) == [str(exe), "-L", "10"]  # set: kept
 
 
 @pytest.mark.cellprofiler
 def test_run_local_reads_an_excel_csv_with_a_byte_order_mark(cp, tmp_path):
     """Excel's "CSV UTF-8" starts with a byte-order mark; CellProfiler's LoadData took it for part of
     the first column's name and failed with "The DNA image is missing from the pipeline"."""
-    from cpb.synthetic import PIPELINE, make_plate
+    from cpb.demo.synthetic import PIPELINE, make_plate
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=1, seed=2, size=128)
     excel = tmp_path / "from_excel.csv"
     excel.write_bytes(b"\xef\xbb\xbf" + plate.data_file.read_bytes().replace(b"\n", b"\r\n"))

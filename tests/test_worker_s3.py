@@ -38,7 +38,7 @@ def s3(moto_url):
 @pytest.fixture(scope="module")
 def plate(tmp_path_factory, s3):
     """A 3-set synthetic plate uploaded as a user would: images + CSV under the input prefix."""
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     plate = make_plate(tmp_path_factory.mktemp("plate"), wells=("C01",), sites=3, seed=3, size=160, nuclei=(4, 8))
     for image in plate.images:
         s3.upload_file(str(image), BUCKET, f"plates/p1/images/{image.name}")
@@ -217,7 +217,8 @@ def test_input_prefix_missing_files_on_fsx_is_staged_whole_from_s3(plate, s3, mo
 
 @pytest.mark.cellprofiler
 def test_names_and_types_pipeline_without_data_file_downloads_the_input_prefix(shared_examples, s3, cellprofiler_env,
-                                                                               moto_url, tmp_path):
+                                                                               moto_url, tmp_path,
+                                                                               example_human_nuclei):
     """ExampleHuman (Images/NamesAndTypes, no LoadData): image sets counted from file rules."""
     root = shared_examples / "ExampleHuman"
     s3.upload_file(str(root / "ExampleHuman.cppipe"), BUCKET, "human/ExampleHuman.cppipe")
@@ -230,4 +231,4 @@ def test_names_and_types_pipeline_without_data_file_downloads_the_input_prefix(s
     record = assert_record_matches_bucket(s3, "results/human")
     assert (record["first"], record["last"], record["processes"]) == (1, 1, 1)
     (tmp_path / "Image.csv").write_bytes(get(s3, "results/human/Image.csv"))
-    assert read_rows(tmp_path / "Image.csv")[0]["Count_Nuclei"] == "290.0"
+    assert read_rows(tmp_path / "Image.csv")[0]["Count_Nuclei"] == f"{example_human_nuclei}.0"

@@ -21,7 +21,8 @@ Entry points
   `.record`) after writing a failed record.
 
 Both modes find CellProfiler through CPB_CELLPROFILER (default `cellprofiler`)
-and add CPB_CELLPROFILER_ARGS (here: `-e imageio_reader imageio_reader_v3`).
+and add CPB_CELLPROFILER_ARGS (else the arguments `make` recorded beside a project venv;
+none for 4.2.8, the container's release).
 """
 from __future__ import annotations
 

@@ -49,9 +49,27 @@ class RangeResult:
         return ""
 
 
+#: Written by `make` beside a project CellProfiler virtualenv: the arguments that CellProfiler needs
+#: (empty for 4.2.8; the 5.0 nightly's imageio readers), so any caller naming the executable gets them.
+VENV_ARGS_FILE = "cpb-cellprofiler-args"
+
+
 def cellprofiler_argv(env: Mapping[str, str]) -> List[str]:
-    """The CellProfiler command: $CPB_CELLPROFILER (default `cellprofiler`) plus $CPB_CELLPROFILER_ARGS."""
-    return [env.get("CPB_CELLPROFILER") or "cellprofiler"] + shlex.split(env.get("CPB_CELLPROFILER_ARGS", ""))
+    """The CellProfiler command: $CPB_CELLPROFILER (default `cellprofiler`) plus $CPB_CELLPROFILER_ARGS,
+    else the arguments `make` recorded beside that executable's virtualenv (none for the container)."""
+    exe = env.get("CPB_CELLPROFILER") or "cellprofiler"
+    args = env.get("CPB_CELLPROFILER_ARGS")
+    if args is None:
+        args = venv_args(exe)
+    return [exe] + shlex.split(args)
+
+
+def venv_args(exe: str) -> str:
+    """Arguments recorded in `<venv>/cpb-cellprofiler-args` for `<venv>/bin/cellprofiler`, else ''."""
+    try:
+        return (Path(exe).parent.parent / VENV_ARGS_FILE).read_text().strip()
+    except OSError:
+        return ""
 
 
 def child_env(env: Mapping[str, str]) -> dict:
