@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("CPB_CELLPROFILER", str(REPO / ".venv-cp" / "bin" / "cellprofiler"))
 
-from cpb.demo import DemoSettings, run_demo  # noqa: E402
+from cpb.demo.run import DemoSettings, run_demo  # noqa: E402
 
 LAYOUTS = [("2 jobs x 1 vCPU", 2, 1), ("1 job x 2 vCPUs", 1, 2), ("1 job x 1 vCPU", 1, 1)]
 

@@ -530,7 +530,7 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
 def demo(out_dir: Path, wells: int, sites: int, sets_per_job: int, parallel: int, job_vcpus: int,
          tolerance: float) -> None:
     """Run the whole system end to end on AWS emulated on 127.0.0.1 (no account)."""
-    from cpb.demo import DemoSettings, run_demo
+    from cpb.demo.run import DemoSettings, run_demo
     outcome = run_demo(DemoSettings(out_dir=out_dir, wells=wells, sites=sites, sets_per_job=sets_per_job,
                                     parallel=parallel, job_vcpus=job_vcpus, tolerance=tolerance))
     if not outcome.ok:

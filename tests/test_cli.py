@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from moto import mock_aws
 
 from cpb.cli import cli
-from cpb.localbatch import MotoJobStates
+from cpb.local.batch import MotoJobStates
 from cpb.stack import StackError, discover
 from handlers.schema import Limits, MessageError, parse_body
 
@@ -582,7 +582,7 @@ def test_submit_names_a_scientists_slip_before_uploading_anything(aws, tmp_path,
     images.mkdir()
     (images / "a.tif").write_bytes(b"II*\x00fake")
     monkeypatch.chdir(tmp_path)
-    from cpb.synthetic import PIPELINE
+    from cpb.demo.synthetic import PIPELINE
     no_export = tmp_path / "no_export.cppipe"  # a pipeline the worker would refuse after the upload
     no_export.write_text(PIPELINE.read_text()
                          .replace("|enabled:True|wants_pause:False]\n    Select the column delimiter",

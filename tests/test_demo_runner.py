@@ -1,10 +1,10 @@
 """The demo's stand-ins for AWS compute and the SQS → Lambda mapping, without CellProfiler.
 
-`cpb.localbatch` must behave like Batch where the demo relies on it: run
+`cpb.local.batch` must behave like Batch where the demo relies on it: run
 each array child with Batch's variables, apply the job definition's retry
 strategy (exit 4 and 137 retried, 2 and 3 not), and decide SUCCEEDED or
 FAILED itself (moto's no-Docker Batch calls every job SUCCEEDED). The
-mapping (`cpb.localingress.pump`) must delete only the messages the handler
+mapping (`cpb.local.mapping.pump`) must delete only the messages the handler
 did not report as failures, so a bad message goes to the DLQ after its
 retries while good ones in the same batch are submitted once.
 """
@@ -17,8 +17,8 @@ import sys
 import boto3
 import pytest
 
-from cpb import localbatch, localingress
-from cpb.emulator import create_stack, environment, moto_server
+from cpb.local import batch as localbatch, mapping as localingress
+from cpb.local.emulator import create_stack, environment, moto_server
 
 # A fake worker: behaviour chosen per array index and attempt through FAKE_PLAN (JSON).
 FAKE_WORKER = r"""

@@ -1,8 +1,8 @@
 """End to end on the emulator: message → Lambda → array job → worker → merged results.
 
-The demo's own code path (`cpb.demo.run_demo`) on a smaller plate, with real
+The demo's own code path (`cpb.demo.run.run_demo`) on a smaller plate, with real
 CellProfiler: `cpb submit --upload` sends the message, the real Lambda
-handler gets the SQS batch, `cpb.localbatch` runs the real worker per array
+handler gets the SQS batch, `cpb.local.batch` runs the real worker per array
 child against moto's server on a free 127.0.0.1 port, `cpb status` and
 `cpb results` report and merge, and the counts are checked against the
 synthetic plate's truth. Then the same with a corrupt pipeline: every child
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cpb.demo import DemoSettings, run_demo
+from cpb.demo.run import DemoSettings, run_demo
 
 PIPELINE = Path(__file__).resolve().parent.parent / "cpb" / "pipelines" / "nuclei.cppipe"
 

@@ -16,10 +16,10 @@ import boto3
 import pytest
 from click.testing import CliRunner
 
-from cpb import localbatch, localingress
+from cpb.local import batch as localbatch, mapping as localingress
 from cpb.cli import cli
-from cpb.emulator import create_stack, environment, moto_server
-from cpb.synthetic import make_plate
+from cpb.local.emulator import create_stack, environment, moto_server
+from cpb.demo.synthetic import make_plate
 
 PIPELINE = Path(__file__).resolve().parent.parent / "cpb" / "pipelines" / "nuclei.cppipe"
 

@@ -1,4 +1,4 @@
-"""End to end through moto SQS: queue -> (event source mapping, played by `cpb.localingress.pump`) -> handler.
+"""End to end through moto SQS: queue -> (event source mapping, played by `cpb.local.mapping.pump`) -> handler.
 
 What a deployed stack does with a mixed stream of messages: good ones are
 submitted exactly once and deleted, bad ones are retried `maxReceiveCount`
@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from cpb.localingress import pump
+from cpb.local.mapping import pump
 from handlers import ingress
 from ingress_moto import DATA_FILE, FaultInjector, message, moto_stack
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cpb.synthetic import PIPELINE, make_plate, read_truth
+from cpb.demo.synthetic import PIPELINE, make_plate, read_truth
 from cpb_worker.local import run_local
 
 from test_worker_support import compare_outputs, read_rows

@@ -37,7 +37,7 @@ class HostKilled(BaseException):
 
 @pytest.fixture(scope="module")
 def plate(tmp_path_factory):
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     return make_plate(tmp_path_factory.mktemp("plate"), wells=("D04",), sites=3, seed=8, size=128, nuclei=(3, 6))
 
 

@@ -99,7 +99,7 @@ def test_unsplittable_pipelines_are_detected(tmp_path, old, new, why):
 
 
 def test_unsplittable_pipeline_plans_one_process_and_refuses_a_partial_range(tmp_path):
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=4, seed=1, size=96, nuclei=(1, 2))
     pipeline = _variant(tmp_path, "When to save:Every cycle", "When to save:Last cycle")
     plan = plan_job(JobSpec(pipeline=pipeline, input_dir=plate.images_dir, data_file=plate.data_file, workers=4))
@@ -122,7 +122,7 @@ def test_pipeline_without_export_is_refused_before_running(tmp_path):
 
 
 def test_expected_count_mismatch_and_stray_data_file_are_bad_input(tmp_path):
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=3, seed=1, size=96, nuclei=(1, 2))
     with pytest.raises(BadInput, match="CPB_IMAGE_SET_COUNT is 5 but the data file gives 3"):
         plan_job(JobSpec(pipeline=NUCLEI, input_dir=plate.images_dir, data_file=plate.data_file, expected_count=5))
@@ -353,7 +353,7 @@ def test_dockerfile_builds_from_the_configured_cellprofiler_tag_as_non_root():
 
 def test_loaddata_row_range_setting_shifts_image_sets_to_csv_rows(tmp_path):
     """'Process just a range of rows' 2-3: image set 1 is CSV row 2, and only rows 2-3 need images."""
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     from cpb_worker.job import check_images
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=4, seed=1, size=64, nuclei=(1, 1))
     pipeline = _variant(tmp_path, "Process just a range of rows?:No\n    Rows to process:1,100000",
@@ -410,7 +410,7 @@ def test_data_file_locations_map_to_keys_in_the_job_bucket(tmp_path):
 
 def test_loaddata_pipeline_without_data_file_says_to_pass_one(tmp_path):
     """Forgetting --data-file is the usual LoadData mistake: the error must name the flag, not a message key."""
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=2, seed=1, size=96, nuclei=(1, 2))
     (plate.images_dir / "load_data.csv").unlink()  # only the copy outside the images folder is left
     with pytest.raises(BadInput, match=r"LoadData but no data file was given.*load_data\.csv.*--data-file"):
@@ -446,7 +446,7 @@ def test_saveimages_outside_the_output_folder_is_refused(tmp_path, location):
     sub = tmp_path / "saves-in-subfolder.cppipe"
     sub.write_text(text[:at] + "Output file location:Default Output Folder sub-folder|outlines"
                    + text[at + len(setting):])
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=1, seed=1, size=96, nuclei=(1, 2))
     assert plan_job(JobSpec(pipeline=sub, input_dir=plate.images_dir, data_file=plate.data_file)).total == 1
 
@@ -454,7 +454,7 @@ def test_saveimages_outside_the_output_folder_is_refused(tmp_path, location):
 def test_missing_images_say_when_the_csv_was_written_for_another_machine(tmp_path):
     """A CSV with the author's absolute Image_PathName_ folders: the file names are right, the folders
     are not; the error points at the columns to fix instead of only listing absent paths."""
-    from cpb.synthetic import make_plate
+    from cpb.demo.synthetic import make_plate
     from cpb_worker.job import check_images
     plate = make_plate(tmp_path / "plate", wells=("A01",), sites=2, seed=1, size=96, nuclei=(1, 2))
     rows = list(csv.reader(open(plate.data_file)))

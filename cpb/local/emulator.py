@@ -4,7 +4,7 @@ The demo and the end-to-end tests need the same bucket, queues and Batch
 objects a deployed stack has, with the same names and the stack's own job
 definition body (`components.jobdef`), so the Lambda handler, the worker and
 `cpb` run unchanged against it. Batch runs in moto's no-Docker mode: it only
-records jobs; `cpb.localbatch` executes them.
+records jobs; `cpb.local.batch` executes them.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import boto3
 try:  # the stack's own job-definition body; `components` is the Pulumi program, not an installed package
     from components import jobdef
 except ImportError:  # `cpb demo` started from outside the repository
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from components import jobdef
 
 REGION = "us-east-1"

@@ -3,7 +3,7 @@
 AWS is moto's server on 127.0.0.1; everything else is the real code:
 `cpb submit --upload` uploads a generated plate and sends the message, the
 real Lambda handler gets the SQS batch as the event source mapping would
-give it, the jobs it submits are run by `cpb.localbatch` (the real worker
+give it, the jobs it submits are run by `cpb.local.batch` (the real worker
 with real CellProfiler, as Batch would start the container), `cpb status`
 and `cpb results` report and download. The plate is synthetic with a known
 number of nuclei per site, so the demo checks its own answer.
@@ -24,9 +24,9 @@ from typing import Any, Iterator, Optional
 
 import click
 
-from cpb.emulator import create_stack, environment, moto_server
+from cpb.local.emulator import create_stack, environment, moto_server
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PLATE = "SYN1"
 WELL_NAMES = [f"{row}{col:02d}" for row in "ABCDEFGH" for col in range(1, 13)]
 
@@ -90,8 +90,9 @@ def cellprofiler_env() -> dict[str, str]:
     if not Path(exe).exists() and not shutil.which(exe):
         raise click.ClickException(f"CellProfiler not found at {exe}: run `make demo` (it installs .venv-cp) "
                                    "or set CPB_CELLPROFILER")
+    from cpb_worker.runner import venv_args
     return {"CPB_CELLPROFILER": exe,
-            "CPB_CELLPROFILER_ARGS": os.environ.get("CPB_CELLPROFILER_ARGS", "-e imageio_reader imageio_reader_v3"),
+            "CPB_CELLPROFILER_ARGS": os.environ.get("CPB_CELLPROFILER_ARGS", venv_args(exe)),
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -147,8 +148,8 @@ def clear_previous_demo(out: Path) -> list[str]:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run the demo; print progress, the table, where things are; return what happened."""
-    from cpb import localbatch, localingress
-    from cpb.synthetic import make_plate
+    from cpb.local import batch as localbatch, mapping as localingress
+    from cpb.demo.synthetic import make_plate
 
     steps = Steps(7, settings.echo)
     out = settings.out_dir.resolve()
@@ -217,7 +218,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 bad = [row for row in result.table if not row["ok"]]
                 if bad:
                     result.failures.append(f"{len(bad)} well(s) off by more than {settings.tolerance:.0%}")
-                from cpb.montage import make_montage
+                from cpb.demo.montage import make_montage
                 result.montage = make_montage(results_dir, plate.truth, out / "plate.png",
                                               counted={(r["well"], s): c for r in result.table
                                                        for s, c in r["sites"].items()})
@@ -248,7 +249,7 @@ def _run_batch(stack: Any, out: Path, settings: DemoSettings, steps: Steps) -> l
     """Discover the submitted jobs and run them, reporting progress as they finish."""
     import boto3
 
-    from cpb import localbatch
+    from cpb.local import batch as localbatch
     progress = JobProgress(steps)
     runner = localbatch.LocalBatch(boto3.client("batch"), stack.job_queue_arn, stack.aws_env(), out / "logs",
                                    localbatch.MotoJobStates(stack.region), parallel=settings.parallel,

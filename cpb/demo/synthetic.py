@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import tifffile
 
-PIPELINE = Path(__file__).resolve().parent / "pipelines" / "nuclei.cppipe"
+PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "nuclei.cppipe"
 CHANNELS = ("DNA", "Cells")
 
 
