@@ -91,7 +91,13 @@ def read_data_file(path: Path) -> DataFile:
 def row_range(data: DataFile, module_settings: Dict[str, str]) -> Tuple[int, int]:
     """(rows skipped, image sets) LoadData makes from this CSV, honouring its row-range
     setting: image set n is then CSV row n + skipped."""
-    total = data.count
+    return loaddata_row_range(data.count, module_settings)
+
+
+def loaddata_row_range(total_rows: int, module_settings: Dict[str, str]) -> Tuple[int, int]:
+    """(rows skipped, image sets) that LoadData's "Process just a range of rows" makes of a CSV
+    with `total_rows` data rows. The one rule the worker and the Lambda count by (the Lambda
+    streams the CSV and knows only the row count)."""
     if module_settings.get("Process just a range of rows?") == "Yes":
         bounds = module_settings.get("Rows to process", "1,100000").split(",")
         try:
@@ -99,8 +105,8 @@ def row_range(data: DataFile, module_settings: Dict[str, str]) -> Tuple[int, int
         except (ValueError, IndexError):
             raise BadInput("LoadData 'Rows to process' must be two numbers like 1,100") from None
         lo = max(lo, 1)
-        return lo - 1, max(0, min(hi, total) - lo + 1)
-    return 0, total
+        return lo - 1, max(0, min(hi, total_rows) - lo + 1)
+    return 0, total_rows
 
 
 def image_locations(data: DataFile, first: int, last: int, skipped: int = 0) -> List[Tuple[int, str, str]]:
