@@ -5,6 +5,8 @@ Markers (register figures for the README's reliability section):
   policy_trip  a test proving one policy of the pack rejects a broken resource
   hostile      a test feeding one hostile/bad message through the Lambda or `cpb`
   fault        a test injecting one fault (throttling, S3 errors, kills, OOM...)
+  race         a test of reruns and races: two runs, retries or senders on one output never
+               yield wrong or mixed results (issue 11's cases and the refusals they need)
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 _FIGURES = {"policy_trip": "policies proven to trip", "hostile": "hostile messages rejected",
-            "fault": "faults injected and survived"}
+            "fault": "faults injected and survived", "race": "reruns and races survived"}
 _counts: dict[str, list[int]] = {m: [0, 0] for m in _FIGURES}  # marker -> [passed, total]
 
 
