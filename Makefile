@@ -51,11 +51,21 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# pip freeze (stdin) minus the packages requirements-analysis.txt pins itself (names compared as PEP 503 says).
+define ANALYSIS_CONSTRAINTS
+import re, sys
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+own = {norm(m.group(1)) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", open(sys.argv[1]).read(), re.M)}
+sys.stdout.writelines(l for l in sys.stdin if norm(l.split("==")[0]) not in own)
+endef
+export ANALYSIS_CONSTRAINTS
+
 # Downstream analysis (CytoTable, pycytominer, matplotlib) goes INTO .venv: pip is held to every version
 # already there (pip freeze as constraints), so Pulumi's and moto's pins never move; it resolves so today.
 $(VENV)/.analysis-installed: requirements-analysis.txt $(VENV)/.installed
 	@echo "setup: CytoTable, pycytominer and matplotlib into $(VENV) (first run only, under a minute)"
-	$(PY) -m pip freeze --exclude-editable > $(VENV)/constraints-before-analysis.txt
+	$(PY) -m pip freeze --exclude-editable | $(PY) -c "$$ANALYSIS_CONSTRAINTS" requirements-analysis.txt \
+	  > $(VENV)/constraints-before-analysis.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints-before-analysis.txt -r requirements-analysis.txt
 	touch $@
 

@@ -32,6 +32,11 @@ class PlateRun:
 _RUNS: Dict[Tuple[str, ...], PlateRun] = {}
 
 
+def shared_plate_run(tmp_path_factory, env: Dict[str, str]) -> PlateRun:
+    """The session's one run of the shared plate (every analysis test file uses this)."""
+    return run_plate(tmp_path_factory.getbasetemp() / "cellpainting-shared", env)
+
+
 def run_plate(base: Path, env: Dict[str, str], wells=WELLS, sites: int = SITES, seed: int = SEED,
               workers: Optional[int] = 1) -> PlateRun:
     """Generate the plate, run the illumination pipeline over all of it, then the analysis
@@ -81,3 +86,36 @@ def well_errors(counts: Dict[Tuple[str, int], int], truth: Dict[Tuple[str, int],
         got = sum(n for (w, _), n in counts.items() if w == well)
         out[well] = abs(got - true) / true
     return out
+
+
+TABLES = ("Image", "Cells", "Nuclei", "Cytoplasm")
+
+
+def read_table(path: Path):
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        return header, list(reader)
+
+
+def split_into_parts(results: Path, dest: Path, sizes) -> list:
+    """Write results' tables as array parts `dest/part-NNNNN/<table>.csv`, each holding the next
+    `sizes[i]` image sets renumbered from 1, as an array child's CellProfiler run numbers them.
+    Returns [(part folder, first, last)]."""
+    tables = {name: read_table(results / f"{name}.csv") for name in TABLES}
+    parts, first = [], 1
+    for index, size in enumerate(sizes):
+        last = first + size - 1
+        folder = dest / f"part-{index:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, (header, rows) in tables.items():
+            col = header.index("ImageNumber")
+            kept = [row[:col] + [str(int(row[col]) - first + 1)] + row[col + 1:] for row in rows
+                    if first <= int(row[col]) <= last]
+            with open(folder / f"{name}.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                writer.writerows(kept)
+        parts.append((folder, first, last))
+        first = last + 1
+    return parts

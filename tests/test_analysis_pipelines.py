@@ -20,7 +20,7 @@ from cpb.demo.cellpainting import (ANALYSIS_PIPELINE, AUTOFLUORESCENCE, CAMERA_O
 from cpb_worker.datafile import read_data_file
 from cpb_worker.pipeline import check_saved_images, export_module, load_pipeline, unsplittable_reasons
 
-from analysis_support import WELLS, run_plate, run_uncorrected, site_counts, well_errors
+from analysis_support import WELLS, run_uncorrected, shared_plate_run, site_counts, well_errors
 
 DEMO_TOLERANCE = 0.1  # cpb demo's per-well tolerance
 
@@ -122,7 +122,7 @@ def test_analysis_data_file_names_the_illumination_functions(tmp_path):
 
 @pytest.fixture(scope="module")
 def plate_run(tmp_path_factory, cellprofiler_env):
-    return run_plate(tmp_path_factory.mktemp("cellpainting"), cellprofiler_env)
+    return shared_plate_run(tmp_path_factory, cellprofiler_env)
 
 
 @pytest.mark.cellprofiler
