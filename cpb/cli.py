@@ -549,3 +549,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from cpb.analysis.commands import report as _report_command  # noqa: E402  (cpb report; cpb/analysis/)
+cli.add_command(_report_command)
+from cpb.analysis.commands import profile as _profile_command  # noqa: E402  (cpb profile; cpb/analysis/)
+cli.add_command(_profile_command)
