@@ -244,6 +244,7 @@ def build_figure(qc: QC):
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     n = len(qc.plates)
@@ -273,6 +274,7 @@ def build_figure(qc: QC):
             ax.add_patch(Rectangle((c - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="#e0301e", linewidth=2.5))
         bar = fig.colorbar(image, cax=make_axes_locatable(ax).append_axes("right", size="2%", pad=0.08))
         bar.set_label(f"{plate.object_name} per well")
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         marked = f"; red box = sites missing/failed: {', '.join(f'{w} ({why})' for w, why in problems.items())}" \
             if problems else "; every expected site ran"
         ax.set_title(f"Plate {plate.plate}: {plate.object_name} per well ({plate.plate_format}-well plate, grey = no "
