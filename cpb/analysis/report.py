@@ -7,7 +7,8 @@ What it shows, and where each number comes from:
 - a 96- or 384-well plate heatmap of objects per well (`Count_Cells`, else `Count_Nuclei`,
   summed over the well's sites in Image.csv); wells with a missing, failed or erroring site
   are boxed in red and say why; wells without images are grey;
-- per-site CellProfiler seconds: the sum of Image.csv's `ExecutionTime_*` columns per image set;
+- per-site CellProfiler seconds: the sum of Image.csv's `ExecutionTime_*` columns per image set
+  (CellProfiler 4.2 records each module's CPU seconds there, so a busy machine does not inflate them);
 - image sets done / failed / skipped: from the run records (`_cpb/runs.json`, which
   `cpb results` saves; `_cpb/run.json` for a `cpb run --local` folder): a record with
   `resumed_from` was skipped (reused from an earlier run), a failed record's range failed;
@@ -290,7 +291,7 @@ def build_figure(qc: QC):
         ax.set_xticks(range(0, len(sites), step), labels[::step], fontsize=7)
         median = sorted(s.seconds for s in sites)[len(sites) // 2]
         ax.axhline(median, color="#e0801e", linewidth=1)
-        ax.set_title(f"CellProfiler seconds per site (ExecutionTime_* summed; median {median:.2f} s, "
+        ax.set_title(f"CellProfiler CPU seconds per site (ExecutionTime_* summed; median {median:.2f} s, "
                      f"total {sum(s.seconds for s in sites):.1f} s)", fontsize=9, loc="left")
         ax.set_ylabel("seconds")
     else:
@@ -371,7 +372,7 @@ def render_html(qc: QC, png: bytes, title: str) -> str:
         parts += [f"<h2>Plate {html.escape(plate.plate)}: {html.escape(plate.object_name)} per well</h2>",
                   _table([""] + [str(c + 1) for c in range(cols)], grid),
                   "<p>! = a site of that well is missing, failed or had a module error (below).</p>",
-                  _table(["well", "site", "image set", plate.object_name, "CellProfiler s", "status", "note"],
+                  _table(["well", "site", "image set", plate.object_name, "CellProfiler CPU s", "status", "note"],
                          [[s.well, s.site, s.image_number or "-", "-" if s.count is None else s.count,
                            "-" if s.seconds is None else f"{s.seconds:.2f}", s.status, s.note] for s in plate.sites])]
     prov = data["provenance"]
