@@ -10,7 +10,8 @@ Same synthetic plate (cpb/demo/cellpainting.py) through:
 
 Prints per-site CellProfiler seconds (median of ExecutionTime_* summed per image set, and the
 process wall time over the sets), the counts against the truth with and without correction,
-and the downstream timings. `--report-to DIR` keeps the QC report there. The CPU may be shared:
+and the downstream timings. `--report-to DIR` keeps the QC report there, and illumination.png:
+DNA as imaged beside the outlines drawn without and with the correction. The CPU may be shared:
 the load average is printed with the figures.
 """
 from __future__ import annotations
@@ -43,6 +44,29 @@ def cellprofiler_env() -> dict:
 def per_site_seconds(image_csv: Path) -> list:
     with open(image_csv, newline="") as handle:
         return [sum(float(v) for k, v in row.items() if k.startswith("ExecutionTime_")) for row in csv.DictReader(handle)]
+
+
+def illumination_picture(run, uncorrected: Path, dest: Path) -> Path:
+    """DNA as imaged, then the outlines CellProfiler drew without and with the correction (A01 s1)."""
+    import numpy as np
+    import tifffile
+    from PIL import Image, ImageDraw
+    from analysis_support import site_counts
+    truth = run.plate.truth[("A01", 1)]
+    dna = tifffile.imread(run.plate.images_dir / "CP1_A01_s1_w1.tif").astype(float)
+    tiles = [("DNA as imaged (uneven light)", Image.fromarray((dna / dna.max() * 255).astype("uint8"))),
+             (f"uncorrected: {site_counts(uncorrected / 'Image.csv')[('A01', 1)]} nuclei (truth {truth})",
+              Image.open(uncorrected / "CP1_A01_s1_w1_outlines.png")),
+             (f"corrected: {site_counts(run.analysis / 'Image.csv')[('A01', 1)]} nuclei (truth {truth})",
+              Image.open(run.analysis / "CP1_A01_s1_w1_outlines.png"))]
+    size, label = 384, 22
+    sheet = Image.new("RGB", (3 * size, size + label), "black")
+    draw = ImageDraw.Draw(sheet)
+    for i, (text, tile) in enumerate(tiles):
+        sheet.paste(tile.convert("RGB").resize((size, size)), (i * size, label))
+        draw.text((i * size + 6, 4), text, fill="white")
+    sheet.save(dest)
+    return dest
 
 
 def main() -> int:
@@ -83,7 +107,8 @@ def main() -> int:
               f"{statistics.median(nuclei_seconds):.2f} s -> the Cell Painting analysis costs "
               f"{statistics.median(seconds) / statistics.median(nuclei_seconds):.1f}x per site")
         corrected = well_errors(site_counts(run.analysis / "Image.csv"), run.plate.truth)
-        uncorrected = well_errors(site_counts(run_uncorrected(run, env) / "Image.csv"), run.plate.truth)
+        uncorrected_dir = run_uncorrected(run, env)
+        uncorrected = well_errors(site_counts(uncorrected_dir / "Image.csv"), run.plate.truth)
         print("per-well count error vs truth (tolerance 10%):")
         for well in sorted(corrected):
             print(f"  {well}: corrected {corrected[well]:6.1%}   uncorrected {uncorrected[well]:8.1%}")
@@ -98,6 +123,7 @@ def main() -> int:
             args.report_to.mkdir(parents=True, exist_ok=True)
             for path in (done.report.png, done.report.html):
                 shutil.copy(path, args.report_to / path.name)
+            illumination_picture(run, uncorrected_dir, args.report_to / "illumination.png")
             print(f"report kept in {args.report_to}")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     return 0

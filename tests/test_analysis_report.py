@@ -197,3 +197,19 @@ def test_cpb_report_prints_paths_and_refuses_a_folder_without_image_csv(plate_ru
     shutil.copy(folder / "Image.csv", tmp_path / "empty" / "Image.csv")
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "empty"), "--object", "Mitochondria"])
     assert result.exit_code == 1 and "has no Count_Mitochondria column" in result.output
+
+
+ANALYSIS_OPTIONS = {"results": ["--parquet"],
+                    "report": ["--data-file", "--object", "--plate-format", "--out"],
+                    "profile": ["--platemap", "--well-column", "--normalize-to", "--control-column", "--negcon",
+                                "--method", "--out"]}
+
+
+def test_analysis_options_are_in_help_and_in_the_cli_guide():
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    section = guide[guide.index("## Analysis: cpb results --parquet, cpb report, cpb profile"):]
+    for command, options in ANALYSIS_OPTIONS.items():
+        text = CliRunner().invoke(cli, [command, "--help"]).output
+        for option in options:
+            assert option in text, f"cpb {command} --help lacks {option}"
+            assert option in section, f"docs/CLI.md's analysis section does not mention {command} {option}"
