@@ -181,3 +181,14 @@ def test_without_the_correction_the_count_fails(plate_run, cellprofiler_env):
                               plate_run.plate.truth)
     failing = {w: e for w, e in uncorrected.items() if e > DEMO_TOLERANCE}
     assert failing, f"uncorrected counts stay within {DEMO_TOLERANCE:.0%}: {uncorrected}"
+
+
+@pytest.mark.cellprofiler
+def test_split_analysis_equals_the_single_process_run(plate_run, tmp_path, cellprofiler_env):
+    """The per-site analysis may be cut into image-set ranges (array jobs, several processes):
+    two processes give the same tables, measurements and outline images as one."""
+    from analysis_support import run_plate
+    from test_worker_support import compare_outputs
+    split = run_plate(tmp_path / "split", cellprofiler_env, workers=2)
+    assert split.records["analysis"].processes == 2 and split.records["analysis"].split
+    assert compare_outputs(plate_run.analysis, split.analysis) > 10000
