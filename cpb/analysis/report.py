@@ -93,9 +93,9 @@ class PlateQC:
         import numpy as np
         rows, cols = FORMATS[self.plate_format]
         grid = np.full((rows, cols), np.nan)
+        counts = self.well_counts()
         for well in {s.well for s in self.sites}:
-            r, c = parse_well(well)
-            grid[r, c] = self.well_counts().get(well, 0)
+            grid[parse_well(well)] = counts.get(well, 0)
         return grid
 
 
@@ -183,14 +183,14 @@ def collect(folder: "str | Path", data_file: "str | Path | None" = None, object_
         for number, row in enumerate(data_rows, start=1):
             expected[number] = (plate_of(row), row["Metadata_Well"], str(int(_number(row["Metadata_Site"]) or 0)))
     else:
-        most = {}
-        for plate, well, site in sites:
+        # every well seen is expected to have as many sites as the fullest well of its plate;
+        # the image set numbers of sites that never ran are unknown (negative placeholders)
+        most: Dict[str, int] = {}
+        for plate, _well, site in sites:
             most[plate] = max(most.get(plate, 0), int(site))
-        for plate, well, _site in list(sites):
-            for s in range(1, most[plate] + 1):
-                key = (plate, well, str(s))
-                if key not in sites and key not in expected.values():
-                    expected[-len(expected) - 1] = key  # unknown image set number
+        absent = sorted({(plate, well, str(s)) for plate, well, _site in sites
+                         for s in range(1, most[plate] + 1)} - set(sites))
+        expected = {-index: key for index, key in enumerate(absent, start=1)}
     failed_numbers = set()
     for record in records:
         if record.get("status") != "succeeded" and record.get("first") and record.get("last"):
@@ -361,12 +361,12 @@ def render_html(qc: QC, png: bytes, title: str) -> str:
     for plate in qc.plates:
         rows, cols = FORMATS[plate.plate_format]
         counts, marked = plate.well_counts(), plate.problems()
-        wells = {s.well for s in plate.sites}
+        wells = {parse_well(s.well): s.well for s in plate.sites}
         grid = []
         for r in range(rows):
             line = [chr(ord("A") + r)]
             for c in range(cols):
-                name = next((w for w in wells if parse_well(w) == (r, c)), None)
+                name = wells.get((r, c))
                 line.append("" if name is None else f"{counts.get(name, 0)}{' !' if name in marked else ''}")
             grid.append(line)
         parts += [f"<h2>Plate {html.escape(plate.plate)}: {html.escape(plate.object_name)} per well</h2>",
