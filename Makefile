@@ -41,7 +41,7 @@ export CPB_CELLPROFILER_ARGS ?= $(CP_ARGS)
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: test demo bench venv cellprofiler py38 clean
+.PHONY: test demo bench venv analysis cellprofiler py38 clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@echo "setup: $(VENV) with Pulumi, moto and the cpb client (first run only, about a minute)"
@@ -49,6 +49,24 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# pip freeze (stdin) minus the packages requirements-analysis.txt pins itself (names compared as PEP 503 says).
+define ANALYSIS_CONSTRAINTS
+import re, sys
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+own = {norm(m.group(1)) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", open(sys.argv[1]).read(), re.M)}
+sys.stdout.writelines(l for l in sys.stdin if norm(l.split("==")[0]) not in own)
+endef
+export ANALYSIS_CONSTRAINTS
+
+# Downstream analysis (CytoTable, pycytominer, matplotlib) goes INTO .venv: pip is held to every version
+# already there (pip freeze as constraints), so Pulumi's and moto's pins never move; it resolves so today.
+$(VENV)/.analysis-installed: requirements-analysis.txt $(VENV)/.installed
+	@echo "setup: CytoTable, pycytominer and matplotlib into $(VENV) (first run only, under a minute)"
+	$(PY) -m pip freeze --exclude-editable | $(PY) -c "$$ANALYSIS_CONSTRAINTS" requirements-analysis.txt \
+	  > $(VENV)/constraints-before-analysis.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints-before-analysis.txt -r requirements-analysis.txt
 	touch $@
 
 # CellProfiler 4.2 (default): headless, no wxPython/mysqlclient; python-javabridge built from
@@ -83,7 +101,8 @@ $(PY38_VENV)/.installed: image/requirements.txt
 	echo "setup: $(PY38_VENV) with $(PYTHON38) and boto3 (the container's Python, for worker tests)"; \
 	$(PYTHON38) -m venv $(PY38_VENV) && $(PY38_VENV)/bin/python -m pip install -q -r image/requirements.txt && touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV)/.analysis-installed
+analysis: $(VENV)/.analysis-installed
 cellprofiler: $(CP_VENV)/.installed
 py38: $(PY38_VENV)/.installed
 

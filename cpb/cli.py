@@ -402,8 +402,10 @@ def explain(body: str, limits: Any) -> str:
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Local folder to write the (merged) results into.")
 @click.option("--parts", type=int, help="Expected array children (when there is no submission record).")
+@click.option("--parquet", is_flag=True,
+              help="Also convert the merged CSVs into DIR/single_cell.parquet with CytoTable (one row per cell).")
 @stack_options
-def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int]) -> None:
+def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], parquet: bool) -> None:
     """Download OUTPUT's results, merging array parts; refuses incomplete runs."""
     stack.require("bucket")
     clients = _clients(stack)
@@ -421,6 +423,9 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int]) -
             "keep each output's results in its own --to folder")
     for name, rows in sorted(report.rows.items()):
         click.echo(f"  {name}: {rows} rows")
+    if parquet:
+        from cpb.analysis.parquet import describe, to_parquet
+        click.echo(f"single-cell Parquet: {describe(to_parquet(dest))}")
 
 
 class _LazyBar:
@@ -544,3 +549,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from cpb.analysis.commands import report as _report_command  # noqa: E402  (cpb report; cpb/analysis/)
+cli.add_command(_report_command)
+from cpb.analysis.commands import profile as _profile_command  # noqa: E402  (cpb profile; cpb/analysis/)
+cli.add_command(_profile_command)
