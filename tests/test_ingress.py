@@ -227,11 +227,12 @@ def test_list_whose_later_entry_is_refused_by_batch_rolls_back(moto_stack, logs)
 
 
 def test_aws_calls_per_message_are_few(moto_stack):
-    """A plain message costs GetObject(record, pipeline), ListObjectsV2, PutObject x2, ListJobs, SubmitJob."""
+    """A plain message costs GetObject (record, pipeline, output lease), ListObjectsV2, PutObject x4 (record and
+    lease, pending then submitted), ListJobs, SubmitJob."""
     svc = ingress.services()
     counter = CallCounter(svc.s3, svc.batch, svc.batch_submit)
     run(sqs_record(json.dumps(message())))
-    assert counter.counts == {"ListObjectsV2": 1, "GetObject": 2, "PutObject": 2, "ListJobs": 1, "SubmitJob": 1}
+    assert counter.counts == {"ListObjectsV2": 1, "GetObject": 3, "PutObject": 4, "ListJobs": 1, "SubmitJob": 1}
 
 
 def test_event_without_records_is_a_no_op(moto_stack):

@@ -99,7 +99,7 @@ def test_s3_slowdown_on_record_write_is_retried(moto_stack):
     fault = FaultInjector(ingress.services().s3, "PutObject", status=503, code="SlowDown", times=2)
     record = sqs_record(json.dumps(message(output="results/slow")))
     assert run(record) == {"batchItemFailures": []}
-    assert fault.calls == 4  # pending (2 refused + 1) and submitted
+    assert fault.calls == 6  # record pending (2 refused + 1), lease pending, lease and record submitted
     assert moto_stack.record("results/slow", record["messageId"])["status"] == "submitted"
     assert len(moto_stack.jobs()) == 1
 
