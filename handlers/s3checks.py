@@ -280,8 +280,8 @@ def scan_data_file(s3: Any, bucket: str, key: str, loaddata_settings: Optional[d
 
         def image_set_rows() -> Iterator[list]:
             for row in reader:
-                if not row or not any(cell.strip() for cell in row):
-                    continue  # blank lines are skipped by LoadData too
+                if not "".join(row).strip():
+                    continue  # blank lines (every cell blank) are skipped by LoadData too
                 if len(row) != len(names):
                     raise bad(f"line {reader.line_num} has {len(row)} fields but the header has {len(names)}; "
                               "fix that row (a missing or extra comma?)")
