@@ -206,13 +206,16 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
         if all(saved is not None and saved.get("status") == "submitted" for saved, _ in known):
             records = [saved for saved, _ in known]
         else:
+            started = any(saved is not None for saved, _ in known)  # an earlier delivery got this far
             try:
                 jobs = [_check_entry(stub, saved, stubs, svc, budget, submitter) for stub, (saved, _) in zip(stubs, known)]
+                started = True
                 records = _submit_all(jobs, submitter, known)
             except (InProgress, OutOfTime):
                 raise  # someone else is on it / no time: a later delivery completes the message
             except Exception as exc:
-                _roll_back(stubs, known, submitter, exc)
+                if started:
+                    _roll_back(stubs, known, submitter, exc)
                 raise
     except OutputBusy as exc:
         _log_failure(message_id, receive_count, "busy", str(exc), field=exc.field, entry=exc.index)
