@@ -303,7 +303,7 @@ class _Handling:
                      "containerOverrides": {"environment": [{"name": k, "value": v} for k, v in new_env.items()],
                                             "resourceRequirements": requirements},
                      "tags": tags, "propagateTags": True}
-        job_id, _, adopted = self.submitter._find_or_submit(arguments, lambda: None)
+        job_id, _, adopted = self.submitter.find_or_submit(arguments)
         entry = {"job_id": job_id, "job_name": arguments["jobName"], "replaces": replaces, "array_index": part,
                  "reason": reason, "memory_mib": new_memory, "previous_memory_mib": memory, "oom_retry": attempt,
                  "by": "events", "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}

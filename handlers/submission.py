@@ -274,7 +274,7 @@ class Submitter:
     lease_until: float
     clock: Callable[[], float]
     before_call: Callable[[str], None] = lambda what: None
-    batch_submit: Any = None  # a Batch client WITHOUT botocore retries (see _find_or_submit); default `batch`
+    batch_submit: Any = None  # a Batch client WITHOUT botocore retries (see find_or_submit); default `batch`
     submit_attempts: int = 6
     sleep: Callable[[float], None] = time.sleep
     jitter: Callable[[float], float] = lambda cap: random.uniform(0, cap)
@@ -428,7 +428,7 @@ class Submitter:
                 self._release_output(output, held)
 
         for arguments, entry in zip(plan, planned):
-            job_id, job_arn, adopted = self._find_or_submit(arguments, release)
+            job_id, job_arn, adopted = self.find_or_submit(arguments, release)
             jobs.append(dict(entry, job_id=job_id, job_arn=job_arn, adopted=adopted))
         self.leases.mark_submitted(output, job.message_id, run_id, {
             "jobs": [{k: v for k, v in j.items() if k not in ("job_arn", "adopted")} for j in jobs],
@@ -441,8 +441,11 @@ class Submitter:
                              "delivery will find them by name)")
         return done
 
-    def _find_or_submit(self, arguments: dict, release: Callable[[], None]) -> tuple:
-        """Adopt the job already under this name, else submit it; retry throttling/5xx ourselves.
+    def find_or_submit(self, arguments: dict, release: Callable[[], None] = lambda: None) -> tuple:
+        """`(job id, job arn, adopted)`: adopt the job already under `arguments["jobName"]` in its queue,
+        else `submit_job(**arguments)`; retry throttling/5xx ourselves. `release()` is called when the
+        call certainly submitted nothing (the caller may give up its claim early). Also used by the
+        job-events Lambda for out-of-memory retries.
 
         SubmitJob has no idempotency token, and a 5xx or a timeout may come
         back although Batch created the job, so a blind retry (botocore's)
