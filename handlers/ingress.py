@@ -302,7 +302,10 @@ def _submit_all(jobs: list, submitter: Submitter, known: list) -> list:
             raise MessageError("after", f"waits for {len(depends)} unfinished jobs ({', '.join(request.after)}), "
                                         f"more than the {MAX_DEPENDS_ON} a Batch job may depend on; send this step "
                                         "once those have finished", job.index)
-        saved = submitter.ensure_submitted(dataclasses.replace(job, depends_on=depends), prefetched)
+        try:
+            saved = submitter.ensure_submitted(dataclasses.replace(job, depends_on=depends), prefetched)
+        except MessageError as exc:  # the output became busy since it was checked
+            raise exc.at(job.index) from None
         records.append(saved)
         jobs_of[request.output] = [j["job_id"] for j in saved.get("jobs") or []] or [saved["job_id"]]
     return records
