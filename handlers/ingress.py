@@ -258,6 +258,7 @@ def _check_entry(stub: PlannedJob, saved: Optional[dict], stubs: list, svc: Serv
         for upstream in request.after:
             if upstream not in earlier:
                 depends += _after_dependencies(upstream, submitter.leases, svc.limits.bucket)
+        _refuse_too_many_dependencies(list(dict.fromkeys(depends)), request.after)
     except MessageError as exc:
         raise exc.at(index) from None
     return dataclasses.replace(stub, checked=checked, depends_on=tuple(dict.fromkeys(depends)), output_lease=seen)
@@ -298,10 +299,10 @@ def _submit_all(jobs: list, submitter: Submitter, known: list) -> list:
         request = job.checked.request
         internal = [job_id for upstream in request.after for job_id in jobs_of.get(upstream, [])]
         depends = tuple(dict.fromkeys(job.depends_on + tuple(internal)))
-        if len(depends) > MAX_DEPENDS_ON:
-            raise MessageError("after", f"waits for {len(depends)} unfinished jobs ({', '.join(request.after)}), "
-                                        f"more than the {MAX_DEPENDS_ON} a Batch job may depend on; send this step "
-                                        "once those have finished", job.index)
+        try:
+            _refuse_too_many_dependencies(depends, request.after)
+        except MessageError as exc:
+            raise exc.at(job.index) from None
         try:
             saved = submitter.ensure_submitted(dataclasses.replace(job, depends_on=depends), prefetched)
         except MessageError as exc:  # the output became busy since it was checked
@@ -309,6 +310,13 @@ def _submit_all(jobs: list, submitter: Submitter, known: list) -> list:
         records.append(saved)
         jobs_of[request.output] = [j["job_id"] for j in saved.get("jobs") or []] or [saved["job_id"]]
     return records
+
+
+def _refuse_too_many_dependencies(depends: Any, after: tuple) -> None:
+    if len(depends) > MAX_DEPENDS_ON:
+        raise MessageError("after", f"waits for {len(depends)} unfinished jobs ({', '.join(after)}), more than the "
+                                    f"{MAX_DEPENDS_ON} a Batch job may depend on; send this step once those have "
+                                    "finished")
 
 
 def _roll_back(stubs: list, known: list, submitter: Submitter, exc: Exception) -> None:

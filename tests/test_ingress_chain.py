@@ -137,3 +137,19 @@ def test_after_an_upstream_being_submitted_right_now_waits(moto_stack, logs):
     record = sqs_record(json.dumps(message(output="results/P9/analysis", after="results/P9/illum")))
     assert failed_ids(run(record)) == [record["messageId"]]
     assert logs.failures()[0]["kind"] == "deferred"
+
+
+@pytest.mark.hostile
+def test_waiting_for_more_jobs_than_batch_allows_is_refused(moto_stack, jobs_keep_running, monkeypatch, logs):
+    """Batch lets a job depend on at most 20 jobs; scaled down here: an upstream run of three array jobs
+    (10 children, at most 4 per array job) against a limit of 2."""
+    from handlers import submission
+    monkeypatch.setattr(submission, "MAX_ARRAY_SIZE", 4)
+    monkeypatch.setattr(ingress, "MAX_DEPENDS_ON", 2)
+    run(sqs_record(json.dumps(message(output="results/P10/illum", data_file=DATA_FILE, image_sets_per_job=1))))
+    assert len(moto_stack.jobs()) == 3
+    record = sqs_record(json.dumps(message(output="results/P10/analysis", after="results/P10/illum")))
+    assert failed_ids(run(record)) == [record["messageId"]]
+    reason = logs.failures()[0]["reason"]
+    assert reason.startswith("after: waits for 3 unfinished jobs (results/P10/illum), more than the 2")
+    assert len(moto_stack.jobs()) == 3 and lease("results/P10/analysis") is None
