@@ -8,8 +8,9 @@ Entry point `handlers.events.handler(event, context)`, invoked by an EventBridge
 1. a job or child that FAILED for memory (exit code 137 that is not a timeout or a host
    failure, or `OutOfMemoryError` in a reason) is resubmitted as a plain job (a child with
    `CPB_ARRAY_INDEX` = its part) with twice its memory, at most `CPB_MAX_MEMORY_MIB`, at most
-   `CPB_OOM_MAX_RETRIES` times (default 2), with the same `CPB_RUN_ID` and `CPB_OOM_RETRY=n`;
-   only while the output's lease still names that run. The retry's name is deterministic
+   `CPB_OOM_MAX_RETRIES` times (default 2), with the same `CPB_RUN_ID` and `CPB_OOM_RETRY=n`,
+   tagged `cpb:stack` = `CPB_STACK` like every job of the stack; only while the output's lease
+   still names that run. The retry's name is deterministic
    (`<name>-oom<n>` / `<name>-oom<n>-<part>`) and looked up in Batch before submitting, and the
    retry is appended to the lease's `retries` with a conditional write, so a duplicate event
    (EventBridge delivers at least once) adopts it instead of starting a second copy;
@@ -66,7 +67,8 @@ class Settings:
     bucket: str
     max_memory_mib: int
     oom_max_retries: int
-    stack: str
+    stack: str  # the metrics' Stack dimension ("unknown" when CPB_STACK is not set)
+    stack_tag: str = ""  # CPB_STACK as given: the `cpb:stack` tag of resubmitted jobs
 
     @classmethod
     def from_env(cls, environ: dict) -> "Settings":
@@ -79,7 +81,7 @@ class Settings:
         if retries < 0:
             raise ValueError(f"CPB_OOM_MAX_RETRIES={retries} is negative")
         return cls(bucket=limits.bucket, max_memory_mib=limits.max_memory_mib, oom_max_retries=retries,
-                   stack=(environ.get("CPB_STACK") or "").strip() or "unknown")
+                   stack=limits.stack or "unknown", stack_tag=limits.stack)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +300,8 @@ class _Handling:
         tags = {k: v for k, v in (detail.get("tags") or {}).items() if k.startswith("cpb:")}
         tags.update({"cpb:run-id": run_id, "cpb:output": tags.get("cpb:output") or output[:256],
                      "cpb:oom-retry": str(attempt)})
+        if settings.stack_tag:
+            tags["cpb:stack"] = settings.stack_tag  # the stack's IAM lets TerminateJob stop only jobs tagged so
         arguments = {"jobName": retry_name(detail.get("jobName") or "cpb", attempt, part),
                      "jobQueue": detail["jobQueue"], "jobDefinition": detail["jobDefinition"],
                      "containerOverrides": {"environment": [{"name": k, "value": v} for k, v in new_env.items()],
@@ -309,10 +313,10 @@ class _Handling:
                  "by": "events", "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
         for _ in range(5):
             if lease is None or lease.get("run_id") != run_id or lease.get("state") == "cancelled":
-                # The output moved on to another run while we submitted: that run's worker would exit 5
-                # (superseded) anyway; stop it now.
-                self.svc.batch.terminate_job(jobId=job_id, reason=f"cpb: run {run_id} of {output} was superseded")
-                logger.warning("out-of-memory retry stopped: the run was superseded", extra={**where, "retry": job_id})
+                # The output moved on to another run while we submitted: the retry's worker reads the
+                # lease first and exits 5 (superseded) without writing anything.
+                logger.warning("out-of-memory retry left to exit: the run was superseded meanwhile",
+                               extra={**where, "retry": job_id})
                 return None
             if any(r.get("replaces") == replaces for r in lease.get("retries") or []):
                 return job_id

@@ -122,6 +122,7 @@ class Limits:
     max_body_bytes: int = 256 * 1024
     max_jobs_per_message: int = 100
     max_image_sets_per_job: int = 100_000
+    stack: str = ""  # CPB_STACK: the Pulumi stack, tagged on every job as `cpb:stack` (TerminateJob needs it)
 
     def __post_init__(self) -> None:
         if not self.bucket:
@@ -154,6 +155,7 @@ class Limits:
             job_queue_arn=(environ.get("CPB_JOB_QUEUE") or "").strip(),
             job_definition_arn=(environ.get("CPB_JOB_DEFINITION") or "").strip(),
             allowed_arns=allowed,
+            stack=(environ.get("CPB_STACK") or "").strip(),
         )
 
     def arn_allowed(self, arn: str, kind: str) -> bool:

@@ -205,6 +205,8 @@ def submit_arguments(job: PlannedJob, limits: Limits, generation: int, run_id: O
         },
         "propagateTags": True,
     }
+    if limits.stack:
+        arguments["tags"]["cpb:stack"] = _tag_value(limits.stack)  # the stack's IAM lets it terminate only these
     if size is not None:
         arguments["arrayProperties"] = {"size": size}
     if job.depends_on:

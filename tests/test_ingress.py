@@ -65,6 +65,15 @@ def test_seed_arns_own_and_allow_listed(moto_stack):
     assert [environment(j)["CPB_OUTPUT"] for j in moto_stack.jobs(moto_stack.other_queue_arn)] == [allowed["output"]]
 
 
+def test_every_job_is_tagged_with_its_stack_for_the_terminate_permission(moto_stack, monkeypatch):
+    """The stack's IAM lets the ingress terminate (roll back) only jobs tagged `cpb:stack` = its stack."""
+    monkeypatch.setenv("CPB_STACK", "dev")
+    ingress.reset_services()
+    run(sqs_record(json.dumps(message(data_file=DATA_FILE, image_sets_per_job=5))))
+    [job] = moto_stack.jobs()
+    assert job["tags"]["cpb:stack"] == "dev"
+
+
 def test_job_name_is_readable_sanitised_and_unique(moto_stack):
     first = message(job_name="Plate 7 / Zellkern ä (rerun)!")
     second = message(job_name="Plate 7 / Zellkern ä (rerun)!")  # same name, other message

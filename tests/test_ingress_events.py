@@ -104,6 +104,7 @@ def test_a_child_out_of_memory_is_retried_with_twice_the_memory_once_per_event(s
     assert env["CPB_MEMORY_MIB"] == "8192" and resources(retry["jobId"]) == {"VCPU": "2", "MEMORY": "8192"}
     assert "arrayProperties" not in retry  # a plain job running part 1
     assert retry["tags"]["cpb:oom-retry"] == "1" and retry["tags"]["cpb:run-id"] == run_id
+    assert retry["tags"]["cpb:stack"] == "dev"
     [entry] = lease("results/oom")["retries"]
     assert entry["job_id"] == retry["jobId"] and entry["replaces"] == f"{parent['jobId']}:1"
     assert (entry["array_index"], entry["memory_mib"], entry["previous_memory_mib"], entry["by"]) == (1, 8192, 4096,
