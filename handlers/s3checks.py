@@ -355,8 +355,8 @@ def count_input_image_sets(s3: Any, bucket: str, prefix: str, pipeline: Pipeline
     """(image sets, input_listing_sha256) of a pipeline without a data file, counted by the worker's
     own file-rule counter (`cpb_worker.filerules.count_image_sets`) over the input listing.
 
-    The counter runs on an empty-file mirror of the listing, the same tree the worker later counts
-    (and checks against CellProfiler's own count), so the two cannot disagree. Where the counter
+    The counter is the worker's own, on the listing of the tree the worker later counts (and checks
+    against CellProfiler's own count), so the two cannot disagree. Where the counter
     cannot tell (rule forms it does not evaluate, metadata it cannot match, several images per file)
     the message is refused with the fix: a data file.
     """
@@ -402,7 +402,16 @@ def count_input_image_sets(s3: Any, bucket: str, prefix: str, pipeline: Pipeline
 
 
 def _count_on_mirror(pipeline: Pipeline, keys: list) -> Optional[int]:
-    """`filerules.count_image_sets` over a temporary tree of empty files named like `keys`."""
+    """The worker's file-rule count of the input listing `keys` (relative, '/'-separated).
+
+    `filerules.count_image_sets_in_listing` (the worker branch's listing entry point) when this
+    cpb_worker has it; else `filerules.count_image_sets` over a temporary tree of empty files named
+    like `keys` (the same evaluation; delete this fallback once every cpb_worker has the former)."""
+    in_listing = getattr(filerules, "count_image_sets_in_listing", None)
+    if in_listing is not None:
+        if any(part in ("", ".", "..") for key in keys for part in key.split("/")):
+            return None
+        return in_listing(pipeline, keys)
     with tempfile.TemporaryDirectory(prefix="cpb-listing-") as root:
         for key in keys:
             parts = key.split("/")
