@@ -61,7 +61,8 @@ from handlers.submission import InProgress, PlannedJob, Submitter
 
 __all__ = ["handler", "process_event", "services", "reset_services", "require_conditional_writes", "Services", "Budget",
            "OutOfTime",
-           "RETRY_CONFIG", "SUBMIT_CONFIG", "MESSAGE_MARGIN_S", "ENTRY_MARGIN_S", "CALL_MARGIN_S", "logger"]
+           "RETRY_CONFIG", "SUBMIT_CONFIG", "MESSAGE_MARGIN_S", "ENTRY_MARGIN_S", "CALL_MARGIN_S", "MAX_DEPENDS_ON",
+           "logger"]
 
 logger = Logger(service="cpb-ingress")
 
