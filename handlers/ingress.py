@@ -6,26 +6,38 @@ Configuration is the "Lambda environment" of docs/CONTRACTS.md, read into
 
 Per SQS record (Powertools `BatchProcessor`, partial batch responses):
 
-1. parse and validate the body (`handlers.schema.parse_body`), then read
-   each job's submission record: a redelivery of a message already
-   submitted ends here (1 S3 GET per job);
-2. check each job against the bucket (`handlers.s3checks.check_request`):
-   pipeline exists, data file is a readable CSV whose rows size the array;
-3. submit each job exactly once (`handlers.submission.Submitter`).
+1. parse and validate the body (`handlers.schema.parse_body`), work out the
+   message identity (`client_token`, else the `cpb-original-message-id`
+   attribute of a DLQ redrive, else the SQS message id) and read each job's
+   submission record: a redelivery or a repeat of a message already submitted
+   ends here (1 S3 GET per job);
+2. check each job not yet submitted against the bucket, inside the time
+   budget (`handlers.s3checks.check_request`: pipeline, data file streamed and
+   counted as LoadData counts it, or image sets counted by file rules), its
+   output's lease (`handlers.lease`: another message's unfinished run refuses
+   it) and its `after` outputs (their runs' unfinished jobs become Batch
+   `dependsOn`; no run, a failed or a cancelled one refuses it);
+3. submit each job exactly once, in order (`handlers.submission.Submitter`),
+   an `after` on an earlier entry depending on that entry's jobs.
 
 A record that fails any step is returned in `batchItemFailures` (SQS retries
 it, then moves it to the DLQ) with one structured log line saying why; the
 other records go on. A list message is all-or-nothing: nothing is submitted
-until every entry passed steps 1-2, and a submission failure rolls back the
-entries already submitted. Throttling and 5xx are retried by botocore
+until every entry passed steps 1-2, entries already submitted by an earlier
+delivery are not checked again, and a failure that is not a deferral (another
+invocation holds an entry, or time ran out) rolls back the entries already
+submitted (jobs terminated, records and output leases cancelled), so no message
+waits in the DLQ half submitted. Throttling and 5xx are retried by botocore
 (`adaptive` mode, bounded attempts), except SubmitJob, which
 `handlers.submission` retries itself after looking for the job by name; no message and no AWS call starts when
 too little of the invocation's time is left, so the Lambda returns its
 failures itself instead of timing out (a timeout is still safe: redelivery
 finds the submission records and jobs by name).
 
-`boto3` comes from the Lambda runtime and `aws_lambda_powertools` from the
-AWS-managed Powertools layer the stack attaches; nothing is vendored here.
+`boto3`/`botocore` and `aws_lambda_powertools` are vendored into the function
+asset from `handlers/requirements.txt` (pinned: S3 conditional writes need
+botocore >= 1.35.64, which a region's runtime SDK may not have);
+`require_conditional_writes` still refuses an SDK without them, loudly.
 """
 from __future__ import annotations
 
@@ -42,13 +54,15 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.config import Config
 
-from handlers.s3checks import check_request
-from handlers.schema import Limits, MessageError, entry_message_id, parse_body
+from handlers.lease import Leases, OutputBusy
+from handlers.s3checks import CheckedRequest, check_request
+from handlers.schema import Limits, MessageError, entry_message_id, message_identity, parse_body
 from handlers.submission import InProgress, PlannedJob, Submitter
 
 __all__ = ["handler", "process_event", "services", "reset_services", "require_conditional_writes", "Services", "Budget",
            "OutOfTime",
-           "RETRY_CONFIG", "SUBMIT_CONFIG", "MESSAGE_MARGIN_S", "CALL_MARGIN_S", "logger"]
+           "RETRY_CONFIG", "SUBMIT_CONFIG", "MESSAGE_MARGIN_S", "ENTRY_MARGIN_S", "CALL_MARGIN_S", "MAX_DEPENDS_ON",
+           "logger"]
 
 logger = Logger(service="cpb-ingress")
 
@@ -60,6 +74,10 @@ RETRY_CONFIG = Config(retries={"mode": "adaptive", "total_max_attempts": 5}, con
 SUBMIT_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=5, read_timeout=20)
 #: Do not start a message with less time left than this (seconds).
 MESSAGE_MARGIN_S = 20.0
+#: Do not start checking one entry of a message with less time left than this (seconds).
+ENTRY_MARGIN_S = 15.0
+#: Batch lets a job depend on at most this many jobs.
+MAX_DEPENDS_ON = 20
 #: Do not start an AWS call with less time left than this (seconds).
 CALL_MARGIN_S = 10.0
 #: Without a Lambda context (local runs), assume this much time.
@@ -175,24 +193,34 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
     """Validate, check and submit one message; any exception marks it a batch item failure."""
     message_id = record.message_id
     receive_count = _receive_count(record)
+    stubs: list = []
     try:
         budget.require(MESSAGE_MARGIN_S, "start this message")
         requests = parse_body(record.body, svc.limits)
         indexes = list(range(len(requests))) if record.body.lstrip().startswith("[") else [None]
-        # A redelivery of a message already submitted is done here: its objects may be gone by now.
-        known = [submitter.read_record(request.output, entry_message_id(message_id, index))
-                 for request, index in zip(requests, indexes)]
+        identity = message_identity(requests, message_id, _message_attributes(record))
+        stubs = [PlannedJob(checked=CheckedRequest(request=request, image_set_count=None), sqs_message_id=message_id,
+                            index=index, identity=identity) for request, index in zip(requests, indexes)]
+        # A redelivery (or a repeat with the same client_token) of a message already submitted is done
+        # here: its objects may be gone by now.
+        known = [submitter.read_record(stub.checked.request.output, stub.message_id) for stub in stubs]
         if all(saved is not None and saved.get("status") == "submitted" for saved, _ in known):
             records = [saved for saved, _ in known]
         else:
-            jobs = []
-            for request, index in zip(requests, indexes):
-                try:
-                    checked = check_request(svc.s3, request, svc.limits)
-                except MessageError as exc:
-                    raise exc.at(index) from None
-                jobs.append(PlannedJob(checked=checked, sqs_message_id=message_id, index=index))
-            records = _submit_all(jobs, submitter, known)
+            started = any(saved is not None for saved, _ in known)  # an earlier delivery got this far
+            try:
+                jobs = [_check_entry(stub, saved, stubs, svc, budget, submitter) for stub, (saved, _) in zip(stubs, known)]
+                started = True
+                records = _submit_all(jobs, submitter, known)
+            except (InProgress, OutOfTime):
+                raise  # someone else is on it / no time: a later delivery completes the message
+            except Exception as exc:
+                if started:
+                    _roll_back(stubs, known, submitter, exc)
+                raise
+    except OutputBusy as exc:
+        _log_failure(message_id, receive_count, "busy", str(exc), field=exc.field, entry=exc.index)
+        raise
     except MessageError as exc:
         _log_failure(message_id, receive_count, "invalid", str(exc), field=exc.field, entry=exc.index)
         raise
@@ -205,34 +233,110 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
         _log_failure(message_id, receive_count, "aws" if response else "error", f"{code}: {exc}", error_code=code)
         raise
     logger.info("jobs submitted", extra={
-        "message_id": message_id, "receive_count": receive_count,
+        "message_id": message_id, "receive_count": receive_count, "identity": stubs[0].message_id if stubs else None,
         "jobs": [{"job_id": r["job_id"], "job_name": r["job_name"], "array_size": r["array_size"],
+                  "run_id": r.get("run_id"), "job_ids": [j["job_id"] for j in r.get("jobs") or []],
                   "output": r["request"]["output"], "adopted": r.get("adopted")} for r in records]})
     return {"message_id": message_id, "job_ids": [r["job_id"] for r in records]}
 
 
-def _submit_all(jobs: list, submitter: Submitter, known: list) -> list:
-    """Submit every job of one message; on failure of a list, roll the others back (all-or-nothing).
+def _check_entry(stub: PlannedJob, saved: Optional[dict], stubs: list, svc: Services, budget: Budget,
+                 submitter: Submitter) -> PlannedJob:
+    """Step 2 for one entry: the bucket, its output's lease and its `after` outputs, inside the budget.
 
-    `known` holds the (record, etag) already read for each job.
-    """
-    records = []
+    An entry an earlier delivery already submitted is not checked again (its objects may be gone:
+    what runs is what was checked then)."""
+    request, index = stub.checked.request, stub.index
+    if saved is not None and saved.get("status") == "submitted":
+        return stub
+    budget.require(ENTRY_MARGIN_S, f"check entry {index if index is not None else 0}")
     try:
-        for job, prefetched in zip(jobs, known):
-            records.append(submitter.ensure_submitted(job, prefetched))
-    except (InProgress, OutOfTime):
-        raise  # someone else is on it / no time: a later delivery completes the message
-    except Exception as exc:
-        if len(jobs) > 1:
-            try:
-                terminated = submitter.rollback(jobs, f"entry failed to submit: {exc}")
-                logger.warning("list message rolled back", extra={"message_id": jobs[0].sqs_message_id,
-                                                                   "terminated_job_ids": terminated})
-            except Exception as rollback_exc:  # the records still say what runs; redelivery completes it
-                logger.error("rollback incomplete", extra={"message_id": jobs[0].sqs_message_id,
-                                                          "error": str(rollback_exc)})
-        raise
+        checked = check_request(svc.s3, request, svc.limits,
+                                before_call=lambda what: budget.require(CALL_MARGIN_S, what))
+        seen = submitter.leases.check_available(request.output, stub.message_id, None)
+        earlier = {other.checked.request.output for other in stubs[: stubs.index(stub)]}
+        depends: list = []
+        for upstream in request.after:
+            if upstream not in earlier:
+                depends += _after_dependencies(upstream, submitter.leases, svc.limits.bucket)
+        _refuse_too_many_dependencies(list(dict.fromkeys(depends)), request.after)
+    except MessageError as exc:
+        raise exc.at(index) from None
+    return dataclasses.replace(stub, checked=checked, depends_on=tuple(dict.fromkeys(depends)), output_lease=seen)
+
+
+def _after_dependencies(upstream: str, leases: Leases, bucket: str) -> list:
+    """The unfinished jobs of `upstream`'s current run (none when it succeeded), or a refusal."""
+    lease, _ = leases.read(upstream)
+    if lease is None:
+        raise MessageError("after", f"{upstream!r} has no run (no s3://{bucket}/{upstream}/_cpb/lease.json); submit "
+                                    "that step first (in this message before this entry, or earlier) or drop after")
+    if lease.get("state") == "pending" and float(lease.get("lease_until") or 0) > leases.clock():
+        raise InProgress(f"after: {upstream} is being submitted by message {lease.get('message_id')} right now")
+    outcome = leases.run_outcome(upstream, lease)
+    run = f"run {lease.get('run_id')} of {upstream!r}"
+    if outcome.status == "unfinished":
+        return [job_id for job_id, _ in outcome.unfinished]
+    if outcome.status == "succeeded":
+        return []
+    if outcome.status == "failed":
+        raise MessageError("after", f"{run} failed ({outcome.failed[0]}); rerun that step (cpb requeue "
+                                    f"{upstream}) before sending this one")
+    if outcome.status == "cancelled":
+        raise MessageError("after", f"{run} was cancelled ({lease.get('cancelled_reason') or 'rolled back'}); "
+                                    "submit that step again before this one")
+    raise MessageError("after", f"cannot tell whether {run} succeeded: job(s) {', '.join(outcome.unknown[:3])} are no "
+                                f"longer known to Batch and have no event record; check `cpb status {upstream}`, "
+                                "then resubmit that step or drop after")
+
+
+def _submit_all(jobs: list, submitter: Submitter, known: list) -> list:
+    """Submit every job of one message in order (`known`: the (record, etag) already read for each).
+
+    An `after` naming an earlier entry's output depends on that entry's jobs."""
+    records: list = []
+    jobs_of: dict = {}
+    for job, prefetched in zip(jobs, known):
+        request = job.checked.request
+        internal = [job_id for upstream in request.after for job_id in jobs_of.get(upstream, [])]
+        depends = tuple(dict.fromkeys(job.depends_on + tuple(internal)))
+        try:
+            _refuse_too_many_dependencies(depends, request.after)
+        except MessageError as exc:
+            raise exc.at(job.index) from None
+        try:
+            saved = submitter.ensure_submitted(dataclasses.replace(job, depends_on=depends), prefetched)
+        except MessageError as exc:  # the output became busy since it was checked
+            raise exc.at(job.index) from None
+        records.append(saved)
+        jobs_of[request.output] = [j["job_id"] for j in saved.get("jobs") or []] or [saved["job_id"]]
     return records
+
+
+def _refuse_too_many_dependencies(depends: Any, after: tuple) -> None:
+    if len(depends) > MAX_DEPENDS_ON:
+        raise MessageError("after", f"waits for {len(depends)} unfinished jobs ({', '.join(after)}), more than the "
+                                    f"{MAX_DEPENDS_ON} a Batch job may depend on; send this step once those have "
+                                    "finished")
+
+
+def _roll_back(stubs: list, known: list, submitter: Submitter, exc: Exception) -> None:
+    """A list message that failed for good: terminate what it submitted, cancel records and leases."""
+    if len(stubs) < 2:
+        return  # a single job failed before (or while) submitting: its record says so, nothing ran twice
+    try:
+        terminated = submitter.rollback(stubs, f"entry failed: {exc}")
+        logger.warning("list message rolled back", extra={"message_id": stubs[0].sqs_message_id,
+                                                           "terminated_job_ids": terminated})
+    except Exception as rollback_exc:  # the records still say what runs; redelivery completes it
+        logger.error("rollback incomplete", extra={"message_id": stubs[0].sqs_message_id, "error": str(rollback_exc)})
+
+
+def _message_attributes(record: SQSRecord) -> dict:
+    """String message attributes of the record (e.g. `cpb-original-message-id`)."""
+    raw = (record.raw_event or {}).get("messageAttributes") or {}
+    return {name: value.get("stringValue") for name, value in raw.items()
+            if isinstance(value, dict) and isinstance(value.get("stringValue"), str)}
 
 
 def _receive_count(record: SQSRecord) -> Optional[int]:

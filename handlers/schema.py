@@ -31,13 +31,20 @@ API
                     `.reason` says what is wrong and how to fix it;
                     `str(err)` is the one line shown to users and logged.
 `submission_id(message_id)`  the `<id>` of `<output>/_cpb/submission-<id>.json`.
-`entry_message_id(message_id, index)`  CPB_MESSAGE_ID of one job: the SQS
-                    message id, plus `#n` (0-based) for entry n of a list.
+`entry_message_id(message_id, index)`  CPB_MESSAGE_ID of one job: the message
+                    identity, plus `#n` (0-based) for entry n of a list.
+`message_identity(requests, sqs_message_id, attributes)`  the message identity of
+                    docs/CONTRACTS.md: the entries' `client_token`, else the SQS
+                    message attribute `cpb-original-message-id` (a DLQ redrive),
+                    else the SQS message id.
+`run_id_for(message_id, generation)`  CPB_RUN_ID: 20 hex digits of
+                    sha256("<CPB_MESSAGE_ID>:<generation>").
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import json
 import math
 import re
@@ -46,20 +53,30 @@ from typing import Any, Mapping, Optional
 
 __all__ = [
     "FIELDS", "Limits", "JobRequest", "MessageError", "parse_body", "parse_entry", "check_batch",
-    "submission_id", "entry_message_id", "MAX_ARRAY_SIZE",
+    "submission_id", "entry_message_id", "message_identity", "run_id_for", "MAX_ARRAY_SIZE", "MAX_CHILDREN_PER_RUN",
+    "MAX_AFTER", "ORIGINAL_MESSAGE_ID_ATTRIBUTE", "is_part_folder",
 ]
 
 #: Batch array jobs have between 2 and 10 000 children.
 MAX_ARRAY_SIZE = 10_000
+#: A run of more children is several array jobs (CPB_ARRAY_OFFSET); beyond this many children a
+#: message is refused (ten array jobs: a screen of 100,000 image sets at one set per child).
+MAX_CHILDREN_PER_RUN = 100_000
+#: Outputs one entry may wait for (Batch lets a job depend on at most 20 jobs).
+MAX_AFTER = 10
+#: SQS message attribute `cpb requeue --dlq` sets to the redriven message's identity.
+ORIGINAL_MESSAGE_ID_ATTRIBUTE = "cpb-original-message-id"
 #: S3 keys are at most 1024 bytes; leave room for `<output>/part-00000/_cpb/...`.
 MAX_KEY_BYTES = 900
 REQUIRED_FIELDS = ("pipeline", "input", "output")
 OPTIONAL_FIELDS = ("data_file", "image_sets_per_job", "job_name", "job_memory", "job_vcpu",
-                   "job_definition", "job_queue", "unsplittable")
+                   "job_definition", "job_queue", "unsplittable", "after", "client_token", "resume")
 FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 PIPELINE_SUFFIXES = (".cppipe", ".cpproj")
 _ARN = re.compile(r"^arn:aws[a-z-]*:batch:[a-z0-9-]+:\d{12}:(job-queue|job-definition)/[A-Za-z0-9_-]{1,128}(:\d+)?$")
 _UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+_CLIENT_TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_PART_FOLDER = re.compile(r"^part-[0-9]{5}$")
 
 
 class MessageError(ValueError):
@@ -105,6 +122,7 @@ class Limits:
     max_body_bytes: int = 256 * 1024
     max_jobs_per_message: int = 100
     max_image_sets_per_job: int = 100_000
+    stack: str = ""  # CPB_STACK: the Pulumi stack, tagged on every job as `cpb:stack` (TerminateJob needs it)
 
     def __post_init__(self) -> None:
         if not self.bucket:
@@ -137,6 +155,7 @@ class Limits:
             job_queue_arn=(environ.get("CPB_JOB_QUEUE") or "").strip(),
             job_definition_arn=(environ.get("CPB_JOB_DEFINITION") or "").strip(),
             allowed_arns=allowed,
+            stack=(environ.get("CPB_STACK") or "").strip(),
         )
 
     def arn_allowed(self, arn: str, kind: str) -> bool:
@@ -166,14 +185,21 @@ class JobRequest:
     job_definition: Optional[str] = None
     job_queue: Optional[str] = None
     unsplittable: bool = False
+    after: tuple = ()  # outputs this entry waits for (normalised keys, in the order given)
+    client_token: Optional[str] = None
+    resume: bool = True
 
     def to_message(self) -> dict:
         """The JSON-able message dict (unset fields omitted) that parses back to this request."""
         out: dict = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None or (f.name == "unsplittable" and not value):
+            if value is None or (f.name == "unsplittable" and not value) or (f.name == "resume" and value):
                 continue
+            if f.name == "after":
+                if not value:
+                    continue
+                value = value[0] if len(value) == 1 else list(value)
             out[f.name] = value
         return out
 
@@ -205,6 +231,30 @@ def submission_id(message_id: str) -> str:
 def entry_message_id(message_id: str, index: Optional[int]) -> str:
     """CPB_MESSAGE_ID of one job: `<message id>` or `<message id>#<n>` for list entry n (0-based)."""
     return message_id if index is None else f"{message_id}#{index}"
+
+
+def message_identity(requests: list, sqs_message_id: str, attributes: Optional[Mapping[str, str]] = None) -> str:
+    """The message identity (docs/CONTRACTS.md): the entries' `client_token` when given (every entry
+    that carries one carries the same, `check_batch` makes sure), else the message attribute
+    `cpb-original-message-id` (`cpb requeue --dlq` keeps the identity of the message it redrives),
+    else the SQS message id."""
+    tokens = [r.client_token for r in requests if r.client_token]
+    if tokens:
+        return tokens[0]
+    original = ((attributes or {}).get(ORIGINAL_MESSAGE_ID_ATTRIBUTE) or "").strip()
+    if original and len(original) <= 128 and all(unicodedata.category(c) not in _UNSAFE_CATEGORIES for c in original):
+        return original
+    return sqs_message_id
+
+
+def run_id_for(message_id: str, generation: int) -> str:
+    """CPB_RUN_ID of a job's run: the first 20 hex digits of sha256("<CPB_MESSAGE_ID>:<generation>")."""
+    return hashlib.sha256(f"{message_id}:{int(generation)}".encode("utf-8")).hexdigest()[:20]
+
+
+def is_part_folder(segment: str) -> bool:
+    """True for an array child's results folder name (`part-00003`)."""
+    return bool(_PART_FOLDER.match(segment))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -294,6 +344,16 @@ def _parse_entry(obj: Any, limits: Limits) -> JobRequest:
                                      "mix with the images; choose an output prefix outside the input")
     if output.split("/")[-1] == "_cpb" or "/_cpb/" in f"/{output}/":
         raise MessageError("output", "must not contain a '_cpb' folder (reserved for run and submission records)")
+    part = next((segment for segment in output.split("/") if is_part_folder(segment)), None)
+    if part is not None:
+        parent = output[: output.index(part)].rstrip("/") or "(the bucket root)"
+        raise MessageError("output", f"{output!r} is or lies inside an array child's results folder {part!r} of "
+                                     f"{parent!r}; its results would be merged into that run's; choose an output "
+                                     "without a 'part-NNNNN' folder")
+    if _under(input_prefix, output):
+        raise MessageError("input", f"{input_prefix!r} is inside the output {output!r}; a run replaces what its "
+                                    "output holds, so the images could be deleted or read back as results; keep "
+                                    "the images outside the output")
 
     data_file = None
     if obj.get("data_file") is not None:
@@ -313,9 +373,8 @@ def _parse_entry(obj: Any, limits: Limits) -> JobRequest:
         if not 1 <= per_job <= limits.max_image_sets_per_job:
             raise MessageError("image_sets_per_job", f"{per_job} is outside 1..{limits.max_image_sets_per_job}; "
                                                      "give how many image sets each array child runs")
-        if data_file is None:
-            raise MessageError("image_sets_per_job", "needs a data_file (a LoadData CSV) so the image sets can be "
-                                                     "counted and split; add data_file or drop image_sets_per_job")
+        # Without a data file the Lambda counts the image sets from the pipeline's file rules over
+        # the input listing, where that count is exact (handlers.s3checks), else it refuses then.
         if unsplittable:
             raise MessageError("image_sets_per_job", "cannot split an unsplittable pipeline across array jobs; "
                                                      "drop image_sets_per_job or unsplittable")
@@ -340,15 +399,62 @@ def _parse_entry(obj: Any, limits: Limits) -> JobRequest:
 
     job_definition = _arn(obj.get("job_definition"), "job_definition", "job-definition", limits)
     job_queue = _arn(obj.get("job_queue"), "job_queue", "job-queue", limits)
+    after = _after(obj.get("after"), output, limits)
+
+    client_token = None
+    if obj.get("client_token") is not None:
+        client_token = obj["client_token"]
+        if not isinstance(client_token, str) or not _CLIENT_TOKEN.match(client_token):
+            raise MessageError("client_token", f"{_show(client_token)} is not 8 to 64 letters, digits, '_' or '-'; "
+                                               "leave it out, or send one token generated once per message")
+
+    resume = obj.get("resume", True)
+    if resume is None:
+        resume = True
+    if not isinstance(resume, bool):
+        raise MessageError("resume", f"must be true or false, not {_show(resume)}")
 
     return JobRequest(pipeline=pipeline, input=input_prefix, output=output, data_file=data_file,
                       image_sets_per_job=per_job, job_name=job_name, job_memory=memory, job_vcpu=vcpu,
-                      job_definition=job_definition, job_queue=job_queue, unsplittable=unsplittable)
+                      job_definition=job_definition, job_queue=job_queue, unsplittable=unsplittable,
+                      after=after, client_token=client_token, resume=resume)
+
+
+def _after(value: Any, output: str, limits: Limits) -> tuple:
+    """`after`: one output prefix or a list of them, normalised like `output`; never the entry's own output."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        raise MessageError("after", "is an empty list; name the output(s) this job waits for, or leave it out")
+    if len(items) > MAX_AFTER:
+        raise MessageError("after", f"names {len(items)} outputs, more than the {MAX_AFTER} one job may wait for; "
+                                    "chain the steps instead")
+    outputs: list = []
+    for item in items:
+        if isinstance(item, list):
+            raise MessageError("after", f"must be an output prefix or a list of them, not {_show(value)}")
+        key = _key(item, "after", limits)
+        if _under(output, key) or _under(key, output):
+            raise MessageError("after", f"{key!r} is this job's own output {output!r} (or overlaps it); a job "
+                                        "cannot wait for itself: name the output of an earlier step")
+        if key not in outputs:
+            outputs.append(key)
+    return tuple(outputs)
 
 
 def check_batch(requests: list) -> None:
-    """Cross-entry rules: no repeated entries, no two jobs writing into the same (or a nested) output."""
+    """Cross-entry rules: no repeated entries, no two jobs writing into the same (or a nested) output,
+    `after` only on EARLIER entries (so no cycle can be written), one `client_token` per message.
+    (An entry may read its input from an earlier entry's output: that is what `after` is for.)"""
+    tokens = {}
     for j, later in enumerate(requests):
+        if later.client_token:
+            tokens.setdefault(later.client_token, j)
+            if len(tokens) > 1:
+                first_token, first_entry = next(iter(tokens.items()))
+                raise MessageError("client_token", f"differs from entry {first_entry}'s {first_token!r}; a list "
+                                                   "message carries one token (give every entry the same one)", j)
         for i in range(j):
             earlier = requests[i]
             if earlier == later:
@@ -356,6 +462,11 @@ def check_batch(requests: list) -> None:
             if _under(later.output, earlier.output) or _under(earlier.output, later.output):
                 raise MessageError("output", f"{later.output!r} overlaps the output {earlier.output!r} of entry {i}; "
                                              "give each job its own output prefix", j)
+        for key in later.after:
+            for i in range(j + 1, len(requests)):
+                if _under(key, requests[i].output):
+                    raise MessageError("after", f"{key!r} is the output of entry {i}, which comes later; list the "
+                                                "step it waits for before it (no job can wait for a later one)", j)
 
 
 _FIELD_HELP = {

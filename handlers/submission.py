@@ -7,7 +7,9 @@ of a message owns a *submission record* at
 conditional write (`IfNoneMatch="*"`) and advanced with `IfMatch=<etag>`, so
 two deliveries never both think they own it.
 
-Protocol for one job (`Submitter.ensure_submitted`):
+Protocol for one job (`Submitter.ensure_submitted`; the record is keyed by the message
+IDENTITY, docs/CONTRACTS.md: the `client_token` when the sender gave one, so a message SQS
+received twice is one submission):
 
 1. no record            -> create `pending` (conditional), holding a *lease*
                            until this invocation's deadline;
@@ -17,24 +19,33 @@ Protocol for one job (`Submitter.ensure_submitted`):
 4. `pending`, lease over-> the owner died (timeout/crash): take the lease over
                            (conditional replace);
 5. `cancelled`          -> rolled back earlier: take it with generation + 1;
-6. holding the lease: look for a job already submitted under the job's
-   deterministic name (the crash window between submit and record) with
-   `ListJobs` filtered by name; adopt it, else `SubmitJob`; then mark the
-   record `submitted` with the job id (conditional on our etag). SubmitJob
-   is retried here, not by botocore: a 5xx may hide a created job, so every
-   retry looks the name up first.
+6. holding the lease: claim the OUTPUT lease for this run (`handlers.lease`:
+   one run per output; refused with `OutputBusy` while another message's run
+   is unfinished); then for each Batch job of the run (one, or several array
+   jobs when the run has more than 10,000 children) look for a job already
+   submitted under its deterministic name (the crash window between submit
+   and record) with `ListJobs` filtered by name; adopt it, else `SubmitJob`;
+   then mark the output lease and the record `submitted` with the job ids
+   (conditional on our etags). SubmitJob is retried here, not by botocore: a
+   5xx may hide a created job, so every retry looks the name up first.
+
+The run id is `run_id_for(CPB_MESSAGE_ID, generation)`, so a redelivery computes the same one.
 
 Job names are deterministic: a readable part (the message's `job_name`, else
-the output prefix) plus a hash of (message id, entry, generation), so they are
-unique per job and findable after a crash. A list message is all-or-nothing:
-`Submitter.rollback` terminates its already-submitted jobs and marks their
-records `cancelled`, so a later delivery submits every entry afresh.
+the output prefix) plus a hash of (message identity, entry, generation), and
+`-a<k>` for the k-th array job of a split run, so they are unique per job and
+findable after a crash. A list message is all-or-nothing: `Submitter.rollback`
+terminates its already-submitted jobs and marks their records and output
+leases `cancelled`, so a later delivery submits every entry afresh.
 
 Record (JSON object): `status` (pending|submitted|cancelled), `message_id`
-(CPB_MESSAGE_ID), `sqs_message_id`, `entry` (list index or null),
-`generation`, `job_name`, `job_queue`, `job_definition`, `job_id`, `job_arn`,
-`array_size` (null for a plain job), `image_set_count`, `request` (the
-message entry, normalised), `lease_until` (epoch s), `owner`, `updated_at`.
+(CPB_MESSAGE_ID), `sqs_message_id`, `client_token`, `entry` (list index or null),
+`generation`, `run_id`, `job_name`, `job_queue`, `job_definition`, `job_id`,
+`job_arn` (the first job), `jobs` (every Batch job of the run: `job_id`,
+`job_name`, `job_queue`, `array_size`, `array_offset`, `vcpus`, `memory_mib`),
+`array_size` (children of the whole run; null for a plain job),
+`image_set_count`, `after`, `depends_on`, `request` (the message entry,
+normalised), `lease_until` (epoch s), `owner`, `updated_at`, `submitted_at`.
 """
 from __future__ import annotations
 
@@ -52,25 +63,18 @@ from typing import Any, Callable, Optional
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError
 
+from handlers.lease import InProgress, Leases, LostRecord, conditional_failed
 from handlers.s3checks import CheckedRequest
-from handlers.schema import Limits, entry_message_id, submission_id
+from handlers.schema import MAX_ARRAY_SIZE, Limits, entry_message_id, run_id_for, submission_id
 
 __all__ = ["PlannedJob", "Submitter", "InProgress", "LostRecord", "job_name_for", "record_key", "record_key_for",
-           "container_environment", "submit_arguments"]
+           "container_environment", "submit_arguments", "submit_plan", "array_chunks"]
 
 logger = logging.getLogger("cpb-ingress.submission")
 NAME_LIMIT = 128
 SUBMIT_BACKOFF_BASE_S = 0.5
 SUBMIT_BACKOFF_CAP_S = 8.0
 _HASH_CHARS = 12
-
-
-class InProgress(RuntimeError):
-    """Another live invocation holds this job's lease; retry the message later."""
-
-
-class LostRecord(RuntimeError):
-    """The submission record changed under us in a way the protocol does not expect."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +84,37 @@ class PlannedJob:
     checked: CheckedRequest
     sqs_message_id: str
     index: Optional[int]  # list entry, None for a single-object message
+    identity: Optional[str] = None  # the message identity (client_token...); None: the SQS message id
+    depends_on: tuple = ()  # Batch job ids this entry's jobs wait for (its `after` outputs' unfinished jobs)
+    #: the (lease, etag) of the output read while checking the entry (saves a read; stale is safe:
+    #: the conditional write notices and the lease is read again)
+    output_lease: Optional[tuple] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def message_id(self) -> str:
-        """CPB_MESSAGE_ID: the SQS message id, plus `#n` for list entry n."""
-        return entry_message_id(self.sqs_message_id, self.index)
+        """CPB_MESSAGE_ID: the message identity, plus `#n` for list entry n."""
+        return entry_message_id(self.identity or self.sqs_message_id, self.index)
 
     @property
     def array_size(self) -> Optional[int]:
-        """Children of the Batch array job, or None for a plain job (Batch forbids size 1)."""
+        """Children of the whole run, or None for a plain job (Batch forbids arrays of size 1)."""
         request, count = self.checked.request, self.checked.image_set_count
         if request.image_sets_per_job is None or count is None:
             return None
         size = -(-count // request.image_sets_per_job)
         return size if size >= 2 else None
+
+
+def array_chunks(array_size: Optional[int]) -> list:
+    """(array_offset, size) of each Batch array job of a run: one job up to 10,000 children, else
+    as few near-equal jobs as Batch's limit allows (each at least 2, as Batch requires); [(None,
+    None)] for a plain job."""
+    if array_size is None:
+        return [(None, None)]
+    count = -(-array_size // MAX_ARRAY_SIZE)
+    sizes = [array_size // count + (1 if k < array_size % count else 0) for k in range(count)]
+    offsets = [sum(sizes[:k]) for k in range(count)]
+    return list(zip(offsets, sizes))
 
 
 def record_key_for(output: str, message_id: str) -> str:
@@ -105,8 +126,9 @@ def record_key(job: PlannedJob) -> str:
     return record_key_for(job.checked.request.output, job.message_id)
 
 
-def job_name_for(job: PlannedJob, generation: int) -> str:
-    """Readable, Batch-valid (`[A-Za-z0-9][A-Za-z0-9_-]{0,127}`), deterministic and unique per job."""
+def job_name_for(job: PlannedJob, generation: int, chunk: int = 0, chunks: int = 1) -> str:
+    """Readable, Batch-valid (`[A-Za-z0-9][A-Za-z0-9_-]{0,127}`), deterministic and unique per job
+    (`-a<chunk>` for each array job of a run split over several)."""
     request = job.checked.request
     readable = request.job_name or request.output
     ascii_text = unicodedata.normalize("NFKD", readable).encode("ascii", "ignore").decode("ascii")
@@ -114,12 +136,15 @@ def job_name_for(job: PlannedJob, generation: int) -> str:
     base = re.sub(r"-{2,}", "-", base).strip("-_")
     if not base:
         base = "cpb"
-    digest = hashlib.sha256(f"{job.sqs_message_id}\0{job.index}\0{generation}".encode()).hexdigest()[:_HASH_CHARS]
-    base = base[: NAME_LIMIT - _HASH_CHARS - 1].rstrip("-_") or "cpb"
-    return f"{base}-{digest}"
+    identity = job.identity or job.sqs_message_id
+    digest = hashlib.sha256(f"{identity}\0{job.index}\0{generation}".encode()).hexdigest()[:_HASH_CHARS]
+    suffix = f"-{digest}" + (f"-a{chunk}" if chunks > 1 else "")
+    base = base[: NAME_LIMIT - len(suffix)].rstrip("-_") or "cpb"
+    return f"{base}{suffix}"
 
 
-def container_environment(job: PlannedJob, limits: Limits) -> list:
+def container_environment(job: PlannedJob, limits: Limits, run_id: Optional[str] = None,
+                          array_offset: Optional[int] = None) -> list:
     """The "Job environment" of docs/CONTRACTS.md, as Batch `containerOverrides.environment`."""
     request, count = job.checked.request, job.checked.image_set_count
     env = {
@@ -128,16 +153,23 @@ def container_environment(job: PlannedJob, limits: Limits) -> list:
         "CPB_INPUT": request.input,
         "CPB_OUTPUT": request.output,
         "CPB_VCPUS": str(request.vcpus(limits)),
+        "CPB_MEMORY_MIB": str(request.memory_mib(limits)),
         "CPB_MESSAGE_ID": job.message_id,
+        "CPB_RESUME": "1" if request.resume else "0",
     }
+    if run_id is not None:
+        env["CPB_RUN_ID"] = run_id
     if request.data_file is not None:
         env["CPB_DATA_FILE"] = request.data_file
     if count is not None:
         env["CPB_IMAGE_SET_COUNT"] = str(count)
     if job.array_size is not None:
         env["CPB_IMAGE_SETS_PER_JOB"] = str(request.image_sets_per_job)
+        env["CPB_ARRAY_OFFSET"] = str(array_offset or 0)
     if request.unsplittable:
         env["CPB_UNSPLITTABLE"] = "1"
+    if request.after:
+        env["CPB_AFTER"] = ",".join(request.after)
     return [{"name": name, "value": value} for name, value in env.items()]
 
 
@@ -146,15 +178,20 @@ def _tag_value(text: str) -> str:
     return re.sub(r"[^\w .:/=+@-]", "_", text)[:256]
 
 
-def submit_arguments(job: PlannedJob, limits: Limits, generation: int) -> dict:
-    """Keyword arguments of `batch.submit_job` for this job."""
+def submit_arguments(job: PlannedJob, limits: Limits, generation: int, run_id: Optional[str] = None,
+                     chunk: int = 0) -> dict:
+    """Keyword arguments of `batch.submit_job` for job `chunk` of this entry's run (see `submit_plan`)."""
     request = job.checked.request
+    chunks = array_chunks(job.array_size)
+    offset, size = chunks[chunk]
+    if run_id is None:
+        run_id = run_id_for(job.message_id, generation)
     arguments: dict = {
-        "jobName": job_name_for(job, generation),
+        "jobName": job_name_for(job, generation, chunk, len(chunks)),
         "jobQueue": request.queue(limits),
         "jobDefinition": request.definition(limits),
         "containerOverrides": {
-            "environment": container_environment(job, limits),
+            "environment": container_environment(job, limits, run_id, offset),
             "resourceRequirements": [
                 {"type": "VCPU", "value": str(request.vcpus(limits))},
                 {"type": "MEMORY", "value": str(request.memory_mib(limits))},
@@ -164,12 +201,34 @@ def submit_arguments(job: PlannedJob, limits: Limits, generation: int) -> dict:
             "cpb:message-id": _tag_value(job.sqs_message_id),
             "cpb:entry": "single" if job.index is None else str(job.index),
             "cpb:output": _tag_value(request.output),
+            "cpb:run-id": run_id,
         },
         "propagateTags": True,
     }
-    if job.array_size is not None:
-        arguments["arrayProperties"] = {"size": job.array_size}
+    if limits.stack:
+        arguments["tags"]["cpb:stack"] = _tag_value(limits.stack)  # the stack's IAM lets it terminate only these
+    if size is not None:
+        arguments["arrayProperties"] = {"size": size}
+    if job.depends_on:
+        arguments["dependsOn"] = [{"jobId": job_id} for job_id in job.depends_on]
     return arguments
+
+
+def submit_plan(job: PlannedJob, limits: Limits, generation: int) -> list:
+    """`submit_job` arguments of every Batch job of this entry's run, in order (one unless the run
+    has more than 10,000 children)."""
+    run_id = run_id_for(job.message_id, generation)
+    return [submit_arguments(job, limits, generation, run_id, k) for k in range(len(array_chunks(job.array_size)))]
+
+
+def _lease_job(arguments: dict) -> dict:
+    """One entry of the lease's and the record's `jobs` for `submit_job(**arguments)` (job id unknown yet)."""
+    env = {e["name"]: e["value"] for e in arguments["containerOverrides"]["environment"]}
+    resources = {r["type"]: int(r["value"]) for r in arguments["containerOverrides"]["resourceRequirements"]}
+    size = (arguments.get("arrayProperties") or {}).get("size")
+    return {"job_id": None, "job_name": arguments["jobName"], "job_queue": arguments["jobQueue"],
+            "array_size": size, "array_offset": int(env["CPB_ARRAY_OFFSET"]) if size else None,
+            "vcpus": resources.get("VCPU"), "memory_mib": resources.get("MEMORY")}
 
 
 def _now_iso(clock: Callable[[], float]) -> str:
@@ -217,14 +276,18 @@ class Submitter:
     lease_until: float
     clock: Callable[[], float]
     before_call: Callable[[str], None] = lambda what: None
-    batch_submit: Any = None  # a Batch client WITHOUT botocore retries (see _find_or_submit); default `batch`
+    batch_submit: Any = None  # a Batch client WITHOUT botocore retries (see find_or_submit); default `batch`
     submit_attempts: int = 6
     sleep: Callable[[float], None] = time.sleep
     jitter: Callable[[float], float] = lambda cap: random.uniform(0, cap)
+    leases: Optional[Leases] = None  # the output leases (default: built from the same clients)
 
     def __post_init__(self) -> None:
         if self.batch_submit is None:
             self.batch_submit = self.batch
+        if self.leases is None:
+            self.leases = Leases(s3=self.s3, batch=self.batch, bucket=self.limits.bucket, owner=self.owner,
+                                 lease_until=self.lease_until, clock=self.clock, before_call=self.before_call)
 
     # ---------------------------------------------------------------- records
     def _read(self, key: str) -> tuple:
@@ -252,21 +315,38 @@ class Submitter:
             response = self.s3.put_object(Bucket=self.limits.bucket, Key=key, ContentType="application/json",
                                           Body=json.dumps(record, indent=1, sort_keys=True).encode(), **condition)
         except Exception as exc:
-            # 412: the precondition failed; 409: a concurrent conditional write won.
-            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if conditional_failed(exc):  # 412 precondition failed / 409 a concurrent conditional write won
                 return None
             raise
         return response["ETag"]
 
     def _pending(self, job: PlannedJob, generation: int) -> dict:
         request = job.checked.request
+        plan = submit_plan(job, self.limits, generation)
         return {
             "status": "pending", "message_id": job.message_id, "sqs_message_id": job.sqs_message_id,
-            "entry": job.index, "generation": generation, "job_name": job_name_for(job, generation),
+            "client_token": request.client_token, "entry": job.index, "generation": generation,
+            "run_id": run_id_for(job.message_id, generation), "job_name": plan[0]["jobName"],
             "job_queue": request.queue(self.limits), "job_definition": request.definition(self.limits),
-            "job_id": None, "job_arn": None, "array_size": job.array_size,
-            "image_set_count": job.checked.image_set_count, "request": request.to_message(),
+            "job_id": None, "job_arn": None, "jobs": [_lease_job(arguments) for arguments in plan],
+            "array_size": job.array_size, "image_set_count": job.checked.image_set_count,
+            "after": list(request.after), "depends_on": list(job.depends_on), "request": request.to_message(),
             "lease_until": self.lease_until, "owner": self.owner,
+        }
+
+    def _lease_body(self, job: PlannedJob, record: dict, planned: list) -> dict:
+        """The output lease (`pending`) of the run this record is about to submit."""
+        request, checked = job.checked.request, job.checked
+        now = _now_iso(self.clock)
+        return {
+            "run_id": record["run_id"], "message_id": job.message_id, "sqs_message_id": job.sqs_message_id,
+            "client_token": request.client_token, "state": "pending", "generation": int(record["generation"]),
+            "jobs": planned, "array_size": job.array_size, "image_set_count": checked.image_set_count,
+            "image_sets_per_job": request.image_sets_per_job, "after": list(request.after),
+            "depends_on": list(job.depends_on), "pipeline": request.pipeline, "data_file": request.data_file,
+            "input": request.input, "pipeline_sha256": checked.pipeline_sha256, "data_sha256": checked.data_sha256,
+            "resume": request.resume, "retries": [], "previous_run_id": None, "lease_until": self.lease_until,
+            "owner": self.owner, "created_at": now,
         }
 
     # ---------------------------------------------------------------- batch
@@ -316,7 +396,8 @@ class Submitter:
                 if float(record.get("lease_until", 0)) > self.clock() and record.get("owner") != self.owner:
                     raise InProgress(f"another invocation ({record.get('owner')}) is submitting this job until "
                                      f"{record.get('lease_until')}")
-                record = dict(record, lease_until=self.lease_until, owner=self.owner)
+                # Taken over (its owner died): plan again, keeping the generation and so the job names.
+                record = dict(self._pending(job, int(record.get("generation", 0))), created_by=record.get("owner"))
                 etag = self._write(key, record, etag)
                 if etag is None:
                     continue
@@ -332,17 +413,41 @@ class Submitter:
 
     def _submit_holding_lease(self, job: PlannedJob, key: str, record: dict, etag: str) -> dict:
         generation = int(record["generation"])
-        arguments = submit_arguments(job, self.limits, generation)
-        job_id, job_arn, adopted = self._find_or_submit(arguments, key, record, etag)
-        done = dict(record, status="submitted", job_id=job_id, job_arn=job_arn, adopted=adopted,
-                    submitted_at=_now_iso(self.clock))
+        run_id = record["run_id"]
+        output = job.checked.request.output
+        plan = submit_plan(job, self.limits, generation)
+        planned = [_lease_job(arguments) for arguments in plan]
+        try:
+            held = self.leases.acquire(output, self._lease_body(job, record, planned), job.output_lease)
+        except BaseException:
+            self._release(key, record, etag)  # nothing was submitted for this record: the next delivery needn't wait
+            raise
+        jobs: list = []
+
+        def release() -> None:  # certainly nothing submitted: the next delivery needn't wait for our deadline
+            if not jobs:
+                self._release(key, record, etag)
+                self._release_output(output, held)
+
+        for arguments, entry in zip(plan, planned):
+            job_id, job_arn, adopted = self.find_or_submit(arguments, release)
+            jobs.append(dict(entry, job_id=job_id, job_arn=job_arn, adopted=adopted))
+        self.leases.mark_submitted(output, job.message_id, run_id, {
+            "jobs": [{k: v for k, v in j.items() if k not in ("job_arn", "adopted")} for j in jobs],
+            "depends_on": list(job.depends_on)}, held)
+        done = dict(record, status="submitted", job_id=jobs[0]["job_id"], job_arn=jobs[0]["job_arn"],
+                    adopted=any(j["adopted"] for j in jobs), jobs=jobs, submitted_at=_now_iso(self.clock))
         if self._write(key, done, etag, check_time=False) is None:
-            raise LostRecord(f"s3://{self.limits.bucket}/{key} changed while we held its lease; job {job_id} "
-                             "is submitted but not recorded (a later delivery will find it by name)")
+            raise LostRecord(f"s3://{self.limits.bucket}/{key} changed while we held its lease; job(s) "
+                             f"{', '.join(j['job_id'] for j in jobs)} are submitted but not recorded (a later "
+                             "delivery will find them by name)")
         return done
 
-    def _find_or_submit(self, arguments: dict, key: str, record: dict, etag: str) -> tuple:
-        """Adopt the job already under this name, else submit it; retry throttling/5xx ourselves.
+    def find_or_submit(self, arguments: dict, release: Callable[[], None] = lambda: None) -> tuple:
+        """`(job id, job arn, adopted)`: adopt the job already under `arguments["jobName"]` in its queue,
+        else `submit_job(**arguments)`; retry throttling/5xx ourselves. `release()` is called when the
+        call certainly submitted nothing (the caller may give up its claim early). Also used by the
+        job-events Lambda for out-of-memory retries.
 
         SubmitJob has no idempotency token, and a 5xx or a timeout may come
         back although Batch created the job, so a blind retry (botocore's)
@@ -372,8 +477,18 @@ class Submitter:
             raise LostRecord("unreachable: the submit loop ended without a result")  # pragma: no cover
         except Exception:
             if not maybe_submitted:
-                self._release(key, record, etag)  # certainly nothing submitted: next delivery needn't wait
+                release()
             raise
+
+    def _release_output(self, output: str, held: tuple) -> None:
+        """Give up our claim on the output lease early (best effort), as `_release` does for the record."""
+        lease, etag = held
+        if lease.get("state") != "pending" or lease.get("owner") != self.owner:
+            return
+        try:
+            self.leases.write(output, dict(lease, lease_until=0, owner=None), etag)
+        except Exception:
+            logger.warning("could not release the output lease of %s", output, exc_info=True)
 
     def _release(self, key: str, record: dict, etag: str) -> None:
         """Give up our lease early (best effort) when we know no job was submitted."""
@@ -383,11 +498,11 @@ class Submitter:
             logger.warning("could not release lease on %s", key, exc_info=True)
 
     def rollback(self, jobs: list, reason: str) -> list:
-        """Terminate the submitted jobs among `jobs` and mark their records `cancelled`.
+        """Terminate the submitted jobs among `jobs`, mark their records `cancelled` and cancel the
+        output leases of their runs.
 
-        Returns the job ids terminated. Best effort per job: a job whose
-        termination fails stays `submitted`, and a later delivery completes
-        the message around it instead of submitting it twice.
+        Returns the job ids terminated. Best effort per job: a job whose termination fails stays
+        `submitted`, and a later delivery completes the message around it instead of submitting it twice.
         """
         terminated = []
         for job in jobs:
@@ -396,23 +511,27 @@ class Submitter:
                 record, etag = self._read(key)
                 if record is None:
                     continue
-                job_id = record.get("job_id")
+                planned = record.get("jobs") or [{"job_id": record.get("job_id"), "job_name": record.get("job_name"),
+                                                  "job_queue": record.get("job_queue")}]
                 if record.get("status") == "pending" and record.get("owner") == self.owner:
                     # Our submit may have reached Batch although the call failed (a timeout): look by name.
-                    found = self._find_submitted(record["job_queue"], record["job_name"])
-                    if found is None:
+                    found = [self._find_submitted(p["job_queue"], p["job_name"]) for p in planned]
+                    if any(f is None for f in found) and not any(found):
                         # Not visible (yet?): keep the lease, so the next delivery looks again after the
                         # visibility timeout and adopts it rather than starting generation + 1 beside it.
                         continue
-                    job_id = found["jobId"]
+                    planned = [dict(p, job_id=f["jobId"]) if f else p for p, f in zip(planned, found)]
                 elif record.get("status") != "submitted":
                     continue
-                if job_id:
+                ids = [p["job_id"] for p in planned if p.get("job_id")]
+                for job_id in ids:
                     self.before_call("terminate a rolled-back job")
                     self.batch.terminate_job(jobId=job_id, reason=f"cpb rollback: {reason}"[:1000])
                     terminated.append(job_id)
-                self._write(key, dict(record, status="cancelled", job_id=job_id, cancelled_reason=reason[:1000]),
-                            etag)
+                self._write(key, dict(record, status="cancelled", job_id=ids[0] if ids else record.get("job_id"),
+                                      jobs=planned, cancelled_reason=reason[:1000]), etag)
+                if record.get("run_id"):
+                    self.leases.cancel(job.checked.request.output, job.message_id, record["run_id"], reason)
             except Exception:  # keep rolling the others back; this record still tells the truth
                 logger.warning("rollback of %s incomplete", key, exc_info=True)
         return terminated

@@ -101,7 +101,57 @@ def _csv_case(name: str, content: bytes) -> Hostile:
                    objects={key: content}, needs_bucket=True)
 
 
-_BIG_CSV = b"Image_FileName_DNA\n" + b"".join(b"d%d.tif\n" % i for i in range(20_001))
+_WIDE_ROWS = 100_001  # one more image set than a run may have children at one set per child
+_BIG_CSV = b"Image_FileName_DNA\n" + b"".join(b"d%d.tif\n" % i for i in range(_WIDE_ROWS))
+#: A pipeline whose LoadData processes only rows 20..30 of its CSV ("Process just a range of rows").
+_RANGE_PIPELINE = b"""CellProfiler Pipeline: http://www.cellprofiler.org
+Version:5
+DateRevision:428
+GitHash:
+ModuleCount:1
+HasImagePlaneDetails:False
+
+LoadData:[module_num:1|svn_version:\'Unknown\'|variable_revision_number:6|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Input data file location:Default Input Folder|
+    Name of the file:load_data.csv
+    Load images based on this data?:Yes
+    Base image location:Default Input Folder|
+    Process just a range of rows?:Yes
+    Rows to process:20,30
+    Group images by metadata?:No
+    Select metadata tags for grouping:
+    Rescale intensities?:Yes
+"""
+#: An Images/NamesAndTypes pipeline whose channel rule the file-rule counter does not evaluate.
+_UNCOUNTABLE_PIPELINE = b"""CellProfiler Pipeline: http://www.cellprofiler.org
+Version:5
+DateRevision:428
+GitHash:
+ModuleCount:2
+HasImagePlaneDetails:False
+
+Images:[module_num:1|svn_version:\'Unknown\'|variable_revision_number:2|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    :
+    Filter images?:Images only
+    Select the rule criteria:and (extension does isimage) (directory doesnot containregexp "[\\\\/]\\.")
+
+NamesAndTypes:[module_num:2|svn_version:\'Unknown\'|variable_revision_number:8|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Assign a name to:Images matching rules
+    Select the image type:Grayscale image
+    Name to assign these images:DNA
+    Match metadata:[]
+    Image set matching method:Order
+    Set intensity range from:Image metadata
+    Assignments count:1
+    Single images count:0
+    Maximum intensity:255.0
+    Process as 3D?:No
+    Relative pixel spacing in X:1.0
+    Relative pixel spacing in Y:1.0
+    Relative pixel spacing in Z:1.0
+    Select the rule criteria:and (metadata does Plate "P1")
+    Name to assign these images:DNA
+"""
 
 CORPUS: tuple = (
     # --- malformed JSON -------------------------------------------------------------------------
@@ -148,9 +198,9 @@ CORPUS: tuple = (
     Hostile("job name longer than Batch allows", _msg(job_name="n" * 129), "job_name"),
     Hostile("5000 jobs in one list", json.dumps([good_message(output=f"results/many-{i}") for i in range(5000)]),
             "body"),
-    Hostile("array wider than Batch allows",
-            _msg(data_file="hostile/20001-rows.csv", image_sets_per_job=1, output="results/wide"),
-            "image_sets_per_job", objects={"hostile/20001-rows.csv": _BIG_CSV}, needs_bucket=True),
+    Hostile("run wider than ten full arrays",
+            _msg(data_file="hostile/100001-rows.csv", image_sets_per_job=1, output="results/wide"),
+            "image_sets_per_job", objects={"hostile/100001-rows.csv": _BIG_CSV}, needs_bucket=True),
     Hostile("split larger than any plate", _msg(data_file=DATA_FILE, image_sets_per_job=10 ** 9), "image_sets_per_job"),
     # --- path traversal and reserved places -----------------------------------------------------
     Hostile("output climbs out", _msg(output="../../etc"), "output"),
@@ -160,6 +210,11 @@ CORPUS: tuple = (
     Hostile("windows traversal in data_file", _msg(data_file="..\\..\\secret.csv"), "data_file"),
     Hostile("output inside input", _msg(output=INPUT + "/results"), "output"),
     Hostile("output in the records folder", _msg(output="results/_cpb"), "output"),
+    Hostile("output shaped like an array part", _msg(output="results/plate1/part-00002"), "output"),
+    Hostile("output inside an array part", _msg(output="results/plate1/part-00002/more"), "output"),
+    Hostile("output inside another run's records", _msg(output="results/plate1/_cpb/events"), "output"),
+    Hostile("input inside the output", _msg(input="results/plate1/images", output="results/plate1"), "input"),
+    Hostile("input equals the output", _msg(input="results/plate1", output="results/plate1"), "output"),
     Hostile("pipeline is an image", _msg(pipeline=INPUT + "/a.tif"), "pipeline"),
     # --- other buckets and foreign ARNs ---------------------------------------------------------
     Hostile("pipeline in another bucket", _msg(pipeline="s3://someone-elses-bucket/p.cppipe"), "pipeline"),
@@ -207,5 +262,32 @@ CORPUS: tuple = (
             objects={"hostile/empty.cppipe": b""}, needs_bucket=True),
     Hostile("input prefix holds nothing", _msg(input="examples/ExampleHumn/images"), "input", needs_bucket=True),
     Hostile("input is a prefix of a file name", _msg(input=INPUT + "/d0"), "input", needs_bucket=True),
-    Hostile("split without data file", _msg(image_sets_per_job=4), "image_sets_per_job"),
+    Hostile("split without data file of an unreadable pipeline", _msg(image_sets_per_job=4), "image_sets_per_job",
+            needs_bucket=True),
+    Hostile("split by file rules the counter cannot evaluate",
+            _msg(pipeline="hostile/uncountable.cppipe", image_sets_per_job=2, output="results/uncountable"),
+            "image_sets_per_job", objects={"hostile/uncountable.cppipe": _UNCOUNTABLE_PIPELINE}, needs_bucket=True),
+    Hostile("LoadData row range beyond the data file",
+            _msg(pipeline="hostile/range.cppipe", data_file=DATA_FILE, output="results/range"), "data_file",
+            objects={"hostile/range.cppipe": _RANGE_PIPELINE}, needs_bucket=True),
+    # --- chaining, idempotency and resume fields ------------------------------------------------
+    Hostile("client token too short", _msg(client_token="abc"), "client_token"),
+    Hostile("client token with a slash", _msg(client_token="token/../../x"), "client_token"),
+    Hostile("client token is a number", _msg(client_token=12345678), "client_token"),
+    Hostile("two client tokens in one list", _list(good_message(output="results/t0", client_token="tokentoken0"),
+                                                   good_message(output="results/t1", client_token="tokentoken1")),
+            "client_token", entry=1),
+    Hostile("resume is a string", _msg(resume="false"), "resume"),
+    Hostile("after is a number", _msg(after=7), "after"),
+    Hostile("after is an empty list", _msg(after=[]), "after"),
+    Hostile("after names its own output", _msg(after="results/hostile-good"), "after"),
+    Hostile("after names a folder inside its own output", _msg(after="results/hostile-good/illum"), "after"),
+    Hostile("after climbs out", _msg(after="../results/illum"), "after"),
+    Hostile("after in another bucket", _msg(after="s3://elsewhere/results/illum"), "after"),
+    Hostile("after a later entry", _list(good_message(output="results/a0", after="results/a1"),
+                                         good_message(output="results/a1")), "after", entry=0),
+    Hostile("after itself in a list", _list(good_message(output="results/s0"),
+                                            good_message(output="results/s1", after=["results/s0", "results/s1"])),
+            "after", entry=1),
+    Hostile("after eleven outputs", _msg(after=[f"results/up-{i}" for i in range(11)]), "after"),
 )

@@ -251,3 +251,164 @@ def logs():
     std_logger.addHandler(collector)
     yield collector
     std_logger.removeHandler(collector)
+
+
+# ----------------------------------------------------------------------------- runs, leases, Batch job states
+
+def lease(output: str) -> Optional[dict]:
+    """The output lease `<output>/_cpb/lease.json` in the moto bucket (None when there is none)."""
+    s3 = boto3.client("s3", region_name=REGION)
+    try:
+        return json.loads(s3.get_object(Bucket=BUCKET, Key=f"{output}/_cpb/lease.json")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def moto_job(job_id: str) -> Any:
+    """moto's Batch job object (the emulated cloud's state, which tests move along like Batch would)."""
+    from moto.batch.models import batch_backends
+    return batch_backends[ACCOUNT][REGION]._jobs[job_id]
+
+
+def set_job_state(job_id: str, status: str, *, exit_code: Optional[int] = None, reason: Optional[str] = None,
+                  children: Optional[str] = None) -> None:
+    """Move a job (and, with `children`, every child of an array job) to `status` as Batch would."""
+    job = moto_job(job_id)
+    job.status = status
+    if exit_code is not None:
+        job.exit_code = exit_code
+        job.job_stopped = True
+    if reason is not None:
+        job.job_stopped_reason = reason
+    for child in (job._child_jobs or []) if children else []:
+        child.status = children
+
+
+@pytest.fixture
+def jobs_keep_running(monkeypatch: pytest.MonkeyPatch):
+    """moto's Batch without Docker marks every job SUCCEEDED at once; here submitted jobs stay RUNNING
+    (as a real plate's jobs do for hours) until a test moves them on with `set_job_state`."""
+    import datetime as dt
+    from moto.batch_simple.models import BatchSimpleBackend
+
+    def leave_running(self: Any, include_start_attempt: bool, job: Any) -> None:
+        self.backend._jobs[job.job_id] = job
+        job.job_started_at = dt.datetime.now()
+        job.status = "RUNNING"
+
+    monkeypatch.setattr(BatchSimpleBackend, "_mark_job_as_finished", leave_running)
+
+
+def redriven_record(body: str, original_id: str, receive_count: int = 1) -> dict:
+    """An SQS record as `cpb requeue --dlq` sends it again: a new message id, the original identity
+    in the `cpb-original-message-id` attribute."""
+    record = sqs_record(body, receive_count=receive_count)
+    record["messageAttributes"] = {"cpb-original-message-id": {"stringValue": original_id, "dataType": "String",
+                                                               "stringListValues": [], "binaryListValues": []}}
+    return record
+
+
+#: An Images/Metadata/NamesAndTypes pipeline (two channels matched by Well and Site metadata) whose
+#: image sets `cpb_worker.filerules` counts exactly from the file names.
+METADATA_PIPELINE = """CellProfiler Pipeline: http://www.cellprofiler.org
+Version:5
+DateRevision:428
+GitHash:
+ModuleCount:4
+HasImagePlaneDetails:False
+
+Images:[module_num:1|svn_version:'Unknown'|variable_revision_number:2|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    :
+    Filter images?:Images only
+    Select the rule criteria:and (extension does isimage)
+
+Metadata:[module_num:2|svn_version:'Unknown'|variable_revision_number:6|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Extract metadata?:Yes
+    Metadata data type:Text
+    Metadata types:{}
+    Extraction method count:1
+    Metadata extraction method:Extract from file/folder names
+    Metadata source:File name
+    Regular expression to extract from file name:^(?P<Well>[A-P][0-9]{2})_s(?P<Site>[0-9])_w(?P<Channel>[12])
+    Regular expression to extract from folder name:(?P<Date>.*)
+    Extract metadata from:All images
+    Select the filtering criteria:and (file does contain "")
+    Metadata file location:Elsewhere...|
+    Match file and image metadata:[]
+    Use case insensitive matching?:No
+    Metadata file name:
+    Does cached metadata exist?:No
+
+NamesAndTypes:[module_num:3|svn_version:'Unknown'|variable_revision_number:8|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Assign a name to:Images matching rules
+    Select the image type:Grayscale image
+    Name to assign these images:DNA
+    Match metadata:[{'DNA': 'Well', 'GFP': 'Well'}, {'DNA': 'Site', 'GFP': 'Site'}]
+    Image set matching method:Metadata
+    Set intensity range from:Image metadata
+    Assignments count:2
+    Single images count:0
+    Maximum intensity:255.0
+    Process as 3D?:No
+    Relative pixel spacing in X:1.0
+    Relative pixel spacing in Y:1.0
+    Relative pixel spacing in Z:1.0
+    Select the rule criteria:and (file does contain "_w1")
+    Name to assign these images:DNA
+    Name to assign these objects:Cell
+    Select the image type:Grayscale image
+    Set intensity range from:Image metadata
+    Maximum intensity:255.0
+    Select the rule criteria:and (file does contain "_w2")
+    Name to assign these images:GFP
+    Name to assign these objects:Cell
+    Select the image type:Grayscale image
+    Set intensity range from:Image metadata
+    Maximum intensity:255.0
+
+ExportToSpreadsheet:[module_num:4|svn_version:'Unknown'|variable_revision_number:13|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Select the column delimiter:Comma (",")
+    Add image metadata columns to your object data file?:No
+    Add image file and folder names to your object data file?:No
+    Select the measurements to export:No
+    Calculate the per-image mean values for object measurements?:No
+    Calculate the per-image median values for object measurements?:No
+    Calculate the per-image standard deviation values for object measurements?:No
+    Output file location:Default Output Folder|
+    Create a GenePattern .gct file?:No
+    Select source of sample row name:Metadata
+    Select the image to use as the identifier:None
+    Select the metadata to use as the identifier:None
+    Export all measurement types?:Yes
+    Press button to select measurements:
+    Representation of Nan/Inf:NaN
+    Add a prefix to file names?:No
+    Filename prefix:MyExpt_
+    Overwrite existing files without warning?:No
+    Data to export:Do not use
+    Combine these object measurements with those of the previous object?:No
+    File name:DATA.csv
+    Use the object name for the file name?:Yes
+"""
+
+
+def loaddata_pipeline(rows: str = "1,100000", ranged: bool = False) -> bytes:
+    """A LoadData pipeline; `ranged=True` turns on "Process just a range of rows" with `rows` ("3,8")."""
+    return f"""CellProfiler Pipeline: http://www.cellprofiler.org
+Version:5
+DateRevision:428
+GitHash:
+ModuleCount:1
+HasImagePlaneDetails:False
+
+LoadData:[module_num:1|svn_version:'Unknown'|variable_revision_number:6|show_window:False|notes:[]|batch_state:array([], dtype=uint8)|enabled:True|wants_pause:False]
+    Input data file location:Default Input Folder|
+    Name of the file:load_data.csv
+    Load images based on this data?:Yes
+    Base image location:Default Input Folder|
+    Process just a range of rows?:{'Yes' if ranged else 'No'}
+    Rows to process:{rows}
+    Group images by metadata?:No
+    Select metadata tags for grouping:
+    Rescale intensities?:Yes
+""".encode()

@@ -65,6 +65,15 @@ def test_seed_arns_own_and_allow_listed(moto_stack):
     assert [environment(j)["CPB_OUTPUT"] for j in moto_stack.jobs(moto_stack.other_queue_arn)] == [allowed["output"]]
 
 
+def test_every_job_is_tagged_with_its_stack_for_the_terminate_permission(moto_stack, monkeypatch):
+    """The stack's IAM lets the ingress terminate (roll back) only jobs tagged `cpb:stack` = its stack."""
+    monkeypatch.setenv("CPB_STACK", "dev")
+    ingress.reset_services()
+    run(sqs_record(json.dumps(message(data_file=DATA_FILE, image_sets_per_job=5))))
+    [job] = moto_stack.jobs()
+    assert job["tags"]["cpb:stack"] == "dev"
+
+
 def test_job_name_is_readable_sanitised_and_unique(moto_stack):
     first = message(job_name="Plate 7 / Zellkern ä (rerun)!")
     second = message(job_name="Plate 7 / Zellkern ä (rerun)!")  # same name, other message
@@ -227,12 +236,12 @@ def test_list_whose_later_entry_is_refused_by_batch_rolls_back(moto_stack, logs)
 
 
 def test_aws_calls_per_message_are_few(moto_stack):
-    """A plain message costs HeadObject, ListObjectsV2, GetObject(record), PutObject x2, ListJobs, SubmitJob."""
+    """A plain message costs GetObject (record, pipeline, output lease), ListObjectsV2, PutObject x4 (record and
+    lease, pending then submitted), ListJobs, SubmitJob."""
     svc = ingress.services()
     counter = CallCounter(svc.s3, svc.batch, svc.batch_submit)
     run(sqs_record(json.dumps(message())))
-    assert counter.counts == {"HeadObject": 1, "ListObjectsV2": 1, "GetObject": 1, "PutObject": 2, "ListJobs": 1,
-                              "SubmitJob": 1}
+    assert counter.counts == {"ListObjectsV2": 1, "GetObject": 3, "PutObject": 4, "ListJobs": 1, "SubmitJob": 1}
 
 
 def test_event_without_records_is_a_no_op(moto_stack):

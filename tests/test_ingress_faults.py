@@ -99,7 +99,7 @@ def test_s3_slowdown_on_record_write_is_retried(moto_stack):
     fault = FaultInjector(ingress.services().s3, "PutObject", status=503, code="SlowDown", times=2)
     record = sqs_record(json.dumps(message(output="results/slow")))
     assert run(record) == {"batchItemFailures": []}
-    assert fault.calls == 4  # pending (2 refused + 1) and submitted
+    assert fault.calls == 6  # record pending (2 refused + 1), lease pending, lease and record submitted
     assert moto_stack.record("results/slow", record["messageId"])["status"] == "submitted"
     assert len(moto_stack.jobs()) == 1
 
@@ -193,3 +193,32 @@ def test_time_running_out_mid_batch_loses_nothing(moto_stack):
                                 for r in records if r["messageId"] in failed]), LambdaContext(300))
     tags = [job["tags"]["cpb:message-id"] for job in moto_stack.jobs()]
     assert sorted(tags) == sorted(r["messageId"] for r in records)
+
+
+@pytest.mark.fault
+def test_no_bucket_check_starts_once_the_budget_is_spent(moto_stack):
+    """S3 answering slowly (each call costs 20 s of the invocation): every AWS call, the checks of each
+    entry included, starts with at least CALL_MARGIN_S left, and the message is deferred, not lost."""
+    now = [time.time()]
+    remaining_at_call = []
+    svc = ingress.services()
+    deadline = now[0] + 80
+
+    def slow_s3(**_):
+        remaining_at_call.append(deadline - now[0])
+        now[0] += 20.0
+
+    svc.s3.meta.events.register("before-call.s3.*", slow_s3)
+    svc.batch.meta.events.register("before-call.batch.*", lambda **_: remaining_at_call.append(deadline - now[0]))
+    try:
+        body = json.dumps([message(data_file=DATA_FILE, output=f"results/slow-{i}") for i in range(3)])
+        record = sqs_record(body)
+        response = ingress.process_event(sqs_event(record), LambdaContext(80, clock=lambda: now[0]), svc,
+                                         clock=lambda: now[0])
+    finally:
+        svc.s3.meta.events.unregister("before-call.s3.*", slow_s3)
+    assert failed_ids(response) == [record["messageId"]]
+    assert remaining_at_call and min(remaining_at_call) >= ingress.CALL_MARGIN_S
+    assert moto_stack.jobs() == []
+    assert run(sqs_record(body, message_id=record["messageId"], receive_count=2)) == {"batchItemFailures": []}
+    assert len(moto_stack.jobs()) == 3

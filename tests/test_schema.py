@@ -196,3 +196,58 @@ def test_s3_outage_is_not_blamed_on_the_message(s3):
     s3.meta.events.register_first("before-call.s3.HeadObject", lambda **kw: fail())
     with pytest.raises(ClientError):
         s3checks.check_pipeline(s3, corpus.BUCKET, corpus.PIPELINE)
+
+
+# ----------------------------------------------------------------------------- streaming data files
+
+def test_streamed_data_digest_is_the_workers_fingerprint_of_the_same_rows(s3, tmp_path):
+    """The lease's data_sha256 is `data_rows_sha256` over the rows exactly as the worker parses them."""
+    from cpb_worker.datafile import read_data_file
+    from cpb_worker.fingerprint import data_rows_sha256
+    content = (b"\xef\xbb\xbfImage_FileName_DNA , Metadata_Well\r\nd1.tif,A01\r\n\r\nd2.tif,\"A,02\"\r\n"
+               b"d3.tif,\"multi\nline\"\r\n" + b"".join(b"d%d.tif,B%02d\r\n" % (i, i) for i in range(4, 40)))
+    s3.put_object(Bucket=corpus.BUCKET, Key="d.csv", Body=content)
+    scan = s3checks.scan_data_file(s3, corpus.BUCKET, "d.csv")
+    (tmp_path / "d.csv").write_bytes(content)
+    local = read_data_file(tmp_path / "d.csv")
+    assert scan.rows == scan.image_sets == local.count == 39 and scan.skipped == 0
+    assert scan.data_sha256 == data_rows_sha256(local.header, local.rows)
+    ranged = s3checks.scan_data_file(s3, corpus.BUCKET, "d.csv", {"Process just a range of rows?": "Yes",
+                                                                   "Rows to process": "5,9"})
+    assert (ranged.rows, ranged.skipped, ranged.image_sets) == (39, 4, 5)
+    assert ranged.data_sha256 == data_rows_sha256(local.header, local.rows[4:9])
+
+
+def test_a_data_file_line_longer_than_any_loaddata_row_is_refused(s3, monkeypatch):
+    monkeypatch.setattr(s3checks, "MAX_LINE_CHARS", 1000)
+    s3.put_object(Bucket=corpus.BUCKET, Key="long.csv", Body=b"Image_FileName_DNA\na.tif\n" + b"x" * 5000 + b"\n")
+    with pytest.raises(MessageError, match=r"line 3 is longer than 1000 characters"):
+        s3checks.scan_data_file(s3, corpus.BUCKET, "long.csv")
+
+
+def test_a_bad_row_range_setting_names_the_pipeline(s3):
+    s3.put_object(Bucket=corpus.BUCKET, Key="r.csv", Body=corpus.GOOD_CSV)
+    with pytest.raises(MessageError) as caught:
+        s3checks.scan_data_file(s3, corpus.BUCKET, "r.csv", {"Process just a range of rows?": "Yes",
+                                                              "Rows to process": "first,last"})
+    assert caught.value.field == "pipeline" and "Rows to process" in str(caught.value)
+
+
+def test_the_time_budget_is_checked_while_a_data_file_streams(s3):
+    """`before_call` runs before the GET and for every 256 KiB read: the Lambda stops before its deadline."""
+    s3.put_object(Bucket=corpus.BUCKET, Key="big.csv",
+                  Body=b"Image_FileName_DNA\n" + b"".join(b"d%07d.tif\n" % i for i in range(100_000)))  # ~1.5 MB
+    calls = []
+    assert s3checks.scan_data_file(s3, corpus.BUCKET, "big.csv", before_call=calls.append).rows == 100_000
+    assert calls[0] == "read the data file" and len(calls) >= 1 + 1_500_000 // (256 * 1024)
+
+    class OutOfTime(Exception):
+        pass
+
+    def budget(what):
+        if len(calls) > 3:
+            raise OutOfTime(what)
+        calls.append(what)
+    calls.clear()
+    with pytest.raises(OutOfTime):
+        s3checks.scan_data_file(s3, corpus.BUCKET, "big.csv", before_call=budget)
