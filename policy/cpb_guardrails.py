@@ -33,6 +33,8 @@ BUCKET_SSE = ("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEn
 BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
 QUEUE = "aws:sqs/queue:Queue"
 TOPIC = "aws:sns/topic:Topic"
+EVENT_TARGET = "aws:cloudwatch/eventTarget:EventTarget"
+LAMBDA_INVOKE_CONFIG = "aws:lambda/functionEventInvokeConfig:FunctionEventInvokeConfig"
 IAM_DOCUMENT_TYPES = {"aws:iam/rolePolicy:RolePolicy": "policy", "aws:iam/policy:Policy": "policy",
                       "aws:iam/userPolicy:UserPolicy": "policy", "aws:iam/groupPolicy:GroupPolicy": "policy"}
 COMPUTE_ENVIRONMENT = "aws:batch/computeEnvironment:ComputeEnvironment"
@@ -170,14 +172,27 @@ def validate_topic_key_usable_by_alarms(args: ResourceValidationArgs, report: Re
                "use a customer-managed key whose policy allows cloudwatch.amazonaws.com")
 
 
+def _dead_letter_arns(resource: PolicyResource) -> list[Any]:
+    """Queue ARNs an EventBridge target or a Lambda's asynchronous invocations park failures in."""
+    if resource.resource_type == EVENT_TARGET:
+        return [(resource.props.get("deadLetterConfig") or {}).get("arn")]
+    if resource.resource_type == LAMBDA_INVOKE_CONFIG:
+        return [((resource.props.get("destinationConfig") or {}).get("onFailure") or {}).get("destination")]
+    return []
+
+
 def validate_queue_has_dlq(args: StackValidationArgs, report: ReportViolation) -> None:
     queues = of_type(args.resources, QUEUE)
+    parkers = of_type(args.resources, EVENT_TARGET, LAMBDA_INVOKE_CONFIG)
     for queue in queues:
         redrive = queue.props.get("redrivePolicy")
         if redrive and as_json(redrive).get("deadLetterTargetArn"):
             continue
         is_dead_letter = any(other is not queue and related(other, "redrivePolicy", [queue])
                              for other in queues)
+        is_dead_letter = is_dead_letter or any(
+            queue.props.get("arn") is not None and queue.props.get("arn") in _dead_letter_arns(parker)
+            for parker in parkers)
         if not is_dead_letter:
             report(f"queue {queue.name} has no dead-letter queue; set a redrive_policy with deadLetterTargetArn "
                    "and maxReceiveCount so failing messages are kept, not retried forever", queue.urn)
