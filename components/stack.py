@@ -160,6 +160,13 @@ def build_stack(cfg: StackConfig, stack: str, region: str, repo: Path = REPO,
         "jobLimits": {"maxVcpu": cfg.job_max_vcpus, "maxMemoryMib": cfg.job_max_memory_mib,
                       "defaultVcpu": cfg.job_vcpus, "defaultMemoryMib": cfg.job_memory_mib,
                       "allowedArns": list(cfg.allowed_job_arns)},
+        # What `cpb estimate` needs to give a plate's wall time and cost on this stack.
+        "capacity": {"maxVcpus": cfg.max_vcpus, "spot": cfg.spot_enabled, "oomMaxRetries": cfg.oom_max_retries,
+                     "fsx": {"deploymentType": cfg.fsx_deployment_type,
+                             "storageCapacityGib": cfg.fsx_storage_capacity_gib,
+                             "throughputPerTib": cfg.fsx_throughput_per_tib
+                             if cfg.fsx_deployment_type.startswith("PERSISTENT") else None}
+                     if cfg.fsx_enabled else None},
     }
     if storage.file_system_id is not None:
         outputs["fileSystemId"] = storage.file_system_id

@@ -544,3 +544,5 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+from cpb.estimate import estimate_command  # noqa: E402  (cpb estimate, issue 15: cost before submitting)
+cli.add_command(estimate_command)
