@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -145,9 +146,14 @@ def vendored_dependencies(requirements: Path, constraints: Path, root: Path, pyt
     if done.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
         said = "\n    ".join((done.stderr or done.stdout).strip().splitlines()[-6:]) or "(nothing)"
-        hint = ("pip is not installed in this interpreter; run `make venv`" if "No module named pip" in said else
-                "the first `pulumi preview`/`up` needs PyPI (or your PIP_INDEX_URL) to fetch them; later runs "
-                f"reuse {final} offline")
+        if "No module named pip" in said:
+            hint = "pip is not installed in this interpreter; run `make venv`"
+        elif "ResolutionImpossible" in said or "conflict" in said.lower():
+            hint = (f"the pins of {requirements.name} and {constraints.name} conflict; after changing the "
+                    "requirements, re-lock with `.venv/bin/python -m components.lambda_asset --lock`")
+        else:
+            hint = ("the first `pulumi preview`/`up` needs PyPI (or your PIP_INDEX_URL) to fetch them; later runs "
+                    f"reuse {final} offline")
         raise VendoringError(f"could not vendor the Lambda's dependencies ({', '.join(pins)}) for Python "
                              f"{LAMBDA_PYTHON} x86_64: {hint}.\n  pip said:\n    {said}")
     floating = unpinned(scratch, every_pin)
@@ -155,7 +161,7 @@ def vendored_dependencies(requirements: Path, constraints: Path, root: Path, pyt
         shutil.rmtree(scratch, ignore_errors=True)
         raise VendoringError(f"{', '.join(floating)} would be vendored without a pin, so another machine or day "
                              f"could ship different code; pin {'it' if len(floating) == 1 else 'them'} in "
-                             f"{constraints} (or {requirements})")
+                             f"{constraints} (`python -m components.lambda_asset --lock` rewrites it)")
     _drop_machine_specific(scratch)
     (scratch / COMPLETE_MARKER).write_text(json.dumps({"requirements": pins, "python": LAMBDA_PYTHON,
                                                        "platforms": list(LAMBDA_PLATFORMS)}, indent=1) + "\n")
@@ -164,6 +170,26 @@ def vendored_dependencies(requirements: Path, constraints: Path, root: Path, pyt
     except OSError:  # another run finished the same set first: theirs is identical
         shutil.rmtree(scratch, ignore_errors=True)
     return final
+
+
+def lock_constraints(requirements: Path, constraints: Path, python: str = sys.executable) -> list[str]:
+    """Resolve the requirements afresh for the Lambda's platform and write every transitive dependency's
+    version to ``constraints`` (run after changing handlers/requirements.txt:
+    ``.venv/bin/python -m components.lambda_asset --lock``). Returns the pins written."""
+    direct = {_canonical(pin.split("==")[0].split("[")[0]) for pin in pinned_requirements(requirements)}
+    with tempfile.TemporaryDirectory() as scratch:
+        empty = Path(scratch) / "no-constraints.txt"
+        empty.write_text("")
+        command = pip_command(requirements, empty, Path(scratch) / "t", python)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        if done.returncode != 0:
+            raise VendoringError(f"pip could not resolve {requirements}: {(done.stderr or done.stdout).strip()[-800:]}")
+        pins = sorted(f"{name}=={version}" for name, version in installed_distributions(Path(scratch) / "t").items()
+                      if name not in direct)
+    header = [line for line in constraints.read_text().splitlines() if line.startswith("#")] if constraints.exists() else []
+    constraints.write_text("\n".join(header + pins) + "\n")
+    return pins
 
 
 @dataclass(frozen=True)
@@ -216,3 +242,17 @@ def lambda_code(sources: LambdaSources, handler_modules: Sequence[str],
         for path in _python_files(folder):
             assets[f"{package}/{path.relative_to(folder).as_posix()}"] = pulumi.FileAsset(str(path))
     return pulumi.AssetArchive(assets)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Vendor the Lambda's dependencies, or re-lock their transitive pins.")
+    parser.add_argument("--lock", action="store_true", help="rewrite components/lambda-constraints.txt from "
+                                                            "handlers/requirements.txt")
+    repo = Path(__file__).resolve().parent.parent
+    sources = LambdaSources.of_repo(repo)
+    if parser.parse_args().lock:
+        print("\n".join(lock_constraints(sources.requirements, sources.constraints)))
+    else:
+        print(vendored_dependencies(sources.requirements, sources.constraints, sources.build_root))

@@ -194,3 +194,20 @@ def test_a_dependency_may_not_shadow_the_projects_packages(tmp_path: Path) -> No
     (tmp_path / "handlers").mkdir()
     with pytest.raises(VendoringError, match="top-level 'handlers'"):
         lambda_code(SOURCES, ["handlers.ingress"], dependencies=tmp_path)
+
+
+def test_the_transitive_pins_are_exactly_what_the_requirements_pull_in(tmp_path: Path) -> None:
+    """No stale pin, none missing: re-locking gives the committed list (the lock command is how to update it)."""
+    relocked = tmp_path / "constraints.txt"
+    pins = lambda_asset.lock_constraints(SOURCES.requirements, relocked)
+    assert pins == lambda_asset.pinned_requirements(SOURCES.constraints)
+
+
+def test_requirements_that_conflict_with_the_transitive_pins_say_how_to_re_lock(tmp_path: Path) -> None:
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("boto3==1.44.8\nbotocore==1.44.8\n")
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("s3transfer==0.1.13\njmespath==1.1.0\npython-dateutil==2.9.0.post0\nsix==1.17.0\n"
+                           "urllib3==2.8.0\n")  # far older than boto3 1.44 accepts
+    with pytest.raises(VendoringError, match=r"conflict; after changing the requirements, re-lock with"):
+        vendored_dependencies(requirements, constraints, tmp_path / "build")
