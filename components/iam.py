@@ -141,8 +141,11 @@ def events_policy(job_queue_arn: str, job_definition_arn: str, bucket_arn: str, 
         # name, looked up before submitting) have no resource-level permissions.
         {"Sid": "ReadJobs", "Effect": "Allow", "Action": ["batch:DescribeJobs", "batch:ListJobs"],
          "Resource": ["*"]},
+        # A retry reuses the failed job's definition, which may be an earlier revision of this stack's
+        # (a `pulumi up` registers a new one while jobs of the old still run): every revision of it.
         {"Sid": "ResubmitOutOfMemoryJobs", "Effect": "Allow", "Action": ["batch:SubmitJob", "batch:TagResource"],
-         "Resource": _batch_targets([job_queue_arn], [job_definition_arn]) + [batch_job_arn_pattern(job_queue_arn)]},
+         "Resource": _batch_targets([job_queue_arn], [job_definition_arn])
+         + [f"{job_definition_forms(job_definition_arn)[-1]}:*", batch_job_arn_pattern(job_queue_arn)]},
         # Without ListBucket, S3 answers a missing key with 403 instead of 404: a job of an output with
         # no lease (a run from before leases) must read as "no lease", not as "forbidden".
         {"Sid": "ListDataBucket", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},

@@ -51,7 +51,7 @@ def build_root(repo: Path) -> Path:
     return Path(os.environ.get("CPB_BUILD_DIR") or repo / "build")
 
 
-def pinned_requirements(requirements: Path) -> list[str]:
+def pinned_requirements(requirements: Path, allow_empty: bool = False) -> list[str]:
     """The requirement lines (``name==version``), refusing anything unpinned: the Lambda's code must be
     the same on every `pulumi up` from the same commit."""
     if not requirements.is_file():
@@ -66,7 +66,7 @@ def pinned_requirements(requirements: Path) -> list[str]:
             raise VendoringError(f"{requirements}:{number}: {requirement!r} is not pinned as name==version; "
                                  "pin it so every `pulumi up` ships the same dependencies")
         pins.append(requirement)
-    if not pins:
+    if not pins and not allow_empty:
         raise VendoringError(f"{requirements} pins nothing; list name==version lines")
     return pins
 
@@ -123,7 +123,7 @@ def vendored_dependencies(requirements: Path, constraints: Path, root: Path, pyt
                           timeout: int = PIP_TIMEOUT_SECONDS) -> Path:
     """The folder holding the requirements installed for the Lambda, installing them on first use."""
     pins = pinned_requirements(requirements)
-    every_pin = pins + pinned_requirements(constraints)
+    every_pin = pins + pinned_requirements(constraints, allow_empty=True)  # empty when the requirements pin all
     key = cache_key(requirements, constraints)
     final = root / "lambda-deps" / key
     if (final / COMPLETE_MARKER).is_file():

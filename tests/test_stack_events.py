@@ -132,6 +132,7 @@ def test_events_role_is_least_privilege(stack: Recorded) -> None:
     resubmit = statements["ResubmitOutOfMemoryJobs"]
     assert set(resubmit["Action"]) == {"batch:SubmitJob", "batch:TagResource"}
     assert set(resubmit["Resource"]) == {queue, definition, definition.rsplit(":", 1)[0],
+                                         definition.rsplit(":", 1)[0] + ":*",  # earlier revisions' jobs too
                                          f"arn:aws:batch:{REGION}:123456789012:job/*"}
     assert statements["ReadWriteLeasesAndJobEvents"]["Resource"] == [f"{bucket}/*/_cpb/lease.json",
                                                                       f"{bucket}/*/_cpb/events/*"]
