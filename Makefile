@@ -41,7 +41,7 @@ export CPB_CELLPROFILER_ARGS ?= $(CP_ARGS)
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: test demo bench venv analysis cellprofiler py38 clean
+.PHONY: test demo bench venv analysis cellprofiler py38 clean cloud-smoke
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@echo "setup: $(VENV) with Pulumi, moto and the cpb client (first run only, about a minute)"
@@ -114,6 +114,12 @@ demo: venv cellprofiler
 
 bench: venv cellprofiler
 	$(PY) -m bench
+
+# For an AWS account holder: deploy a NEW throw-away stack with the dev settings, run the demo plate on
+# it, check the counts, destroy it (always, also on failure or Ctrl-C). Says its cost and time first.
+cloud-smoke: venv
+	@if [ -z "$(STACK)" ]; then echo "usage: make cloud-smoke STACK=<new stack name> [REGION=eu-west-1] [YES=1]" >&2; exit 2; fi
+	$(PY) -m tools.cloud_smoke --stack "$(STACK)" $(if $(REGION),--region "$(REGION)") $(if $(YES),--yes)
 
 clean:
 	rm -rf $(VENV) .venv-cp .venv-cp5 $(PY38_VENV) .pytest_cache demo-output

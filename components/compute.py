@@ -15,6 +15,7 @@ import pulumi
 import pulumi_aws as aws
 
 from components import iam, jobdef
+from components.partition import Partition
 from components.userdata import lustre_user_data_base64
 
 ROOT_VOLUME_GIB = 100  # CellProfiler image (~3 GB) + inputs staged from S3 when FSx is off
@@ -38,6 +39,7 @@ class BatchComputeArgs:
 
     name_prefix: str  # physical-name prefix, unique per stack (Batch names are per account+region)
     region: str
+    partition: Partition
     bucket_arn: pulumi.Input[str]
     subnet_ids: pulumi.Input[Sequence[str]]
     security_group_id: pulumi.Input[str]
@@ -57,6 +59,7 @@ class BatchComputeArgs:
 
 
 def _role(name: str, service: str, description: str, parent: pulumi.Resource) -> aws.iam.Role:
+    """A role one service principal (``service``, e.g. ``ecs-tasks.amazonaws.com``) may assume."""
     return aws.iam.Role(
         name, description=description,
         assume_role_policy=json.dumps(iam.assume_role_policy(service)),
@@ -74,25 +77,28 @@ class BatchCompute(pulumi.ComponentResource):
         super().__init__("cpb:index:BatchCompute", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
-        instance_role = _role(f"{name}-instance-role", "ec2.amazonaws.com",
+        principal = args.partition.service_principal
+        instance_role = _role(f"{name}-instance-role", principal("ec2"),
                               "Batch hosts: ECS agent registration (AWS-managed Batch instance policy)", self)
         aws.iam.RolePolicyAttachment(f"{name}-instance-role-ecs", role=instance_role.name,
-                                     policy_arn=iam.ECS_INSTANCE_ROLE_POLICY_ARN, opts=child)
+                                     policy_arn=args.partition.managed_policy_arn(iam.ECS_INSTANCE_ROLE_POLICY),
+                                     opts=child)
         instance_profile = aws.iam.InstanceProfile(f"{name}-instance-profile", role=instance_role.name, opts=child)
 
         log_group = aws.cloudwatch.LogGroup(
             f"{name}-jobs-logs", name=f"/aws/batch/{args.name_prefix}",
             retention_in_days=args.log_retention_days, opts=child)
 
-        execution_role = _role(f"{name}-execution-role", "ecs-tasks.amazonaws.com",
+        execution_role = _role(f"{name}-execution-role", principal("ecs-tasks"),
                                "ECS agent for worker jobs: pull the worker image, write job logs", self)
         aws.iam.RolePolicy(
             f"{name}-execution-role-policy", role=execution_role.id,
             policy=pulumi.Output.all(args.repository_arn, log_group.arn).apply(
                 lambda a: json.dumps(iam.execution_role_policy(a[0], a[1]))),
             opts=child)
-        job_role = _role(f"{name}-job-role", "ecs-tasks.amazonaws.com",
-                         "Worker container: read inputs and write results in the data bucket only", self)
+        job_role = _role(f"{name}-job-role", principal("ecs-tasks"),
+                         "Worker container: read the data bucket, write results only (never the control records)",
+                         self)
         aws.iam.RolePolicy(
             f"{name}-job-role-policy", role=job_role.id,
             policy=pulumi.Output.from_input(args.bucket_arn).apply(

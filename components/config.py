@@ -75,7 +75,11 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("jobTimeoutSeconds", "integer", 14400,
                 "A job attempt running longer than this is stopped (at least 60)."),
     ConfigField("jobRetryAttempts", "integer", 3,
-                "Attempts per job for spot reclaims, host failures, OOM and transient errors (1 to 10)."),
+                "Attempts per job for spot reclaims, host failures, image-pull/start failures and transient errors "
+                "(1 to 10); running out of memory is retried with more memory instead (oomMaxRetries)."),
+    ConfigField("oomMaxRetries", "integer", 2,
+                "Times a job or array child that ran out of memory is resubmitted with twice the memory, at most "
+                "jobMaxMemoryMib (0 to 10; 0 turns this off)."),
     ConfigField("logRetentionDays", "integer", 30,
                 "CloudWatch Logs retention for job and Lambda logs (a value CloudWatch accepts, e.g. 7, 30, 90, 365)."),
     # Image
@@ -84,12 +88,12 @@ FIELDS: tuple[ConfigField, ...] = (
     # Ingress
     ConfigField("lambdaTimeoutSeconds", "integer", 60,
                 "Timeout of the ingress Lambda (10 to 900); the queue's visibility timeout is 6x this."),
+    ConfigField("lambdaMemoryMib", "integer", 1024,
+                "Memory (MiB) of the ingress Lambda (128 to 10240). It streams data files in flat memory (~57 MiB peak), so memory buys CPU: 1024 keeps a 64 MiB data file near 30 s (bench/bench_ingress_scale.py)."),
     ConfigField("queueBatchSize", "integer", 10,
                 "SQS messages per Lambda invocation (2 to 10)."),
     ConfigField("maxReceiveCount", "integer", 5,
                 "Deliveries of a failing message before it moves to the dead-letter queue (1 to 100)."),
-    ConfigField("powertoolsLayerVersion", "integer", 27,
-                "Version of AWS's public Powertools for AWS Lambda (Python) v3 layer the Lambda uses."),
     ConfigField("allowedJobArns", "array", [],
                 "Extra job queue / job definition ARNs messages may name (this stack's own are always allowed)."),
     ConfigField("alarmEmail", "string", "",
@@ -100,6 +104,12 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("owner", "string", "imaging-platform",
                 "Value of the Owner tag on every resource (a team or person to ask about the bill)."),
 )
+
+#: Keys earlier releases had, with what replaced them: a stack that still sets one gets this advice.
+RETIRED = {
+    "powertoolsLayerVersion": "Powertools for AWS Lambda now ships inside the Lambda's code (pinned in "
+                              "handlers/requirements.txt), so no region-specific layer is used",
+}
 
 NAT_STRATEGIES = ("Single", "OnePerAz")
 # Words Batch accepts in instanceTypes besides EC2 families/types (x86_64 ones only).
@@ -138,12 +148,13 @@ class StackConfig:
     job_max_memory_mib: int
     job_timeout_seconds: int
     job_retry_attempts: int
+    oom_max_retries: int
     log_retention_days: int
     cellprofiler_image_tag: str
     lambda_timeout_seconds: int
+    lambda_memory_mib: int
     queue_batch_size: int
     max_receive_count: int
-    powertools_layer_version: int
     allowed_job_arns: tuple[str, ...]
     alarm_email: str
     cost_center: str
@@ -272,7 +283,7 @@ def _check(cfg: dict[str, Any]) -> list[str]:
                            ("jobMaxMemoryMib", 512, 1_572_864), ("jobTimeoutSeconds", 60, 1_209_600),
                            ("jobRetryAttempts", 1, 10), ("lambdaTimeoutSeconds", 10, 900),
                            ("queueBatchSize", 2, 10), ("maxReceiveCount", 1, 100),
-                           ("powertoolsLayerVersion", 1, 10_000)):
+                           ("lambdaMemoryMib", 128, 10_240), ("oomMaxRetries", 0, 10)):
         if not low <= cfg[key] <= high:
             bad(key, f"= {cfg[key]} must be between {low} and {high}")
     if cfg["jobVcpus"] > cfg["jobMaxVcpus"]:
@@ -291,7 +302,7 @@ def _check(cfg: dict[str, Any]) -> list[str]:
     for arn in cfg["allowedJobArns"]:
         if not _ARN.match(arn):
             bad("allowedJobArns", f"entry {arn!r} is not a Batch job queue or job definition ARN "
-                "(arn:aws:batch:<region>:<account>:job-queue/<name>)")
+                "(arn:<partition>:batch:<region>:<account>:job-queue/<name>)")
     if cfg["alarmEmail"] and not _EMAIL.match(cfg["alarmEmail"]):
         bad("alarmEmail", f"= {cfg['alarmEmail']!r} is not an e-mail address; set one or leave it empty")
     for key in ("costCenter", "owner"):
@@ -307,7 +318,9 @@ def load_config(raw: Mapping[str, Any]) -> StackConfig:
     one round rather than one `pulumi up` per mistake.
     """
     by_name = {f.name: f for f in FIELDS}
-    problems = [f"{PROJECT}:{key} is not a setting of this project; remove it "
+    problems = [f"{PROJECT}:{key} is no longer used: {RETIRED[key]}; remove it with `pulumi config rm {key}`"
+                if key in RETIRED else
+                f"{PROJECT}:{key} is not a setting of this project; remove it "
                 f"(known: {', '.join(sorted(by_name))})" for key in raw if key not in by_name]
     values: dict[str, Any] = {}
     for field in FIELDS:
@@ -328,8 +341,10 @@ def load_config(raw: Mapping[str, Any]) -> StackConfig:
 
 
 def load_from_pulumi(getter: Callable[[str], Optional[str]]) -> StackConfig:
-    """Read every schema key through ``getter`` (``pulumi.Config().get``)."""
-    return load_config({f.name: v for f in FIELDS if (v := getter(f.name)) is not None})
+    """Read every schema key (and every retired one, to say what replaced it) through ``getter``
+    (``pulumi.Config().get``)."""
+    names = [f.name for f in FIELDS] + list(RETIRED)
+    return load_config({name: v for name in names if (v := getter(name)) is not None})
 
 
 def markdown_reference(fields: Sequence[ConfigField] = FIELDS) -> str:

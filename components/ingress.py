@@ -1,30 +1,27 @@
 """JobIngress: SQS queue (+ dead-letter queue) -> Lambda -> AWS Batch.
 
 The Lambda (``handlers.ingress.handler``) gets only what it needs: consume its
-own queue, submit/tag/terminate jobs on this stack's job queue and definition,
-read the bucket and write its submission records. Messages the Lambda reports
-as failed are retried and then parked in the DLQ; an alarm fires on any
-message there.
+own queue, submit/tag jobs on this stack's job queue and definition, terminate
+only jobs tagged with this stack, read the bucket and write its submission
+records and output leases. Messages the Lambda reports as failed are retried
+and then parked in the DLQ; an alarm fires on any message there. Its code is
+the stack's one Lambda archive (components.lambda_asset), dependencies included.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pulumi
 import pulumi_aws as aws
 
 from components import iam
+from components.lambda_asset import LAMBDA_PYTHON
+from components.partition import Partition
 
-LAMBDA_RUNTIME = "python3.12"
+LAMBDA_RUNTIME = f"python{LAMBDA_PYTHON}"
 LAMBDA_HANDLER = "handlers.ingress.handler"
-# AWS's public Powertools for AWS Lambda (Python) v3 layer (account 017000801446).
-POWERTOOLS_LAYER = "arn:aws:lambda:{region}:017000801446:layer:AWSLambdaPowertoolsPythonV3-{runtime}-x86_64:{version}"
-#: The worker modules the Lambda imports (stdlib only): the pipeline parser that tells whether a
-#: pipeline may be split across array children, so the Lambda refuses what the worker would.
-WORKER_MODULES_FOR_LAMBDA = ("__init__.py", "errors.py", "pipeline.py")
 DLQ_RETENTION_SECONDS = 14 * 24 * 3600  # the SQS maximum: time to look at what failed
 
 
@@ -33,9 +30,10 @@ class JobIngressArgs:
     """Where jobs go, and the limits the Lambda enforces (docs/CONTRACTS.md, Lambda environment)."""
 
     name_prefix: str
-    region: str
-    handlers_dir: Path
-    worker_dir: Path
+    stack: str  # the Pulumi stack: CPB_STACK, and the value of the job tag TerminateJob requires
+    partition: Partition
+    code: pulumi.Archive  # components.lambda_asset.lambda_code
+    memory_mib: int
     bucket_name: pulumi.Input[str]
     bucket_arn: pulumi.Input[str]
     job_queue_arn: pulumi.Input[str]
@@ -50,24 +48,7 @@ class JobIngressArgs:
     batch_size: int
     max_receive_count: int
     log_retention_days: int
-    powertools_layer_version: int
     alarm_email: str = ""
-
-
-def lambda_code(handlers_dir: Path, worker_dir: Path) -> pulumi.AssetArchive:
-    """The Lambda's code: the ``handlers`` package's .py files (no caches, no tests) plus the few
-    stdlib-only ``cpb_worker`` modules it imports (`WORKER_MODULES_FOR_LAMBDA`)."""
-    files = sorted(p for p in handlers_dir.rglob("*.py") if "__pycache__" not in p.parts)
-    if not any(p.name == "ingress.py" for p in files):
-        raise FileNotFoundError(f"{handlers_dir}/ingress.py is missing: the Lambda's handler "
-                                f"{LAMBDA_HANDLER} would not exist")
-    assets = {f"handlers/{p.relative_to(handlers_dir).as_posix()}": pulumi.FileAsset(str(p)) for p in files}
-    for name in WORKER_MODULES_FOR_LAMBDA:
-        module = worker_dir / name
-        if not module.is_file():
-            raise FileNotFoundError(f"{module} is missing: the Lambda imports it to check pipelines")
-        assets[f"cpb_worker/{name}"] = pulumi.FileAsset(str(module))
-    return pulumi.AssetArchive(assets)
 
 
 def tls_only_queue_policy(queue_arn: str) -> dict[str, Any]:
@@ -95,8 +76,11 @@ class JobIngress(pulumi.ComponentResource):
 
     queue_url: pulumi.Output[str]
     queue_arn: pulumi.Output[str]
+    queue_name: pulumi.Output[str]
     dead_letter_queue_url: pulumi.Output[str]
+    dead_letter_queue_name: pulumi.Output[str]
     function_name: pulumi.Output[str]
+    alarm_actions: list[pulumi.Output[str]]
 
     def __init__(self, name: str, args: JobIngressArgs, opts: Optional[pulumi.ResourceOptions] = None) -> None:
         super().__init__("cpb:index:JobIngress", name, None, opts)
@@ -127,7 +111,8 @@ class JobIngress(pulumi.ComponentResource):
                                             retention_in_days=args.log_retention_days, opts=child)
         role = aws.iam.Role(
             f"{name}-role", description="Ingress Lambda: submit this stack's Batch jobs from its queue",
-            assume_role_policy=json.dumps(iam.assume_role_policy("lambda.amazonaws.com")), opts=child)
+            assume_role_policy=json.dumps(iam.assume_role_policy(args.partition.service_principal("lambda"))),
+            opts=child)
         allowed = list(args.allowed_job_arns)
         policy = aws.iam.RolePolicy(
             f"{name}-role-policy", role=role.id,
@@ -137,7 +122,7 @@ class JobIngress(pulumi.ComponentResource):
                     queue_arn=a[0],
                     job_queue_arns=[a[1]] + [x for x in allowed if ":job-queue/" in x],
                     job_definition_arns=[a[2]] + [x for x in allowed if ":job-definition/" in x],
-                    bucket_arn=a[3], log_group_arn=a[4]))),
+                    bucket_arn=a[3], log_group_arn=a[4], stack=args.stack))),
             opts=child)
 
         function = aws.lambda_.Function(
@@ -148,11 +133,9 @@ class JobIngress(pulumi.ComponentResource):
             runtime=LAMBDA_RUNTIME,
             architectures=["x86_64"],
             handler=LAMBDA_HANDLER,
-            code=lambda_code(args.handlers_dir, args.worker_dir),
+            code=args.code,
             timeout=args.lambda_timeout_seconds,
-            memory_size=256,
-            layers=[POWERTOOLS_LAYER.format(region=args.region, runtime=LAMBDA_RUNTIME.replace(".", ""),
-                                            version=args.powertools_layer_version)],
+            memory_size=args.memory_mib,
             logging_config={"log_format": "JSON", "log_group": log_group.name},
             environment={"variables": {
                 "CPB_BUCKET": args.bucket_name,
@@ -163,6 +146,7 @@ class JobIngress(pulumi.ComponentResource):
                 "CPB_MAX_MEMORY_MIB": str(args.max_memory_mib),
                 "CPB_DEFAULT_VCPU": str(args.default_vcpus),
                 "CPB_DEFAULT_MEMORY_MIB": str(args.default_memory_mib),
+                "CPB_STACK": args.stack,
                 "POWERTOOLS_SERVICE_NAME": "cpb-ingress",
             }},
             opts=pulumi.ResourceOptions(parent=self, depends_on=[policy, log_group]))
@@ -201,7 +185,10 @@ class JobIngress(pulumi.ComponentResource):
 
         self.queue_url = queue.url
         self.queue_arn = queue.arn
+        self.queue_name = queue.name
         self.dead_letter_queue_url = dlq.url
+        self.dead_letter_queue_name = dlq.name
         self.function_name = function.name
+        self.alarm_actions = alarm_actions  # the DLQ alarm's topic (empty without alarmEmail), for other alarms
         self.register_outputs({"queueUrl": self.queue_url, "deadLetterQueueUrl": self.dead_letter_queue_url,
                                "functionName": self.function_name})

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-# Worker exit codes (docs/CONTRACTS.md): 4 transient, 137 killed (OOM). 2 and 3 are
-# input/pipeline errors a retry cannot fix. "Host EC2*" covers spot reclaims and
-# host failures, which have no exit code.
+# What Batch retries with the same job (docs/CONTRACTS.md, "Worker exit codes"):
+# - "Host EC2*" in the job's status reason: a spot reclaim or a lost host (no exit code);
+# - a container that could not start on its host (the container's reason: the image pull failed, or
+#   the task's resources could not be set up); nothing ran, so a new attempt is safe;
+# - exit 4: transient S3/network trouble after the worker's own retries.
+# Never retried here: 2 (bad input) and 3 (pipeline error), which a retry cannot fix; 5 (superseded:
+# another run owns the output); and 137 (out of memory), which the job-events Lambda resubmits with
+# twice the memory (oomMaxRetries) instead of repeating the same attempt.
 RETRY_ON_STATUS_REASONS = ("Host EC2*",)
-RETRY_ON_EXIT_CODES = ("4", "137")
+RETRY_ON_REASONS = ("CannotPullContainerError*", "ResourceInitializationError*")
+RETRY_ON_EXIT_CODES = ("4",)
+NEVER_RETRIED_EXIT_CODES = ("2", "3", "5", "137")
+#: Batch accepts at most this many evaluateOnExit rules.
+MAX_RETRY_RULES = 5
 FSX_VOLUME = "fsx"
 
 
@@ -43,10 +52,16 @@ def container_properties(*, image_uri: str, vcpus: int, memory_mib: int, job_rol
 
 
 def retry_strategy(attempts: int) -> dict[str, Any]:
-    """RetryStrategy: retry host loss, spot reclaim, transient errors and OOM; exit on anything else."""
+    """RetryStrategy: retry host loss, spot reclaims, start failures and transient errors; exit on any
+    other exit code. A failure with no exit code that no rule names (none is known) falls to Batch's
+    default, which is to retry."""
     rules = [{"onStatusReason": reason, "action": "RETRY"} for reason in RETRY_ON_STATUS_REASONS]
+    rules += [{"onReason": reason, "action": "RETRY"} for reason in RETRY_ON_REASONS]
     rules += [{"onExitCode": code, "action": "RETRY"} for code in RETRY_ON_EXIT_CODES]
-    rules.append({"onExitCode": "*", "action": "EXIT"})  # pipeline and input errors: a retry cannot help
+    # Input and pipeline errors, superseded runs and out-of-memory kills: the same attempt cannot help.
+    rules.append({"onExitCode": "*", "action": "EXIT"})
+    if len(rules) > MAX_RETRY_RULES:
+        raise ValueError(f"{len(rules)} retry rules; AWS Batch accepts at most {MAX_RETRY_RULES}")
     return {"attempts": attempts, "evaluateOnExit": rules}
 
 

@@ -21,12 +21,12 @@ LUSTRE_PORT_RANGES: tuple[tuple[int, int], ...] = ((988, 988), (1018, 1023))
 
 @dataclass
 class NetworkArgs:
-    """What the network needs to know; ``region`` names the S3 endpoint service."""
+    """What the network needs to know."""
 
     cidr_block: str
     availability_zones: int
     nat_strategy: str  # "Single" | "OnePerAz"
-    region: str
+    s3_endpoint_service: str  # Partition.s3_gateway_endpoint_service(region), e.g. com.amazonaws.eu-west-1.s3
 
 
 def lustre_ingress_rules(compute_group_id: pulumi.Input[str]) -> list[aws.ec2.SecurityGroupIngressArgs]:
@@ -74,7 +74,7 @@ class Network(pulumi.ComponentResource):
         s3_endpoint = aws.ec2.VpcEndpoint(
             f"{name}-s3-endpoint",
             vpc_id=vpc.vpc_id,
-            service_name=f"com.amazonaws.{args.region}.s3",
+            service_name=args.s3_endpoint_service,
             vpc_endpoint_type="Gateway",
             route_table_ids=route_table_ids,
             opts=child,

@@ -547,10 +547,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli.main(args=argv, prog_name="cpb")
 
 
+# Commands defined beside the code they run (registered here so `cpb --help` lists them all).
+from cpb.analysis.commands import profile as _profile_command  # noqa: E402  (cpb profile; cpb/analysis/)
+from cpb.analysis.commands import report as _report_command  # noqa: E402  (cpb report; cpb/analysis/)
+from cpb.estimate import estimate_command  # noqa: E402  (cpb estimate, issue 15: cost before submitting)
+
+cli.add_command(_report_command)
+cli.add_command(_profile_command)
+cli.add_command(estimate_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
-
-from cpb.analysis.commands import report as _report_command  # noqa: E402  (cpb report; cpb/analysis/)
-cli.add_command(_report_command)
-from cpb.analysis.commands import profile as _profile_command  # noqa: E402  (cpb profile; cpb/analysis/)
-cli.add_command(_profile_command)

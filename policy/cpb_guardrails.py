@@ -11,7 +11,9 @@ that resource until ``pulumi up``, where the values are known and it runs.
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterable, Optional
 
@@ -33,6 +35,8 @@ BUCKET_SSE = ("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEn
 BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
 QUEUE = "aws:sqs/queue:Queue"
 TOPIC = "aws:sns/topic:Topic"
+EVENT_TARGET = "aws:cloudwatch/eventTarget:EventTarget"
+LAMBDA_INVOKE_CONFIG = "aws:lambda/functionEventInvokeConfig:FunctionEventInvokeConfig"
 IAM_DOCUMENT_TYPES = {"aws:iam/rolePolicy:RolePolicy": "policy", "aws:iam/policy:Policy": "policy",
                       "aws:iam/userPolicy:UserPolicy": "policy", "aws:iam/groupPolicy:GroupPolicy": "policy"}
 COMPUTE_ENVIRONMENT = "aws:batch/computeEnvironment:ComputeEnvironment"
@@ -47,6 +51,15 @@ SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 SG_INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 LUSTRE_PORTS = ((988, 988), (1018, 1023))
+#: Keys under an output's `_cpb/` that only the Lambdas (and `cpb requeue`) may write (docs/CONTRACTS.md).
+CONTROL_RECORDS = ("*/_cpb/submission-*", "*/_cpb/lease.json", "*/_cpb/events/*")
+#: The job tag whose value names the stack; stopping jobs is allowed only on jobs carrying it.
+JOB_STACK_TAG = "cpb:stack"
+JOB_STOPPING_ACTIONS = ("batch:TerminateJob", "batch:CancelJob")
+#: Worker exit codes a Batch retry cannot fix or must not repeat: bad input, pipeline error, superseded
+#: by another run, out of memory (the job-events Lambda resubmits it with more memory).
+NEVER_RETRY_EXIT_CODES = ("2", "3", "5", "137")
+MAX_RETRY_RULES = 5
 REQUIRED_TAGS = ("Project", "Stack", "CostCenter")
 SSE_ALGORITHMS = ("AES256", "aws:kms", "aws:kms:dsse")
 
@@ -170,14 +183,27 @@ def validate_topic_key_usable_by_alarms(args: ResourceValidationArgs, report: Re
                "use a customer-managed key whose policy allows cloudwatch.amazonaws.com")
 
 
+def _dead_letter_arns(resource: PolicyResource) -> list[Any]:
+    """Queue ARNs an EventBridge target or a Lambda's asynchronous invocations park failures in."""
+    if resource.resource_type == EVENT_TARGET:
+        return [(resource.props.get("deadLetterConfig") or {}).get("arn")]
+    if resource.resource_type == LAMBDA_INVOKE_CONFIG:
+        return [((resource.props.get("destinationConfig") or {}).get("onFailure") or {}).get("destination")]
+    return []
+
+
 def validate_queue_has_dlq(args: StackValidationArgs, report: ReportViolation) -> None:
     queues = of_type(args.resources, QUEUE)
+    parkers = of_type(args.resources, EVENT_TARGET, LAMBDA_INVOKE_CONFIG)
     for queue in queues:
         redrive = queue.props.get("redrivePolicy")
         if redrive and as_json(redrive).get("deadLetterTargetArn"):
             continue
         is_dead_letter = any(other is not queue and related(other, "redrivePolicy", [queue])
                              for other in queues)
+        is_dead_letter = is_dead_letter or any(
+            queue.props.get("arn") is not None and queue.props.get("arn") in _dead_letter_arns(parker)
+            for parker in parkers)
         if not is_dead_letter:
             report(f"queue {queue.name} has no dead-letter queue; set a redrive_policy with deadLetterTargetArn "
                    "and maxReceiveCount so failing messages are kept, not retried forever", queue.urn)
@@ -362,6 +388,151 @@ def validate_cost_tags(args: StackValidationArgs, report: ReportViolation) -> No
                    "AWS provider default_tags with Project, Stack and CostCenter", resource.urn)
 
 
+# ------------------------------------------------------------------ control records, job stopping
+
+def _allows(statement: dict, action: str) -> bool:
+    return statement.get("Effect") == "Allow" and any(
+        a == action or a in ("*", f"{action.split(':')[0]}:*") for a in as_list(statement.get("Action")))
+
+
+def _object_wildcards(statement: dict) -> list[str]:
+    """Bucket-wide object resources a statement names (``arn:...:s3:::<bucket>/*`` or ``*``)."""
+    return [r for r in as_list(statement.get("Resource"))
+            if r == "*" or (str(r).startswith("arn:") and ":s3:::" in str(r) and str(r).endswith("/*")
+                            and str(r).count("/") == 1)]
+
+
+def validate_control_records_denied_to_bucket_writers(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """A principal that may write or delete any object of a bucket (the worker's job role) must be
+    explicitly denied the records exactly-once, the lease and job events rely on."""
+    document = _iam_documents(args)
+    denied: dict[str, set[str]] = {}
+    for statement in document:
+        if statement.get("Effect") == "Deny":
+            for action in ("s3:PutObject", "s3:DeleteObject"):
+                if any(a in (action, "s3:*", "*") for a in as_list(statement.get("Action"))):
+                    denied.setdefault(action, set()).update(map(str, as_list(statement.get("Resource"))))
+    for statement in document:
+        for action in ("s3:PutObject", "s3:DeleteObject"):
+            if not _allows(statement, action):
+                continue
+            for wildcard in _object_wildcards(statement):
+                bucket = wildcard[:-2]  # "" for Resource "*": then a deny in any bucket must name the keys
+                covered = denied.get(action, set())
+                missing = [pattern for pattern in CONTROL_RECORDS
+                           if not ({f"{bucket}/{pattern}", f"{bucket}/*"} & covered
+                                   or (wildcard == "*" and any(r.endswith(f"/{pattern}") for r in covered)))]
+                if missing:
+                    report(f"{args.name}: statement {statement.get('Sid', '')!r} allows {action} on {wildcard} "
+                           f"without denying {missing}; add a Deny of s3:PutObject and s3:DeleteObject on "
+                           "those keys so only the Lambdas write submission records, leases and job events")
+
+
+def validate_job_stopping_limited_to_own_jobs(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """TerminateJob/CancelJob only on jobs tagged with a named stack (``aws:ResourceTag/cpb:stack``)."""
+    for statement in _iam_documents(args):
+        stopping = [a for a in JOB_STOPPING_ACTIONS if _allows(statement, a)]
+        if not stopping:
+            continue
+        conditions = statement.get("Condition") or {}
+        value = (conditions.get("StringEquals") or {}).get(f"aws:ResourceTag/{JOB_STACK_TAG}")
+        if not isinstance(value, str) or not value or any(c in value for c in "*?$"):
+            report(f"{args.name}: statement {statement.get('Sid', '')!r} allows {stopping} on any job; add "
+                   f"Condition StringEquals aws:ResourceTag/{JOB_STACK_TAG} = <the stack> so it can stop only "
+                   "this stack's jobs")
+
+
+# ------------------------------------------------------------------ Batch retries
+
+def _exit_pattern_matches(pattern: str, code: str) -> bool:
+    return code.startswith(pattern[:-1]) if pattern.endswith("*") else code == pattern
+
+
+def validate_retry_strategy(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """At most 5 rules (Batch refuses more at `pulumi up`), a final catch-all EXIT (unmatched failures
+    are otherwise retried), and no RETRY of an exit code a new attempt cannot fix or must not repeat."""
+    if args.resource_type != JOB_DEFINITION:
+        return
+    strategy = args.props.get("retryStrategy") or {}
+    rules = as_list(strategy.get("evaluateOnExits"))
+    if not rules:
+        if int(strategy.get("attempts") or 1) > 1:
+            report(f"job definition {args.name} retries every failure; give evaluate_on_exits rules ending in a "
+                   "catch-all EXIT")
+        return
+    if len(rules) > MAX_RETRY_RULES:
+        report(f"job definition {args.name} has {len(rules)} retry rules; AWS Batch accepts at most "
+               f"{MAX_RETRY_RULES}")
+    last = rules[-1]
+    if str(last.get("action", "")).lower() != "exit" or not any(last.get(k) == "*" for k in (
+            "onExitCode", "onReason", "onStatusReason")) or len([k for k in ("onExitCode", "onReason",
+                                                                             "onStatusReason") if k in last]) != 1:
+        report(f"job definition {args.name}: the last retry rule is not a catch-all EXIT, so failures no rule "
+               "names are retried; end with {on_exit_code: '*', action: 'exit'}")
+    for rule in rules:
+        if str(rule.get("action", "")).lower() != "retry" or "onExitCode" not in rule:
+            continue
+        retried = [code for code in NEVER_RETRY_EXIT_CODES if _exit_pattern_matches(str(rule["onExitCode"]), code)]
+        if retried:
+            report(f"job definition {args.name} retries exit code(s) {retried} with the same job: 2/3 are input and "
+                   "pipeline errors, 5 a superseded run, 137 out of memory (the job-events Lambda resubmits it "
+                   "with more memory)")
+
+
+# ------------------------------------------------------------------ EventBridge
+
+def validate_event_targets_keep_failures(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """An event EventBridge cannot deliver is parked in a dead-letter queue, not dropped."""
+    if args.resource_type != EVENT_TARGET:
+        return
+    if not (args.props.get("deadLetterConfig") or {}).get("arn"):
+        report(f"event target {args.name} drops events it cannot deliver; set dead_letter_config to an SQS queue")
+
+
+# ------------------------------------------------------------------ partitions
+
+_ARN_PARTITION = re.compile(r"\barn:([a-z0-9-]+):")
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+@functools.lru_cache(maxsize=None)
+def _region_partition(region: Optional[str]) -> Optional[str]:
+    """The partition botocore's table puts a region in (None when unknown)."""
+    if not region:
+        return None
+    import botocore.session
+
+    try:
+        return botocore.session.get_session().get_partition_for_region(region)
+    except Exception:  # noqa: BLE001 - an unknown region is the provider's error to report
+        return None
+
+
+def validate_arn_partition(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """Every ARN a resource names belongs to the partition of its provider's region: an ``arn:aws:``
+    literal in a GovCloud stack (or the reverse) fails only at `pulumi up`, half-way through."""
+    if not args.resource_type.startswith("aws:") or args.provider is None:
+        return
+    expected = _region_partition(args.provider.props.get("region"))
+    if expected is None:
+        return
+    wrong = sorted({m.group(0) + "..." for text in _strings(args.props) for m in _ARN_PARTITION.finditer(text)
+                    if m.group(1) != expected})
+    if wrong:
+        report(f"{args.resource_type} {args.name} names ARNs of another partition ({', '.join(wrong)}) although its "
+               f"region is in {expected}; derive ARNs from the region's partition")
+
+
 # ------------------------------------------------------------------ the pack
 
 def _resource(name: str, description: str, validate: Callable) -> ResourceValidationPolicy:
@@ -398,4 +569,13 @@ POLICIES = [
            "themselves.", validate_fsx_security_groups),
     _stack("cost-allocation-tags", "Every AWS resource carries Project, Stack and CostCenter tags.",
            validate_cost_tags),
+    _resource("iam-control-records-protected", "A principal that may write any object of a bucket is denied "
+              "the submission records, leases and job events.", validate_control_records_denied_to_bucket_writers),
+    _resource("batch-stop-own-jobs-only", "TerminateJob/CancelJob only on jobs tagged with this stack.",
+              validate_job_stopping_limited_to_own_jobs),
+    _resource("batch-retry-strategy", "Job definitions: at most 5 retry rules, a final catch-all EXIT, and no "
+              "retry of exit codes 2, 3, 5 or 137.", validate_retry_strategy),
+    _resource("events-target-dead-letter", "EventBridge targets park undeliverable events in a dead-letter "
+              "queue.", validate_event_targets_keep_failures),
+    _resource("arn-partition", "Every ARN a resource names is in its region's partition.", validate_arn_partition),
 ]

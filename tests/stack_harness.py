@@ -24,6 +24,14 @@ ACCOUNT = "123456789012"
 REGION = "eu-west-1"
 STACK = "test"
 PROJECT = "cellpainting-batch"
+#: Standard availability zones per region, as EC2 answers (eu-west-1 has 3; us-east-1 has 6).
+ZONES = {"eu-west-1": 3, "us-east-1": 6, "us-gov-west-1": 3}
+
+
+def _partition(region: str) -> str:
+    import botocore.session
+
+    return botocore.session.get_session().get_partition_for_region(region)
 
 
 @dataclass
@@ -50,24 +58,35 @@ def _digest(*parts: Any) -> str:
 class AwsLikeMocks(pulumi.runtime.Mocks):
     """Provider stand-in: physical names, IDs and ARNs the way AWS forms them."""
 
-    def __init__(self) -> None:
+    def __init__(self, region: str = REGION, zones: Optional[int] = None) -> None:
         self.monitor: Optional["RecordingMonitor"] = None
+        self.region = region
+        self.partition = _partition(region)
+        self.zones = ZONES.get(region, 3) if zones is None else zones
+        self.calls: list[tuple[str, dict]] = []
 
     def call(self, args: pulumi.runtime.MockCallArgs):  # noqa: D401 - Pulumi API
+        self.calls.append((args.token, dict(args.args)))
         if args.token == "aws:index/getRegion:getRegion":
-            return {"name": REGION, "region": REGION, "id": REGION}
+            return {"name": self.region, "region": self.region, "id": self.region}
         if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
-            return {"accountId": ACCOUNT, "arn": f"arn:aws:iam::{ACCOUNT}:root", "userId": ACCOUNT}
-        return {}
+            return {"accountId": ACCOUNT, "arn": f"arn:{self.partition}:iam::{ACCOUNT}:root", "userId": ACCOUNT}
+        if args.token == "aws:index/getAvailabilityZones:getAvailabilityZones":
+            # What EC2's DescribeAvailabilityZones answers for the standard zones of the region.
+            names = [f"{self.region}{letter}" for letter in "abcdef"[:self.zones]]
+            return {"id": self.region, "names": names, "zoneIds": [f"euw1-az{i + 1}" for i in range(self.zones)],
+                    "groupNames": [self.region] * self.zones, "state": "available"}
+        raise NotImplementedError(f"the program invoked {args.token}, which these mocks do not answer")
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         typ, name, inputs = args.typ, args.name, dict(args.inputs)
         physical = inputs.get("name") or f"{inputs.get('namePrefix', name + '-')}{_digest(typ, name)[:7]}"
-        arn_prefix = f"arn:aws:{{}}:{REGION}:{ACCOUNT}:"
+        region, partition = self.region, self.partition
+        arn_prefix = f"arn:{partition}:{{}}:{region}:{ACCOUNT}:"
         if typ == "awsx:ec2:Vpc":
             return self._vpc(name)
         if typ == "awsx:ecr:Repository":
-            return f"{name}-id", {"url": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/{physical}"}
+            return f"{name}-id", {"url": f"{ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{physical}"}
         if typ == "awsx:ecr:Image":
             # A digest that changes whenever what is built changes, as a registry's would.
             return f"{name}-id", {"imageUri": f"{inputs['repositoryUrl']}@sha256:{_digest(inputs)}"}
@@ -78,15 +97,15 @@ class AwsLikeMocks(pulumi.runtime.Mocks):
         if typ == "aws:s3/bucket:Bucket":
             bucket = inputs.get("bucket") or f"{inputs.get('bucketPrefix', name)}{_digest(name)[:12]}"
             resource_id = bucket
-            state.update(bucket=bucket, arn=f"arn:aws:s3:::{bucket}")
+            state.update(bucket=bucket, arn=f"arn:{partition}:s3:::{bucket}")
         elif typ == "aws:sqs/queue:Queue":
-            resource_id = f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{physical}"
+            resource_id = f"https://sqs.{region}.amazonaws.com/{ACCOUNT}/{physical}"
             state.update(url=resource_id, arn=arn_prefix.format("sqs") + physical, name=physical)
         elif typ == "aws:iam/role:Role":
-            state.update(arn=f"arn:aws:iam::{ACCOUNT}:role/{physical}", name=physical)
+            state.update(arn=f"arn:{partition}:iam::{ACCOUNT}:role/{physical}", name=physical)
             resource_id = physical
         elif typ == "aws:iam/instanceProfile:InstanceProfile":
-            state.update(arn=f"arn:aws:iam::{ACCOUNT}:instance-profile/{physical}", name=physical)
+            state.update(arn=f"arn:{partition}:iam::{ACCOUNT}:instance-profile/{physical}", name=physical)
         elif typ.startswith("aws:batch/"):
             kind = {"jobQueue": "job-queue", "jobDefinition": "job-definition",
                     "computeEnvironment": "compute-environment"}[typ.split("/")[1].split(":")[0]]
@@ -98,13 +117,19 @@ class AwsLikeMocks(pulumi.runtime.Mocks):
             resource_id = physical
         elif typ == "aws:lambda/function:Function":
             state.update(arn=arn_prefix.format("lambda") + f"function:{physical}", name=physical)
+        elif typ == "aws:cloudwatch/eventRule:EventRule":
+            state.update(arn=arn_prefix.format("events") + f"rule/{physical}", name=physical)
+            resource_id = physical
+        elif typ == "aws:cloudwatch/dashboard:Dashboard":
+            state.update(dashboardArn=f"arn:{partition}:cloudwatch::{ACCOUNT}:dashboard/{inputs['dashboardName']}")
+            resource_id = inputs["dashboardName"]
         elif typ == "aws:sns/topic:Topic":
             state.update(arn=arn_prefix.format("sns") + physical, name=physical)
             resource_id = state["arn"]
         elif typ == "aws:fsx/lustreFileSystem:LustreFileSystem":
             resource_id = "fs-" + _digest(name)[:17]
             state.update(arn=arn_prefix.format("fsx") + f"file-system/{resource_id}",
-                         dnsName=f"{resource_id}.fsx.{REGION}.amazonaws.com", mountName=_digest(name, "mount")[:8])
+                         dnsName=f"{resource_id}.fsx.{region}.amazonaws.com", mountName=_digest(name, "mount")[:8])
         elif typ == "aws:ec2/securityGroup:SecurityGroup":
             resource_id = "sg-" + _digest(name)[:17]
         elif typ == "aws:ec2/launchTemplate:LaunchTemplate":
@@ -161,6 +186,7 @@ class Recorded:
 
     resources: list[Registered]
     outputs: dict[str, Any]
+    calls: list[tuple[str, dict]] = field(default_factory=list)  # invokes the program made
 
     def of_type(self, typ: str) -> list[Registered]:
         return [r for r in self.resources if r.type == typ]
@@ -178,10 +204,17 @@ def _resolve(value: Any) -> Any:
     return _sync_await(pulumi.Output.from_input(value).future())
 
 
+#: The registrations of the latest run, kept even when the program raised (tests of "stops before any
+#: resource" read it).
+LAST_RUN: dict[str, list[Registered]] = {"registered": []}
+
+
 def run(build: Callable[[], dict[str, Any]], config: Optional[dict[str, str]] = None,
-        preview: bool = False) -> Recorded:
-    """Run ``build`` (which declares resources and returns stack outputs) under mocks."""
-    mocks = AwsLikeMocks()
+        preview: bool = False, zones: Optional[int] = None) -> Recorded:
+    """Run ``build`` (which declares resources and returns stack outputs) under mocks; ``zones`` is how
+    many availability zones the region answers with (default: what the real region has)."""
+    region = (config or {}).get("aws:region", REGION)
+    mocks = AwsLikeMocks(region, zones)
     monitor = RecordingMonitor(mocks)
     settings_config = {"aws:region": REGION}
     settings_config.update({(k if ":" in k else f"{PROJECT}:{k}"): v for k, v in (config or {}).items()})
@@ -193,11 +226,12 @@ def run(build: Callable[[], dict[str, Any]], config: Optional[dict[str, str]] = 
         declared = build()
         return pulumi.Output.all(**declared).apply(outputs.update) if declared else None
 
+    LAST_RUN["registered"] = monitor.registered  # what was declared, also when the program raised
     pulumi.runtime.test(program)()
-    return Recorded(resources=monitor.registered, outputs=outputs)
+    return Recorded(resources=monitor.registered, outputs=outputs, calls=mocks.calls)
 
 
-def run_main(config: Optional[dict[str, str]] = None) -> Recorded:
+def run_main(config: Optional[dict[str, str]] = None, zones: Optional[int] = None) -> Recorded:
     """Run the real __main__.py (exports included) and return what it registered."""
     exported: dict[str, Any] = {}
     real_export = pulumi.export
@@ -210,7 +244,7 @@ def run_main(config: Optional[dict[str, str]] = None) -> Recorded:
             pulumi.export = real_export
         return exported
 
-    return run(build, config)
+    return run(build, config, zones=zones)
 
 
 _CACHE: dict[tuple, Recorded] = {}

@@ -114,6 +114,26 @@ def _document(statement: dict) -> str:
     return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
 
 
+def edit_policy(name_part: str, edit: Callable[[list[dict]], list[dict]]) -> Callable:
+    """Resource-policy breaker: rewrite the statements of one role policy."""
+    def breaker(resource, props: dict) -> dict:
+        if resource.type == "aws:iam/rolePolicy:RolePolicy" and name_part in resource.name:
+            document = json.loads(props["policy"])
+            document["Statement"] = edit(document["Statement"])
+            props["policy"] = json.dumps(document)
+        return props
+    return breaker
+
+
+def edit_retry_rules(edit: Callable[[list[dict]], list[dict]]) -> Callable:
+    def breaker(resource, props: dict) -> dict:
+        if resource.type == cpb_guardrails.JOB_DEFINITION:
+            props["retryStrategy"] = {**props["retryStrategy"],
+                                      "evaluateOnExits": edit(list(props["retryStrategy"]["evaluateOnExits"]))}
+        return props
+    return breaker
+
+
 BROKEN: dict[str, tuple[dict, str]] = {
     "s3-public-access-blocked": ({"stack": open_public_access}, "restrictPublicBuckets"),
     "s3-encrypted": ({"stack": unencrypted_bucket}, "no default server-side encryption"),
@@ -145,6 +165,23 @@ BROKEN: dict[str, tuple[dict, str]] = {
                         if r.type == cpb_guardrails.LOG_GROUP else p}, "keeps logs forever"),
     "fsx-lustre-ingress": ({"stack": fsx_open_to_the_vpc}, "admits cidrBlocks"),
     "cost-allocation-tags": ({"stack": untagged_provider}, "lacks cost-allocation tags ['CostCenter']"),
+    "iam-control-records-protected": ({"resource_props": edit_policy(
+        "job-role", lambda statements: [s for s in statements if s["Effect"] != "Deny"])},
+        "allows s3:PutObject on arn:aws:s3:::"),
+    "batch-stop-own-jobs-only": ({"resource_props": edit_policy(
+        "ingress-role", lambda statements: [{k: v for k, v in s.items() if k != "Condition"} for s in statements])},
+        "allows ['batch:TerminateJob'] on any job"),
+    "batch-retry-strategy": ({"resource_props": edit_retry_rules(
+        lambda rules: [{"onExitCode": "137", "action": "retry"}] + rules[:3] + rules[-1:])},
+        "retries exit code(s) ['137']"),
+    "events-target-dead-letter": ({"resource_props": lambda r, p: {k: v for k, v in p.items()
+                                                                   if k != "deadLetterConfig"}
+                                   if r.type == "aws:cloudwatch/eventTarget:EventTarget" else p},
+                                  "drops events it cannot deliver"),
+    "arn-partition": ({"resource_props": set_prop(
+        "aws:iam/rolePolicyAttachment:RolePolicyAttachment", "policyArn",
+        "arn:aws-us-gov:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role")},
+        "names ARNs of another partition (arn:aws-us-gov:...) although its region is in aws"),
 }
 
 
@@ -222,3 +259,47 @@ def test_the_pack_serves_its_policies_to_the_engine(served_pack) -> None:
 
     assert analyze({"name": "/aws/batch/x"}) == ["logs-retention"]
     assert analyze({"name": "/aws/batch/x", "retentionInDays": 30}) == []
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda rules: rules[:-1] + [{"onExitCode": "6", "action": "retry"}] + rules[-1:], "6 retry rules"),
+    (lambda rules: rules[:-1], "the last retry rule is not a catch-all EXIT"),
+    (lambda rules: rules[:-1] + [{"onExitCode": "*", "onReason": "x*", "action": "exit"}],
+     "the last retry rule is not a catch-all EXIT"),
+    (lambda rules: [{"onExitCode": "5", "action": "retry"}] + rules[1:], "retries exit code(s) ['5']"),
+    (lambda rules: [{"onExitCode": "1*", "action": "retry"}] + rules[1:], "retries exit code(s) ['137']"),
+])
+def test_retry_strategy_variants_trip(edit: Callable, expected: str) -> None:
+    found = violations("batch-retry-strategy", program(fsxEnabled="true"), resource_props=edit_retry_rules(edit))
+    assert any(expected in message for message in found), found
+
+
+def test_stopping_jobs_with_a_wildcard_tag_value_trips() -> None:
+    def wildcard(statements: list[dict]) -> list[dict]:
+        return [{**s, "Condition": {"StringLike": {"aws:ResourceTag/cpb:stack": "*"}}} if "Condition" in s else s
+                for s in statements]
+    found = violations("batch-stop-own-jobs-only", program(fsxEnabled="true"),
+                       resource_props=edit_policy("ingress-role", wildcard))
+    assert found and "on any job" in found[0]
+
+
+def test_a_bucket_writer_missing_one_deny_trips_naming_it() -> None:
+    def drop_lease(statements: list[dict]) -> list[dict]:
+        return [{**s, "Resource": [r for r in s["Resource"] if not r.endswith("lease.json")]}
+                if s["Effect"] == "Deny" else s for s in statements]
+    found = violations("iam-control-records-protected", program(fsxEnabled="true"),
+                       resource_props=edit_policy("job-role", drop_lease))
+    assert len(found) == 2 and all("['*/_cpb/lease.json']" in m for m in found)  # PutObject and DeleteObject
+
+
+def test_a_govcloud_stack_passes_the_partition_policy_and_a_commercial_arn_in_it_trips() -> None:
+    from stack_harness import run_main
+
+    gov = run_main({"aws:region": "us-gov-west-1", "fsxEnabled": "true"})
+    assert violations("arn-partition", gov) == []
+    found = violations("arn-partition", gov, resource_props=set_prop(
+        "aws:iam/rolePolicyAttachment:RolePolicyAttachment", "policyArn",
+        "arn:aws:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role"))
+    assert found == ["aws:iam/rolePolicyAttachment:RolePolicyAttachment cpb-compute-instance-role-ecs names ARNs "
+                     "of another partition (arn:aws:...) although its region is in aws-us-gov; derive ARNs from "
+                     "the region's partition"]

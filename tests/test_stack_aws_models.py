@@ -118,7 +118,8 @@ def test_no_wildcard_actions_and_star_resources_only_where_iam_has_no_arn(stack:
 def test_trust_policies_name_exactly_one_service() -> None:
     stack = program(fsxEnabled="true")
     expected = {"instance-role": "ec2.amazonaws.com", "execution-role": "ecs-tasks.amazonaws.com",
-                "job-role": "ecs-tasks.amazonaws.com", "ingress-role": "lambda.amazonaws.com"}
+                "job-role": "ecs-tasks.amazonaws.com", "ingress-role": "lambda.amazonaws.com",
+                "events-role": "lambda.amazonaws.com"}
     roles = stack.of_type("aws:iam/role:Role")
     assert len(roles) == len(expected)
     for role in roles:
@@ -131,8 +132,10 @@ def test_job_role_reaches_only_the_data_bucket() -> None:
     stack = program(fsxEnabled="true")
     arn = stack.one("aws:s3/bucket:Bucket").state["arn"]
     document = json.loads(stack.one("aws:iam/rolePolicy:RolePolicy", "job-role").inputs["policy"])
-    resources = {r for s in document["Statement"] for r in s["Resource"]}
-    assert resources == {arn, f"{arn}/*"}
+    allowed = {r for s in document["Statement"] if s["Effect"] == "Allow" for r in s["Resource"]}
+    assert allowed == {arn, f"{arn}/*"}
+    assert all(r.startswith(f"{arn}/") for s in document["Statement"] if s["Effect"] == "Deny"
+               for r in s["Resource"])
 
 
 # ------------------------------------------------- input names the provider knows
@@ -242,15 +245,21 @@ def enum_values_sent(stack: Recorded) -> list[tuple[str, str, str]]:
              (template["metadataOptions"]["httpEndpoint"], "ec2", "LaunchTemplateInstanceMetadataEndpointState"),
              (template["instanceInitiatedShutdownBehavior"], "ec2", "ShutdownBehavior")]
     sent += [(d["ebs"]["volumeType"], "ec2", "VolumeType") for d in template["blockDeviceMappings"]]
-    function = stack.one("aws:lambda/function:Function").inputs
-    sent += [(function["runtime"], "lambda", "Runtime"), (function["loggingConfig"]["logFormat"], "lambda", "LogFormat")]
-    sent += [(a, "lambda", "Architecture") for a in function["architectures"]]
+    for function in [f.inputs for f in stack.of_type("aws:lambda/function:Function")]:
+        sent += [(function["runtime"], "lambda", "Runtime"),
+                 (function["loggingConfig"]["logFormat"], "lambda", "LogFormat")]
+        sent += [(a, "lambda", "Architecture") for a in function["architectures"]]
+    for alarm in [a.inputs for a in stack.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")]:
+        sent += [(alarm["comparisonOperator"], "cloudwatch", "ComparisonOperator"),
+                 (alarm["statistic"], "cloudwatch", "Statistic")]
+    for endpoint in [e.inputs for e in stack.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")]:
+        sent += [(endpoint["vpcEndpointType"], "ec2", "VpcEndpointType")]
     return sent
 
 
 def test_every_enumerated_value_is_one_aws_accepts(stack: Recorded) -> None:
     sent = enum_values_sent(stack)
-    assert len(sent) >= 15
+    assert len(sent) >= 25
     wrong = [(value, shape, _enum(service, shape)) for value, service, shape in sent
              if value not in _enum(service, shape)]
     assert not wrong

@@ -94,6 +94,11 @@ BAD = [
     ({"costCenter": "bad{tag}"}, "costCenter", "cannot be a tag value"),
     ({"cellprofilerImageTag": "4.2.8 latest"}, "cellprofilerImageTag", "not a Docker tag"),
     ({"maxVcpu": "10"}, "maxVcpu", "is not a setting of this project"),
+    ({"lambdaMemoryMib": "64"}, "lambdaMemoryMib", "between 128 and 10240"),
+    ({"oomMaxRetries": "11"}, "oomMaxRetries", "between 0 and 10"),
+    ({"oomMaxRetries": "-1"}, "oomMaxRetries", "between 0 and 10"),
+    ({"powertoolsLayerVersion": "27"}, "powertoolsLayerVersion",
+     "is no longer used: Powertools for AWS Lambda now ships inside the Lambda's code"),
 ]
 
 
@@ -129,3 +134,26 @@ def test_region_must_be_set_and_well_formed(monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_region("us-east-1") == "us-east-1"
     monkeypatch.setenv("AWS_REGION", "ap-southeast-2")
     assert resolve_region(None) == "ap-southeast-2"
+
+
+def test_a_retired_key_set_on_the_stack_is_named_with_its_replacement() -> None:
+    """Pulumi hands the program only the keys it asks for: the retired ones are asked for too."""
+    from components.config import load_from_pulumi
+
+    settings = {"powertoolsLayerVersion": "27", "maxVcpus": "64"}
+    with pytest.raises(ConfigError, match=r"pulumi config rm powertoolsLayerVersion"):
+        load_from_pulumi(settings.get)
+    assert load_from_pulumi({"maxVcpus": "64"}.get).max_vcpus == 64
+
+
+def test_oom_retries_can_be_turned_off() -> None:
+    assert load_config({"oomMaxRetries": "0"}).oom_max_retries == 0
+    assert load_config({}).oom_max_retries == 2 and load_config({}).lambda_memory_mib == 1024
+
+
+@pytest.mark.parametrize("region,words", [("cn-north-1", "aws-cn partition"), ("us-isob-east-1", "aws-iso-b partition"),
+                                          ("xx-nowhere-1", "no AWS partition botocore knows")])
+def test_regions_outside_the_supported_partitions_are_refused(region: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        resolve_region(region)
+    assert resolve_region("us-gov-east-1") == "us-gov-east-1"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pulumi_
 
 CONTRACT_OUTPUTS = {"bucketName", "queueUrl", "deadLetterQueueUrl", "jobQueueArn", "jobDefinitionArn", "imageUri"}
 COMPONENTS = {"cpb:index:Network", "cpb:index:LustreStorage", "cpb:index:BatchCompute", "cpb:index:JobIngress",
-              "cpb:index:CellProfilerImage"}
+              "cpb:index:CellProfilerImage", "cpb:index:JobEvents", "cpb:index:StackDashboard"}
 
 
 @pytest.mark.parametrize("fsx", ["true", "false"])
@@ -28,6 +28,9 @@ def test_program_builds_and_outputs_resolve(fsx: str) -> None:
     assert outputs["queueUrl"] != outputs["deadLetterQueueUrl"]
     assert outputs["logGroupName"] == "/aws/batch/cpb-test"
     assert outputs["region"] == REGION
+    assert outputs["dashboardName"] == "cpb-test"
+    assert outputs["dashboardUrl"] == ("https://console.aws.amazon.com/cloudwatch/home?region=eu-west-1"
+                                       "#dashboards/dashboard/cpb-test")
     if fsx == "true":
         assert outputs["fileSystemId"].startswith("fs-")
     else:
@@ -129,3 +132,99 @@ def test_program_also_builds_in_preview() -> None:
     recorded = run(build, preview=True)
     assert {r.type for r in recorded.resources} >= COMPONENTS
     assert recorded.outputs["jobQueueArn"].endswith(":job-queue/cpb-test-jobs")
+
+
+def test_a_build_under_mocks_takes_under_a_second() -> None:
+    """The whole program, once the Lambda's dependencies are vendored (the first build of a checkout).
+    Timed in this process's CPU seconds: on a shared machine wall-clock measures the neighbours."""
+    import time
+
+    program(fsxEnabled="true")  # warm: imports, vendored dependencies
+    started, wall = time.process_time(), time.perf_counter()
+    recorded = run_main({"fsxEnabled": "true", "costCenter": "timing"})
+    took, wall = time.process_time() - started, time.perf_counter() - wall
+    print(f"program under mocks: {took:.2f} s CPU, {wall:.2f} s wall-clock, {len(recorded.resources)} registrations")
+    assert took < 1.0, f"the program took {took:.2f} s of CPU under mocks"
+    assert len([r for r in recorded.resources if r.type.startswith("aws:")]) >= 45
+
+
+# ---------------------------------------------------------------- region, partition and zones
+
+def _run_expecting(config: dict, zones=None):
+    """Run the program expecting a ConfigError; return it with what had been registered by then."""
+    from components.config import ConfigError
+    from stack_harness import LAST_RUN
+
+    with pytest.raises(ConfigError) as caught:
+        run_main(config, zones=zones)
+    return str(caught.value), LAST_RUN["registered"]
+
+
+def test_more_availability_zones_than_the_region_has_stops_before_any_resource() -> None:
+    message, registered = _run_expecting({"availabilityZones": "4"})  # eu-west-1 answers 3 zones
+    assert "availabilityZones = 4 but eu-west-1 has 3 availability zones" in message
+    assert "eu-west-1a, eu-west-1b, eu-west-1c" in message and "set it to 3 or fewer" in message
+    assert [r.type for r in registered] == ["pulumi:providers:aws"]  # the provider the zones were asked with
+    assert program(fsxEnabled="false", availabilityZones="3").one("awsx:ec2:Vpc").inputs[
+        "numberOfAvailabilityZones"] == 3
+
+
+def test_zones_are_asked_of_the_stacks_provider_for_standard_zones_only() -> None:
+    recorded = program(fsxEnabled="false")
+    [(token, args)] = [c for c in recorded.calls if "getAvailabilityZones" in c[0]]
+    assert args == {"state": "available", "filters": [{"name": "zone-type", "values": ["availability-zone"]}]}
+    message, _ = _run_expecting({"availabilityZones": "2"}, zones=1)
+    assert "availabilityZones = 2 but eu-west-1 has 1 availability zones" in message
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            yield value
+        else:
+            yield from (_strings(parsed) if isinstance(parsed, (dict, list)) else [value])
+
+
+def test_govcloud_names_every_arn_and_endpoint_from_its_partition() -> None:
+    recorded = run_main({"aws:region": "us-gov-west-1", "fsxEnabled": "true", "alarmEmail": "lab@example.org"})
+    arns = [s for r in recorded.resources for s in _strings(r.inputs) if "arn:" in s]
+    assert len(arns) > 20
+    assert not [a for a in arns if re.search(r"arn:aws:", a)], "a commercial-partition ARN in a GovCloud stack"
+    attachment = recorded.one("aws:iam/rolePolicyAttachment:RolePolicyAttachment").inputs
+    assert attachment["policyArn"] == \
+        "arn:aws-us-gov:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role"
+    assert recorded.one("aws:ec2/vpcEndpoint:VpcEndpoint").inputs["serviceName"] == "com.amazonaws.us-gov-west-1.s3"
+    assert recorded.outputs["dashboardUrl"].startswith("https://console.amazonaws-us-gov.com/cloudwatch/")
+    assert recorded.outputs["jobQueueArn"].startswith("arn:aws-us-gov:batch:us-gov-west-1:")
+
+
+@pytest.mark.parametrize("region,partition", [("cn-north-1", "aws-cn"), ("us-iso-east-1", "aws-iso"),
+                                              ("eusc-de-east-1", "aws-eusc")])
+def test_unsupported_partitions_are_refused_with_the_reason(region: str, partition: str) -> None:
+    message, registered = _run_expecting({"aws:region": region})
+    assert f"aws:region = {region} is in the {partition} partition, which this stack does not support" in message
+    assert "Supported partitions: aws, aws-us-gov" in message
+    assert registered == []
+
+
+def test_allowed_arns_of_another_partition_are_refused() -> None:
+    message, _ = _run_expecting({"allowedJobArns": json.dumps(
+        ["arn:aws-cn:batch:cn-north-1:123456789012:job-queue/other"])})
+    assert "outside the aws partition of eu-west-1" in message
+
+
+def test_no_component_spells_an_arn_with_a_literal_partition() -> None:
+    """Every ARN comes from components.partition (or from an ARN AWS handed back)."""
+    offenders = [f"{path.name}:{n}" for path in sorted((REPO / "components").glob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"arn:aws(-[a-z-]+)?:", line) and not line.lstrip().startswith("#")
+                 and "e.g." not in line]
+    assert not offenders
