@@ -68,7 +68,7 @@ class OutputStatus:
         if any(j.status == "FAILED" or j.failed_children for j in self.jobs):
             return "failed"
         if any(j.status in ACTIVE for j in self.jobs):
-            if self.waiting_for and all(j.status in ("SUBMITTED", "PENDING") for j in self.jobs if j.status in ACTIVE):
+            if self.waiting_for and all(_not_started(j) for j in self.jobs if j.status in ACTIVE):
                 return "waiting"
             return "running"
         if self.not_taken:
@@ -113,6 +113,14 @@ class OutputStatus:
                              if "no results" in line or "cannot tell" in line)
             lines.extend(self.run.conflicts)
         return lines
+
+
+def _not_started(job: JobView) -> bool:
+    """Batch holds the job (or every child) back: PENDING is what a job waiting on `dependsOn` shows."""
+    if job.status in ("SUBMITTED", "PENDING"):
+        return True
+    states = {state for state, count in job.children.items() if count}
+    return bool(job.array_size and states and states <= {"SUBMITTED", "PENDING"})
 
 
 def _job_ids(submissions: Iterable[dict]) -> list[str]:
