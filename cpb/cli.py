@@ -40,9 +40,10 @@ class UserError(click.ClickException):
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
     from cpb.lease import LeaseConflict
+    from cpb.loaddata import LoadDataError
     from cpb.requeue import RequeueError
     return (StackError, submit_mod.SubmitError, results_mod.IncompleteRun, results_mod.ResultsError, UrlError,
-            RequeueError, LeaseConflict, ClientError, BotoCoreError, FileNotFoundError,
+            RequeueError, LoadDataError, LeaseConflict, ClientError, BotoCoreError, FileNotFoundError,
             PermissionError, ValueError)
 
 
@@ -377,6 +378,40 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
     click.echo(outcome.summary)
     if not outcome.ok:
         sys.exit(outcome.exit_code or 1)
+
+
+# --------------------------------------------------------------------------- loaddata
+
+@cli.command()
+@click.argument("images")
+@click.option("--pattern", "preset", help="File-name preset: phenix (Opera/Operetta), imagexpress, or a regex "
+              "with named groups plate, well (or row+column), site (or field), channel [, plane].")
+@click.option("--channel", "channels", multiple=True, metavar="ID=NAME",
+              help="Channel id in the file names = CellProfiler image name, e.g. 1=DNA (repeat per channel).")
+@click.option("--plate", "plate_name", help="Plate name when the file names carry none (default: the folder's name).")
+@click.option("--illum", "illum", help="Illumination output (local folder, or bucket prefix / s3:// URL) whose "
+              "Illum<Name>.npy files the analysis loads: adds Image_FileName_/Image_PathName_Illum<Name> columns.")
+@click.option("--pipeline", "pipeline", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Check the channels against the image names this pipeline expects.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The LoadData CSV to write.")
+@click.option("--bucket", help="Data bucket, for IMAGES given as a bucket prefix (else $CPB_BUCKET / the stack's).")
+@click.option("--stack", "stack_name", help="Pulumi stack, for IMAGES in the bucket.")
+@click.option("--region", help="AWS region, for IMAGES in the bucket.")
+def loaddata(images: str, preset: Optional[str], channels: tuple[str, ...], plate_name: Optional[str],
+             illum: Optional[str], pipeline: Optional[Path], out: Path, bucket: Optional[str],
+             stack_name: Optional[str], region: Optional[str]) -> None:
+    """Write a LoadData CSV from a folder of images (IMAGES: local folder, bucket prefix or s3:// URL)."""
+    from cpb import loaddata as loaddata_mod
+    source = loaddata_mod.image_source(images, lambda: discover(stack_name, {"bucket": bucket, "region": region}),
+                                       make_clients)
+    table = loaddata_mod.build(source, loaddata_mod.pattern_for(preset), loaddata_mod.parse_channels(channels),
+                               plate=plate_name, illum=loaddata_mod.illum_location(illum, source) if illum else None,
+                               pipeline=pipeline)
+    table.write(out)
+    click.echo(table.summary(out))
+    for note in table.notes:
+        say(f"note: {note}")
 
 
 # --------------------------------------------------------------------------- demo
