@@ -41,9 +41,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
     from cpb.lease import LeaseConflict
     from cpb.loaddata import LoadDataError
+    from cpb.plate import PlateError
     from cpb.requeue import RequeueError
     return (StackError, submit_mod.SubmitError, results_mod.IncompleteRun, results_mod.ResultsError, UrlError,
-            RequeueError, LoadDataError, LeaseConflict, ClientError, BotoCoreError, FileNotFoundError,
+            RequeueError, LoadDataError, PlateError, LeaseConflict, ClientError, BotoCoreError, FileNotFoundError,
             PermissionError, ValueError)
 
 
@@ -380,7 +381,7 @@ def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_fil
         sys.exit(outcome.exit_code or 1)
 
 
-# --------------------------------------------------------------------------- loaddata
+# --------------------------------------------------------------------------- loaddata, plate
 
 @cli.command()
 @click.argument("images")
@@ -412,6 +413,41 @@ def loaddata(images: str, preset: Optional[str], channels: tuple[str, ...], plat
     click.echo(table.summary(out))
     for note in table.notes:
         say(f"note: {note}")
+
+
+@cli.command()
+@click.argument("images", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--illum-pipeline", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Illumination pipeline (.cppipe): runs once over all the plate's images.")
+@click.option("--analysis-pipeline", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Analysis pipeline (.cppipe): runs per site, loading the illumination functions.")
+@click.option("--pattern", "preset", required=True, help="File-name preset (phenix, imagexpress) or regex, as for "
+              "cpb loaddata.")
+@click.option("--channel", "channels", multiple=True, required=True, metavar="ID=NAME",
+              help="Channel id = CellProfiler image name (repeat per channel).")
+@click.option("--plate", "plate_name", help="Plate name (default: from the file names, else the folder's name).")
+@click.option("--root", default="plates", show_default=True,
+              help="Bucket prefix (or s3:// URL) under which <plate>/images, <plate>/illum, <plate>/analysis go.")
+@click.option("--image-sets-per-job", type=click.IntRange(1, 100_000), default=4, show_default=True,
+              help="Sites per analysis array child.")
+@click.option("--memory", type=int, help="MiB of memory per job.")
+@click.option("--vcpus", type=int, help="vCPUs per job.")
+@click.option("--no-resume", is_flag=True, help="Run every step and part again, even those up to date.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, upload and send nothing.")
+@stack_options
+def plate(stack: StackConfig, images: Path, illum_pipeline: Path, analysis_pipeline: Path, preset: str,
+          channels: tuple[str, ...], plate_name: Optional[str], root: str, image_sets_per_job: int,
+          memory: Optional[int], vcpus: Optional[int], no_resume: bool, dry_run: bool) -> None:
+    """Run a plate: illumination, then analysis per site, chained on Batch; resumes what is up to date."""
+    from cpb import plate as plate_mod
+    stack.require("bucket", *(() if dry_run else ("queue_url",)))
+    settings = plate_mod.PlateSettings(
+        images=images, illum_pipeline=illum_pipeline, analysis_pipeline=analysis_pipeline, preset=preset,
+        channels=channels, plate=plate_name, root=prefix_of(stack, root, "root"),
+        image_sets_per_job=image_sets_per_job, memory=memory, vcpus=vcpus, resume=not no_resume)
+    outcome = plate_mod.run_plate(settings, stack, limits_of(stack), _clients(stack), dry_run=dry_run)
+    for line in outcome.lines:
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------- demo

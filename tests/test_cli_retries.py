@@ -18,7 +18,7 @@ from moto.core.botocore_stubber import MockRawResponse
 import cpb.cli as cli_module
 from cpb.cli import cli
 from cpb.local.batch import MotoJobStates
-from test_cli import BUCKET, REGION, aws, put, queued, seed_inputs  # noqa: F401 - `aws` is the moto fixture
+from test_cli import BUCKET, REGION, aws, queued, seed_inputs  # noqa: F401 - `aws` is the moto fixture
 from test_cli_runs import RUN_A, RUN_B, batch_job, run, run_id_for, submission, write_lease, write_record
 
 
