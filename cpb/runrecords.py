@@ -169,6 +169,12 @@ def expected_parts_from_submissions(submissions: Iterable[dict]) -> Optional[int
     return max(sizes) if sizes else None
 
 
+def image_sets_from_submissions(submissions: Iterable[dict]) -> Optional[int]:
+    """The run's image-set count the Lambda recorded (outputs without a lease), if one names it."""
+    counts = {_int(r.get("image_set_count")) for r in submissions if r.get("status") != "cancelled"} - {None}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def load_submissions(s3, bucket: str, output: str, keys: Optional[dict[str, int]] = None) -> list[dict]:
     """The submission records under `<output>/_cpb/` (the Lambda's, and `cpb requeue`'s for outputs without a lease)."""
     keys = list_keys(s3, bucket, output) if keys is None else keys
@@ -281,8 +287,7 @@ def _without_lease(s3, bucket: str, output: str, keys: dict[str, int], top: Opti
         state.parts.append(part)
     if top is not None:
         state.ignored.append(f"_cpb/run.json ({_describe(top)}, a single job's record)")
-    counts = {_int(r.get("image_set_count")) for _, r in every if r.get("status") == "succeeded"} - {None}
-    state.image_set_count = counts.pop() if len(counts) == 1 else None
+    state.image_set_count = image_sets_from_submissions(load_submissions(s3, bucket, output, keys))
     return state
 
 
@@ -294,10 +299,7 @@ def _tiling(state: RunState) -> list[str]:
     """The succeeded parts' ranges must cover 1..image_set_count exactly once (checked once all succeeded)."""
     if not state.parts or any(p.status != "succeeded" for p in state.parts):
         return []
-    count = state.image_set_count
-    if count is None:
-        counts = {_int((p.record or {}).get("image_set_count")) for p in state.parts} - {None}
-        count = counts.pop() if len(counts) == 1 else None
+    count = state.image_set_count  # the run's (a record's image_set_count is its own range's)
     if not state.array:
         first, last = state.parts[0].range
         child = (state.parts[0].record or {}).get("array_index") is not None  # one part downloaded on its own

@@ -6,7 +6,8 @@ would log. The run fields of docs/CONTRACTS.md (`after`, `client_token`, `resume
 here with the contract's rules when the schema in this checkout does not know them yet, and are
 sent as given.
 
-Each message carries a `client_token`, generated once per message BEFORE it is sent: botocore
+Each message carries a `client_token` (once the Lambda's schema takes one, as docs/CONTRACTS.md
+says it does), generated once per message BEFORE it is sent: botocore
 retries a SendMessageBatch that failed with a 5xx, and when the failed call had in fact taken
 effect SQS holds the message twice. Both copies then carry the same token, which the Lambda keys
 the submission and the output lease by, so the repeat adopts the first submission instead of
@@ -68,20 +69,26 @@ class Message:
 
     entries: list[Outgoing]
     as_list: bool = False
-    token: str = field(default_factory=lambda: new_token())
+    token: Optional[str] = field(default_factory=lambda: new_token())
 
     def body(self) -> str:
-        items = []
-        for entry in self.entries:
-            item = entry.to_message()
-            item.setdefault("client_token", self.token)
-            items.append(item)
-        self.token = items[0]["client_token"]  # a token given in the message file wins
+        """The JSON body, fixed once: the token in it is the one every retry of the send carries."""
+        items = [entry.to_message() for entry in self.entries]
+        given = next((i["client_token"] for i in items if i.get("client_token")), None)
+        if given:
+            self.token = given  # a token given in the message file wins
+        elif not accepts_token():
+            self.token = None  # a Lambda whose schema predates client_token would refuse it
+        if self.token:
+            for item in items:
+                item["client_token"] = self.token
         return json.dumps(items if self.as_list else items[0], sort_keys=True)
 
-    def identities(self) -> list[tuple[str, str]]:
-        """(output, message identity) of each entry, as the Lambda keys the output's lease."""
-        return [(e.output, entry_identity(self.token, i if self.as_list else None)) for i, e in enumerate(self.entries)]
+    def identities(self, message_id: str) -> list[tuple[str, str]]:
+        """(output, message identity) of each entry, as the Lambda keys the output's lease: the client
+        token, else the SQS message id; `#n` for list entry n."""
+        base = self.token or message_id
+        return [(e.output, entry_identity(base, i if self.as_list else None)) for i, e in enumerate(self.entries)]
 
 
 @dataclass
@@ -97,7 +104,7 @@ class Sent:
 
     def runs(self) -> list[tuple[str, str, str]]:
         """(output, identity, run id) per entry: the run the Lambda will start for it (generation 0)."""
-        return [(o, i, run_id_for(i)) for o, i in self.message.identities()]
+        return [(o, i, run_id_for(i)) for o, i in self.message.identities(self.message_id)]
 
 
 @dataclass
@@ -106,6 +113,12 @@ class SubmitReport:
 
     sent: list[Sent] = field(default_factory=list)
     failed: list[tuple[Message, str]] = field(default_factory=list)
+
+
+def accepts_token() -> bool:
+    """Whether the Lambda's schema (the one in this checkout, which the deployed Lambda runs) takes
+    `client_token`: an automatic token must never turn a valid message into a refused one."""
+    return "client_token" in schema.FIELDS
 
 
 def new_token() -> str:

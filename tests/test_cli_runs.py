@@ -45,12 +45,13 @@ def entry(key: str, text: str) -> dict:
 
 def write_record(aws, output: str, run_id: str, index: Optional[int], first: int, last: int, count: int,
                  files: Optional[dict[str, str]] = None, status: str = "succeeded", **extra) -> None:
-    """A worker's run record and the files it lists (default: Image.csv numbered globally, Count = 10*n)."""
+    """A worker's run record and the files it lists (default: Image.csv numbered globally, Count = 10*n).
+    `count` is the run's image sets; the record's own `image_set_count` is its range's, as the worker writes it."""
     prefix = output if index is None else f"{output}/part-{index:05d}"
     files = files if files is not None else {"Image.csv": table([(n, 10 * n) for n in range(first, last + 1)])}
     for key, text in files.items():
         put(aws, f"{prefix}/{key}", text)
-    record = {"status": status, "first": first, "last": last, "image_set_count": count, "array_index": index,
+    record = {"status": status, "first": first, "last": last, "image_set_count": last - first + 1, "array_index": index,
               "run_id": run_id, "files": [entry(k, t) for k, t in files.items()], "pipeline_sha256": "p" * 64,
               "cellprofiler_version": "4.2.8", "message_id": f"message-of-{run_id}", **extra}
     if status != "succeeded":

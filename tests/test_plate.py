@@ -33,6 +33,8 @@ def plate(aws, tmp_path, monkeypatch):
     """A 6-site Phenix plate folder (3 wells x 2 fields, channels 1 and 2), the two pipelines, the
     stack's image known to the client."""
     monkeypatch.setenv("CPB_IMAGE", IMAGE)
+    import cpb.submit  # the Lambda's schema takes client_token (docs/CONTRACTS.md); this checkout's may predate it
+    monkeypatch.setattr(cpb.submit, "accepts_token", lambda: True)
     images = phenix(tmp_path / "P1")
     illum, analysis = tmp_path / "illum.cppipe", tmp_path / "analysis.cppipe"
     illum.write_text((DATA / "plate_illum.cppipe").read_text())
@@ -90,7 +92,7 @@ def worker_ran(aws, tmp_path: Path, entry: dict, identity: str, fail_parts: tupl
             put(aws, f"{prefix}/{key}", content)
         up = upstream_sha256(upstream) if upstream is not None else None
         record = {"status": "failed" if index in fail_parts else "succeeded", "first": first, "last": last,
-                  "image_set_count": total, "array_index": index_value, "run_id": run_id,
+                  "image_set_count": last - first + 1, "array_index": index_value, "run_id": run_id,
                   "files": [file_entry(k, v) for k, v in files.items()], "pipeline_sha256": pipeline_sha,
                   "fingerprint": make(pipeline_sha, data_rows_sha256(data.header, data.rows[first - 1:last]), image,
                                       "4.2.8.1", up)}
