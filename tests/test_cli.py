@@ -104,9 +104,13 @@ def seed_inputs(aws, prefix: str = "plates/p1") -> None:
 
 DOCUMENTED = {
     "submit": ["--pipeline", "--input", "--output", "--data-file", "--image-sets-per-job", "--memory", "--vcpus",
-               "--job-name", "--message-file", "--upload", "--dry-run", "--stack", "--bucket", "--queue-url"],
+               "--job-name", "--after", "--no-resume", "--message-file", "--upload", "--dry-run", "--stack", "--bucket",
+               "--queue-url"],
     "status": ["--watch", "--interval", "--timeout", "--parts", "--logs", "--no-dlq", "--stack", "--dlq-url"],
-    "results": ["--to", "--parts", "--stack", "--bucket"],
+    "results": ["--to", "--parts", "--run", "--stack", "--bucket"],
+    "loaddata": ["--pattern", "--channel", "--plate", "--illum", "--pipeline", "--out"],
+    "plate": ["--illum-pipeline", "--analysis-pipeline", "--pattern", "--channel", "--plate", "--root",
+              "--image-sets-per-job", "--memory", "--vcpus", "--no-resume", "--dry-run", "--stack"],
     "requeue": ["--dlq", "--force", "--dry-run", "--stack"],
     "run": ["--local", "--pipeline", "--input", "--output", "--workers", "--data-file"],
     "demo": ["--out", "--wells", "--sites", "--sets-per-job", "--parallel", "--job-vcpus", "--tolerance"],
