@@ -240,16 +240,12 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
     clients = _clients(stack)
     dlq: dict[str, Any] = {"total": 0, "letters": []}
     limits = limits_of(stack) if stack.dlq_url and not no_dlq else None
+    explain = explainer(limits, clients.s3, clients.batch) if limits is not None else None
 
-    def fetch() -> list[status_mod.OutputStatus]:
-        states = [status_mod.output_status(clients.s3, clients.batch, stack.bucket, o, parts) for o in outputs]
-        for state in states:
-            status_mod.local_notes(state, stack.bucket)
-        if limits is not None:  # a message for one of these outputs may have been dead-lettered instead
-            dlq["total"], dlq["letters"] = status_mod.peek_dlq(clients.sqs, stack.dlq_url,
-                                                               explainer(limits, clients.s3, clients.batch))
-            for state in states:
-                state.dead_letters = [d for d in dlq["letters"] if state.output in d.output.split(",")]
+    def fetch() -> list[status_mod.OutputStatus]:  # a message may have been dead-lettered instead: look there too
+        states, dlq["total"], dlq["letters"] = status_mod.gather(
+            clients.s3, clients.batch, clients.sqs, stack.bucket, outputs, parts,
+            stack.dlq_url if limits is not None else None, explain)
         return states
 
     sent = receipts.sent_outputs(stack.bucket)
@@ -303,6 +299,8 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
                                      run=run_id, state=state)
     finally:
         bar.close()
+    # Hook for converters of the downloaded results (e.g. --parquet): `report.dest` holds the merged
+    # files (`report.files`), `report.run_id` the run they are.
     merged = f" (merged from {report.parts} array parts)" if report.parts else ""
     run_text = f", run {short(report.run_id)}" if report.run_id else ""
     click.echo(f"{len(report.files)} file(s) in {dest}{merged}{run_text}")

@@ -34,7 +34,7 @@ from cpb import loaddata as loaddata_mod
 from cpb import receipts
 from cpb import submit as submit_mod
 from cpb import upload as upload_mod
-from cpb.progress import say
+from cpb.progress import count_bar, say
 from cpb.resume import StepCheck, check_step, part_ranges, sha256_file, upstream_of
 from cpb.runrecords import short
 from cpb.status import ACTIVE, output_status
@@ -210,7 +210,8 @@ def plan_plate(settings: PlateSettings, stack: Any, clients: Any) -> Plan:
                      settings.analysis_pipeline: submit_mod.pipeline_key(settings.analysis_pipeline)}
     pairs = [(settings.images / rel, f"{layout.images}/{rel}") for rel in source.files]
     pairs += list(pipeline_keys.items())
-    answers = upload_mod.compare_files(clients.s3, stack.bucket, pairs)
+    with count_bar(len(pairs), f"compare {len(pairs)} files with s3://{stack.bucket}/{layout.base}/") as advance:
+        answers = upload_mod.compare_files(clients.s3, stack.bucket, pairs, progress=advance)
     uploads = [pair for pair, answer in zip(pairs, answers) if answer != "same"]
     changed = [key for (_, key), answer in zip(pairs, answers)
                if answer == "changed" and key.startswith(layout.images + "/")]

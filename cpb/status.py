@@ -423,6 +423,22 @@ def watch(fetch: Callable[[], list[OutputStatus]], show: Callable[[list[OutputSt
         sleep(interval)
 
 
+def gather(s3, batch, sqs, bucket: str, outputs: Iterable[str], expected: Optional[int] = None,
+           dlq_url: Optional[str] = None, explain: Optional[Callable[[DeadLetter], str]] = None
+           ) -> tuple[list[OutputStatus], int, list[DeadLetter]]:
+    """What `cpb status` shows: each output's status with this machine's notes and, when `dlq_url`
+    is given, the dead letters (each matched to the outputs it names). Returns (states, DLQ total, letters)."""
+    states = [output_status(s3, batch, bucket, output, expected) for output in outputs]
+    for state in states:
+        local_notes(state, bucket)
+    total, letters = 0, []
+    if dlq_url and explain is not None:
+        total, letters = peek_dlq(sqs, dlq_url, explain)
+        for state in states:
+            state.dead_letters = [d for d in letters if state.output in d.output.split(",")]
+    return states, total, letters
+
+
 def local_notes(state: OutputStatus, bucket: str) -> None:
     """What this machine's receipts add: messages sent from here not yet taken, a step `cpb plate` skipped."""
     state.not_taken = receipts.not_taken(bucket, state.output, state.lease)
@@ -432,4 +448,4 @@ def local_notes(state: OutputStatus, bucket: str) -> None:
 
 
 __all__ = ["ACTIVE", "TERMINAL", "JobView", "OutputStatus", "DeadLetter", "describe", "job_view", "output_status",
-           "peek_dlq", "lease_refusal", "retry_lines", "resumed_lines", "watch", "local_notes", "part_name"]
+           "peek_dlq", "lease_refusal", "retry_lines", "resumed_lines", "watch", "gather", "local_notes", "part_name"]

@@ -83,11 +83,19 @@ def is_same(s3, bucket: str, key: str, size: int, sha256_hex: str) -> bool:
     return compare(s3, bucket, key, size, sha256_hex) == "same"
 
 
-def compare_files(s3, bucket: str, pairs: Iterable[tuple[Path, str]], workers: int = 8) -> list[str]:
-    """`compare` for many (local path, key) pairs, `workers` at a time; answers in the order given."""
+def compare_files(s3, bucket: str, pairs: Iterable[tuple[Path, str]], workers: int = 8,
+                  progress: Optional[Callable[[int], None]] = None) -> list[str]:
+    """`compare` for many (local path, key) pairs, `workers` at a time; answers in the order given.
+    `progress` is told each file done (a plate is thousands of files to hash)."""
+    lock = threading.Lock()
+
     def one(pair: tuple[Path, str]) -> str:
         path, key = pair
-        return compare(s3, bucket, key, path.stat().st_size, sha256_file(path))
+        answer = compare(s3, bucket, key, path.stat().st_size, sha256_file(path))
+        if progress:
+            with lock:
+                progress(1)
+        return answer
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, list(pairs)))
 
