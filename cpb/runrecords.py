@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -191,8 +192,9 @@ def run_state(s3, bucket: str, output: str, expected: Optional[int] = None,
     """Read the lease and every run record under `output` and say what the current run has done."""
     output = output.strip("/")
     keys = list_keys(s3, bucket, output) if keys is None else keys
-    records = {int(m.group(1)): read_json(s3, bucket, f"{output}/{k}")
-               for k in keys if (m := _PART_RECORD.match(k))}
+    part_keys = {int(m.group(1)): k for k in keys if (m := _PART_RECORD.match(k))}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a plate's array run is thousands of records
+        records = dict(zip(part_keys, pool.map(lambda k: read_json(s3, bucket, f"{output}/{k}"), part_keys.values())))
     folders = {int(m.group(1)) for k in keys if (m := _PART.match(k))}
     top = read_json(s3, bucket, f"{output}/{RUN_RECORD}") if RUN_RECORD in keys else None
     lease = read_lease(s3, bucket, output)[0] if LEASE_KEY in keys else None
@@ -223,6 +225,9 @@ def _with_lease(output: str, lease: dict, top: Optional[dict], records: dict[int
     array_size = _int(lease.get("array_size"))
     state = RunState(output, array_size is not None, expected=array_size if array_size is not None else 1,
                      run_id=run_id, lease=lease, image_set_count=_int(lease.get("image_set_count")))
+    if lease.get("state") == "unreadable":
+        state.conflicts.append(f"{output}: its lease {LEASE_KEY} is not a JSON object, so its current run is "
+                               "unknown: send the message again")
     if lease.get("state") == "cancelled":
         state.conflicts.append(f"{output}: its current run {short(run_id)} was cancelled (its message was "
                                "rolled back): send the message again")

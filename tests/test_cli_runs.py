@@ -366,12 +366,20 @@ def test_every_command_takes_the_url_cpb_submit_prints(aws, tmp_path):
     got = run("results", console, "--to", str(tmp_path / "u"))
     assert got.exit_code == 0, got.output and image_numbers(tmp_path / "u") == [1, 2]
     assert "nothing failed" in run("requeue", url).output
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/u/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/u", "--output",
+               f"s3://{BUCKET}/results/u2/", "--dry-run")
+    assert sent.exit_code == 0, sent.output
+    assert next(json.loads(line) for line in sent.output.splitlines() if line.startswith("{"))["output"] == "results/u2"
     for command in (["status", "s3://someone-elses-bucket/results/u/", "--no-dlq"],
+                    ["submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/u", "--output",
+                     "s3://someone-elses-bucket/results/u", "--dry-run"],
                     ["results", "s3://someone-elses-bucket/results/u", "--to", str(tmp_path / "x")],
                     ["requeue", "s3://someone-elses-bucket/results/u"]):
         wrong = run(*command)
         assert wrong.exit_code == 1, wrong.output
         errors = [line for line in wrong.output.splitlines() if line.startswith("cpb: ")]
-        assert errors == [f"cpb: s3://someone-elses-bucket/results/u{'/' if command[0] == 'status' else ''} is in "
+        assert errors == [f"cpb: {next(a for a in command if a.startswith('s3://'))} is in "
                           f"bucket 'someone-elses-bucket', but this stack's bucket is '{BUCKET}' (from $CPB_BUCKET): "
                           f"give a prefix of s3://{BUCKET}/, or point cpb at the other stack (--stack / --bucket)"]
