@@ -125,7 +125,8 @@ def submit_once(batch: Any, batch_submit: Any, plan: Planned, output: str,
                 jobName=plan.name, jobQueue=job["jobQueue"], jobDefinition=job["jobDefinition"],
                 containerOverrides={"environment": _environment(job, plan.part, plan.child, plan.run_id),
                                     "resourceRequirements": _resources(job)},
-                tags={"cpb:output": output[:256], "cpb:requeue": plan.replaces[:256]}, propagateTags=True)
+                tags={**(job.get("tags") or {}), "cpb:output": output[:256], "cpb:requeue": plan.replaces[:256]},
+                propagateTags=True)  # the run's tags (cpb:stack, cpb:run-id, ...) carry over
             return answer["jobId"], False
         except Exception as exc:  # botocore ClientError / connection errors
             if not _retryable(exc) or attempt == SUBMIT_ATTEMPTS - 1:

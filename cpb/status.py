@@ -292,7 +292,7 @@ def retry_lines(lease: Optional[dict]) -> list[str]:
         if not isinstance(retry, dict):
             continue
         replaces = str(retry.get("replaces") or "")
-        before = memory.get(replaces) or memory.get(replaces.split(":")[0])
+        before = retry.get("previous_memory_mib") or memory.get(replaces) or memory.get(replaces.split(":")[0])
         memory[str(retry.get("job_id"))] = retry.get("memory_mib")
         index = retry.get("array_index")
         what = f"part {index}" if index is not None else "the job"

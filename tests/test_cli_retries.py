@@ -101,6 +101,8 @@ def test_a_retried_requeue_starts_one_job_and_records_it_in_the_lease(aws, fault
     assert "resubmit child 1 of plate" in result.output and "found already submitted job" in result.output
     env = {e["name"]: e["value"] for e in aws["batch"].describe_jobs(jobs=[new[0]["jobId"]])["jobs"][0]["container"]["environment"]}
     assert env["CPB_RUN_ID"] == RUN_B and env["CPB_ARRAY_INDEX"] == "1" and env["CPB_OUTPUT"] == "results/rq"
+    tags = aws["batch"].describe_jobs(jobs=[new[0]["jobId"]])["jobs"][0].get("tags", {})
+    assert tags.get("cpb:stack") == "test"  # the stack's IAM lets its Lambdas terminate only jobs tagged so
     lease = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key="results/rq/_cpb/lease.json")["Body"].read())
     assert [(r["job_id"], r["replaces"], r["array_index"], r["by"]) for r in lease["retries"]] == \
         [(new[0]["jobId"], f"{job}:1", 1, "requeue")]

@@ -82,7 +82,7 @@ def batch_job(aws, output: str, size: Optional[int] = None, states: Optional[dic
     kwargs = {"arrayProperties": {"size": size}} if size else {}
     job = aws["batch"].submit_job(jobName=name, jobQueue=aws["job_queue"], jobDefinition=aws["definition"],
                                   containerOverrides={"environment": [{"name": "CPB_OUTPUT", "value": output}]},
-                                  **kwargs)["jobId"]
+                                  tags={"cpb:stack": "test"}, **kwargs)["jobId"]
     for suffix, (status, reason, code) in (states or {}).items():
         MotoJobStates(REGION).set(f"{job}{suffix}", status, reason, code)
     return job
