@@ -254,8 +254,6 @@ BAD_MESSAGES = [
     pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "in/out"}', id="output-inside-input"),
     pytest.param('[{"pipeline": "p.cppipe", "input": "in", "output": "o"}, '
                  '{"pipeline": "p.cppipe", "input": "in", "output": "o"}]', id="duplicate-entries"),
-    pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out", "image_sets_per_job": 5}',
-                 id="array-without-data-file"),
     pytest.param('{"pipeline": "p.cppipe", "input": "in", "output": "out"', id="malformed-json"),
     pytest.param('{"pipline": "p.cppipe", "input": "in", "output": "out"}', id="typo-field"),
     pytest.param("[" + ",".join(['{"pipeline": "p.cppipe", "input": "in", "output": "o%d"}' % i
