@@ -306,6 +306,7 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
     skipped = [(s.output, s.check.summary()) for s in plan.steps if s.check.up_to_date]
     for output, why in skipped:
         outcome.lines.append(f"not sent: {output}: {why}")
-    receipts.record(stack.bucket, [(s.message_id, o, i) for s in sent.sent for o, i, _ in s.runs()], skipped=skipped)
+    receipts.record(stack.bucket, [(s.message_id, o, i) for s in sent.sent for o, i, _ in s.runs()], skipped=skipped,
+                    order=[s.output for s in plan.steps])
     outcome.lines.append(f"follow with: cpb status {' '.join(s.output for s in plan.steps)}")
     return outcome

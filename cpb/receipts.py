@@ -29,9 +29,10 @@ def _stamp() -> str:
 
 
 def record(bucket: str, sent: Iterable[Sequence[str]], environ: Mapping[str, str] = os.environ,
-           skipped: Iterable[tuple[str, str]] = ()) -> Optional[Path]:
+           skipped: Iterable[tuple[str, str]] = (), order: Sequence[str] = ()) -> Optional[Path]:
     """Append one submit: `sent` holds (message id, output[, identity]); `skipped` holds (output, why)
-    for steps found up to date. None when nothing was written.
+    for steps found up to date; `order` lists outputs in the order `cpb status` should show them.
+    None when nothing was written.
 
     A receipt that cannot be written (read-only home) never fails a submission that SQS already accepted.
     """
@@ -43,6 +44,8 @@ def record(bucket: str, sent: Iterable[Sequence[str]], environ: Mapping[str, str
               "identity": None, "kind": "skipped", "note": note} for output, note in skipped]
     if not rows:
         return None
+    if order:  # e.g. a plate's steps in chain order, whichever were sent or skipped
+        rows.sort(key=lambda r: order.index(r["output"]) if r["output"] in order else len(order))
     path = receipts_file(environ)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -195,6 +195,8 @@ def test_after_one_failed_part_only_the_analysis_is_sent_and_the_worker_reuses_t
     (analysis,), _ = sent_entries(aws)
     assert analysis["output"] == "plates/P1/analysis" and analysis["after"] == "plates/P1/illum"
     assert "resume" not in analysis  # resume on: the worker reuses part-00000
+    status = CliRunner().invoke(cli, ["status", "--no-dlq"])  # both steps, in chain order
+    assert status.output.index("plates/P1/illum/:") < status.output.index("plates/P1/analysis/:")
     assert analysis["data_file"] == entries[1]["data_file"]  # the same rows, the same (content-addressed) CSV
     assert "not sent: plates/P1/illum: up to date" in again.output
 
