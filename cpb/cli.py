@@ -1,8 +1,8 @@
 """`cpb`: submit CellProfiler work to the stack, watch it, collect results.
 
-Every command finds the stack the same way (cpb.stack), prints one clear line
-on failure (a traceback only with `cpb --debug`), and uses the same modules
-the demo and the tests use, so what is tested is what scientists run.
+Command definitions only: each command parses its options, finds the stack (cpb.stack) and
+delegates to the module that does the work, so what is tested is what scientists run. Every
+command prints one clear line on failure (a traceback only with `cpb --debug`).
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from cpb import receipts
 from cpb import results as results_mod
 from cpb import status as status_mod
 from cpb import submit as submit_mod
-from cpb import upload as upload_mod
 from cpb.aws import Clients, make_clients
-from cpb.progress import byte_bar, say
+from cpb.progress import LazyBar, say
+from cpb.render import explainer, render_dlq, render_logs, render_status
+from cpb.runrecords import run_state, short
 from cpb.stack import StackConfig, StackError, discover
+from cpb.urls import UrlError, s3_url, split_url, to_prefix
 
 # Exit codes of `cpb status` (documented in docs/CLI.md).
 EXIT_OK, EXIT_FAILED, EXIT_RUNNING = 0, 1, 3
-# A 5,000-child array can fail 5,000 ways; the screen shows this many and counts the rest.
-MAX_PROBLEM_LINES = 20
 
 
 class UserError(click.ClickException):
@@ -39,9 +39,13 @@ class UserError(click.ClickException):
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import BotoCoreError, ClientError
+    from cpb.lease import LeaseConflict
+    from cpb.loaddata import LoadDataError
+    from cpb.plate import PlateError
     from cpb.requeue import RequeueError
-    return (StackError, submit_mod.SubmitError, results_mod.IncompleteRun, results_mod.ResultsError,
-            RequeueError, ClientError, BotoCoreError, FileNotFoundError, PermissionError, ValueError)
+    return (StackError, submit_mod.SubmitError, results_mod.IncompleteRun, results_mod.ResultsError, UrlError,
+            RequeueError, LoadDataError, PlateError, LeaseConflict, ClientError, BotoCoreError, FileNotFoundError,
+            PermissionError, ValueError)
 
 
 class CpbGroup(click.Group):
@@ -112,6 +116,11 @@ def _clients(stack: StackConfig) -> Clients:
     return make_clients(stack.region)
 
 
+def prefix_of(stack: StackConfig, text: str, what: str = "output") -> str:
+    """An output argument (prefix, s3:// URL or S3 web address) as a prefix of the stack's bucket."""
+    return to_prefix(text, stack.bucket, what, stack.sources.get("bucket", ""))
+
+
 @click.group(cls=CpbGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
@@ -125,13 +134,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.option("--pipeline", help="Bucket key of the .cppipe (or a local file with --upload).")
 @click.option("--input", "input_prefix", help="Bucket key prefix of the input images.")
-@click.option("--output", help="Bucket key prefix for the results.")
+@click.option("--output", help="Bucket key prefix (or s3:// URL) for the results.")
 @click.option("--data-file", help="Bucket key of a LoadData CSV (or a local file with --upload).")
 @click.option("--image-sets-per-job", type=int, help="Split into an array job, this many image sets per child.")
 @click.option("--memory", type=int, help="MiB of memory per job (job_memory).")
 @click.option("--vcpus", type=int, help="vCPUs per job (job_vcpu).")
 @click.option("--job-name", help="Readable name for the Batch job(s).")
 @click.option("--unsplittable", is_flag=True, help="Run as one CellProfiler process (stateful pipelines).")
+@click.option("--after", "after", multiple=True, help="Output whose current run this job waits for (repeatable).")
+@click.option("--no-resume", is_flag=True, help="Rerun every part, even those whose earlier results match.")
 @click.option("--message-file", "message_file", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON message file (one object or a list) instead of the flags above.")
 @click.option("--upload", "upload_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -141,117 +152,65 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @stack_options
 def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[str], output: Optional[str],
            data_file: Optional[str], image_sets_per_job: Optional[int], memory: Optional[int],
-           vcpus: Optional[int], job_name: Optional[str], unsplittable: bool, message_file: Optional[Path],
-           upload_dir: Optional[Path], dry_run: bool, no_check: bool) -> None:
+           vcpus: Optional[int], job_name: Optional[str], unsplittable: bool, after: tuple[str, ...],
+           no_resume: bool, message_file: Optional[Path], upload_dir: Optional[Path], dry_run: bool,
+           no_check: bool) -> None:
     """Validate job messages like the Lambda does, then send them to the queue."""
     stack.require("bucket", *(() if dry_run else ("queue_url",)))
     limits = limits_of(stack)
+    resume = False if no_resume else None
     if message_file is not None:
-        if any(v is not None for v in (pipeline, input_prefix, output, data_file, image_sets_per_job)):
+        if any(v is not None for v in (pipeline, input_prefix, output, data_file, image_sets_per_job)) or after:
             raise UserError("give either --message-file or --pipeline/--input/--output, not both")
-        body = submit_mod.read_message_file(message_file)
-        submit_mod.validate(body, limits)
+        entries = submit_mod.prepare(submit_mod.read_message_file(message_file), limits)
         clients = _clients(stack)
     else:
         missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
         if missing:
             raise UserError(f"missing {', '.join(missing)} (or pass --message-file FILE)")
-        check_local_inputs(pipeline, data_file, upload_dir)
+        if split_url(output) is not None:  # the URL cpb submit prints; a plain prefix is the schema's to judge
+            output = prefix_of(stack, output)
+        submit_mod.check_local_inputs(pipeline, data_file, upload_dir)
         # A bad message costs no upload and needs no credentials: validate the flags first, with the
         # local files --upload will turn into keys standing in for those keys.
         def as_key(value: Optional[str]) -> Optional[str]:
             return f"uploads/{Path(value).name}" if upload_dir and value and Path(value).is_file() else value
-        submit_mod.validate(json.dumps(submit_mod.message_from_flags(
+        submit_mod.prepare(json.dumps(submit_mod.message_from_flags(
             as_key(pipeline), input_prefix, output, as_key(data_file), image_sets_per_job, memory, vcpus, job_name,
-            unsplittable)), limits)
+            unsplittable, list(after), resume)), limits)
         clients = _clients(stack)
         if upload_dir is not None:
-            pipeline, data_file = upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
-                                                pipeline, data_file)
-        body = json.dumps(submit_mod.message_from_flags(
-            pipeline, input_prefix, output, data_file, image_sets_per_job, memory, vcpus, job_name, unsplittable))
-    requests = submit_mod.validate(body, limits)
+            pipeline, data_file = submit_mod.upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
+                                                           pipeline, data_file)
+        entries = submit_mod.prepare(json.dumps(submit_mod.message_from_flags(
+            pipeline, input_prefix, output, data_file, image_sets_per_job, memory, vcpus, job_name, unsplittable,
+            list(after), resume)), limits)
     if not no_check:
-        checked = submit_mod.check_in_bucket(clients.s3, requests, limits)
+        checked = submit_mod.check_in_bucket(clients.s3, entries, limits)
         for item in checked:
             if item.image_set_count is not None:
                 say(f"{item.request.output}: {item.image_set_count} image sets in {item.request.data_file}")
-        for output in submit_mod.existing_outputs(clients.s3, stack.bucket, requests):
-            say(f"warning: s3://{stack.bucket}/{output}/ already holds results; this job replaces them "
+        for used in submit_mod.existing_outputs(clients.s3, stack.bucket, [e.request for e in entries]):
+            say(f"warning: s3://{stack.bucket}/{used}/ already holds results; this job replaces them "
                 "(its run deletes the earlier files): to keep them, use a new --output")
+    messages = submit_mod.one_message_each(entries)
     if dry_run:
-        for request in requests:
-            click.echo(json.dumps(request.to_message(), sort_keys=True))
-        say(f"dry run: {len(requests)} message(s) valid, nothing sent")
+        for message in messages:
+            click.echo(message.body())
+        say(f"dry run: {len(entries)} job(s) in {len(messages)} message(s) valid, nothing sent")
         return
-    report = submit_mod.send(clients.sqs, stack.queue_url, requests)
+    report = submit_mod.send(clients.sqs, stack.queue_url, messages)
     for sent in report.sent:
-        click.echo(f"sent {sent.message_id}  results: s3://{stack.bucket}/{sent.request.output}/")
-    for request, reason in report.failed:
-        click.echo(f"NOT sent ({request.output}): {reason}", err=True)
+        for output_, _identity, run_id in sent.runs():
+            click.echo(f"sent {sent.message_id}  results: {s3_url(stack.bucket, output_)}  (run {short(run_id)})")
+    for message, reason in report.failed:
+        click.echo(f"NOT sent ({', '.join(e.output for e in message.entries)}): {reason}", err=True)
     if report.sent:
-        receipts.record(stack.bucket, [(s.message_id, s.request.output) for s in report.sent])
-        say(f"follow with: cpb status   (or: cpb status {' '.join(sorted({s.request.output for s in report.sent}))})")
+        receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()])
+        outputs = sorted({o for s in report.sent for o in s.outputs})
+        say(f"follow with: cpb status   (or: cpb status {' '.join(outputs)})")
     if report.failed:
-        raise UserError(f"{len(report.failed)} of {len(requests)} message(s) were not accepted by SQS")
-
-
-def check_local_inputs(pipeline: str, data_file: Optional[str], upload_dir: Optional[Path]) -> None:
-    """Catch a scientist's usual slips before any credentials or upload: a CellProfiler project
-    (.cpproj, which the worker cannot run) instead of a pipeline and, with --upload, a local file
-    path with a typo (the schema would otherwise call it a bad bucket key with '.' segments) or a
-    local pipeline the worker would refuse (checked with the worker's own rules)."""
-    if pipeline.lower().endswith(".cpproj"):
-        raise UserError(f"--pipeline {pipeline} is a CellProfiler project (.cpproj), not a pipeline: in "
-                        "CellProfiler use File > Export > Pipeline and pass the .cppipe")
-    if upload_dir is None:
-        return
-    for flag, value in (("--pipeline", pipeline), ("--data-file", data_file)):
-        if value and value.startswith(("./", "../", "/", "~")) and not Path(value).expanduser().is_file():
-            raise UserError(f"{flag} {value}: no such local file (with --upload a local {flag} is uploaded; "
-                            "check the path, or give the file's bucket key)")
-    if Path(pipeline).is_file():  # the worker's own checks, here, instead of after an upload and a Batch start
-        from cpb_worker.errors import WorkerError
-        from cpb_worker.pipeline import check_saved_images, export_module, load_pipeline
-        try:
-            parsed = load_pipeline(Path(pipeline))
-            export_module(parsed)
-            check_saved_images(parsed)
-        except WorkerError as error:
-            raise UserError(f"--pipeline: {error.reason}") from None
-
-
-def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipeline: str,
-                  data_file: Optional[str]) -> tuple[str, Optional[str]]:
-    """Upload the image folder, plus the pipeline/data file when they are local files.
-
-    A local pipeline goes to `pipelines/<sha256[:12]>/<name>`: content-addressed,
-    so re-uploading an edited pipeline never changes the one running jobs read.
-    A data file inside the folder is uploaded with it; one outside goes to
-    `<input>/<name>`. Returns the (pipeline, data_file) bucket keys.
-    """
-    files, hidden = upload_mod.local_files(folder)
-    pairs = [(p, upload_mod.join_key(input_prefix, p.relative_to(folder).as_posix())) for p in files]
-    pipeline_path = Path(pipeline)
-    if pipeline_path.is_file():
-        digest = upload_mod.sha256_file(pipeline_path)
-        pipeline = f"pipelines/{digest[:12]}/{pipeline_path.name}"
-        pairs.append((pipeline_path, pipeline))
-    if data_file and Path(data_file).is_file():
-        local = Path(data_file).resolve()
-        try:
-            data_file = upload_mod.join_key(input_prefix, local.relative_to(folder.resolve()).as_posix())
-        except ValueError:
-            data_file = upload_mod.join_key(input_prefix, local.name)
-            pairs.append((local, data_file))
-    total = upload_mod.total_bytes(p for p, _ in pairs)
-    with byte_bar(total, f"upload {len(pairs)} files") as advance:
-        report = upload_mod.upload_files(s3, bucket, pairs, advance)
-    say(f"uploaded {len(report.uploaded)} file(s), {report.bytes_sent} bytes; "
-        f"{len(report.skipped)} unchanged file(s) skipped")
-    if hidden:
-        say(f"not uploaded (hidden files): {', '.join(p.relative_to(folder).as_posix() for p in hidden)}")
-    return pipeline, data_file
+        raise UserError(f"{len(report.failed)} of {len(messages)} message(s) were not accepted by SQS")
 
 
 # --------------------------------------------------------------------------- status
@@ -261,34 +220,32 @@ def upload_inputs(s3: Any, bucket: str, folder: Path, input_prefix: str, pipelin
 @click.option("--watch", is_flag=True, help="Refresh until every job has finished.")
 @click.option("--interval", type=float, default=15.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--timeout", type=float, help="Give up watching after this many seconds.")
-@click.option("--parts", type=int, help="Expected array children (when there is no submission record).")
+@click.option("--parts", type=int, help="Expected array children (when there is no lease or submission record).")
 @click.option("--no-dlq", is_flag=True, help="Do not look into the dead-letter queue.")
 @click.option("--logs", "log_lines", type=click.IntRange(0, 1000), default=0,
               help="Also print the last N log lines of each failed job (needs logGroupName / $CPB_LOG_GROUP).")
 @stack_options
 def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: float,
            timeout: Optional[float], parts: Optional[int], no_dlq: bool, log_lines: int) -> None:
-    """Show the jobs of OUTPUT prefix(es) or message ids (default: your last submit).
+    """Show the current run of OUTPUT prefix(es) (or s3:// URLs, or message ids; default: your last submit).
 
-    Exit code 0 when all succeeded, 1 when something failed, 3 while running.
+    Exit code 0 when all succeeded, 1 when something failed, 3 while running or waiting.
     """
     stack.require("bucket")
-    outputs = tuple(receipts.resolve(outputs, stack.bucket)) if outputs else tuple(receipts.last_outputs(stack.bucket))
+    names = receipts.resolve(outputs, stack.bucket) if outputs else receipts.last_outputs(stack.bucket)
+    outputs = tuple(dict.fromkeys(prefix_of(stack, name) for name in names))
     if not outputs:
         raise UserError("which output? give OUTPUT prefix(es) or message ids; no earlier `cpb submit` to this "
                         f"bucket is recorded in {receipts.receipts_file()}")
     clients = _clients(stack)
-
     dlq: dict[str, Any] = {"total": 0, "letters": []}
     limits = limits_of(stack) if stack.dlq_url and not no_dlq else None
+    explain = explainer(limits, clients.s3, clients.batch) if limits is not None else None
 
-    def fetch() -> list[status_mod.OutputStatus]:
-        states = [status_mod.output_status(clients.s3, clients.batch, stack.bucket, o, parts) for o in outputs]
-        if limits is not None:  # a message for one of these outputs may have been dead-lettered instead
-            dlq["total"], dlq["letters"] = status_mod.peek_dlq(clients.sqs, stack.dlq_url,
-                                                               lambda body: explain(body, limits))
-            for state in states:
-                state.dead_letters = [d for d in dlq["letters"] if state.output in d.output.split(",")]
+    def fetch() -> list[status_mod.OutputStatus]:  # a message may have been dead-lettered instead: look there too
+        states, dlq["total"], dlq["letters"] = status_mod.gather(
+            clients.s3, clients.batch, clients.sqs, stack.bucket, outputs, parts,
+            stack.dlq_url if limits is not None else None, explain)
         return states
 
     sent = receipts.sent_outputs(stack.bucket)
@@ -314,109 +271,44 @@ def status(stack: StackConfig, outputs: tuple[str, ...], watch: bool, interval: 
         sys.exit(EXIT_RUNNING)
 
 
-def render_status(states: list[status_mod.OutputStatus], bucket: str, sent: Optional[list[str]] = None) -> str:
-    """Human-readable status of several outputs. `sent`: the outputs `cpb submit` sent from here,
-    so that a mistyped prefix (which would wait forever) is called out."""
-    lines = []
-    for state in states:
-        lines.append(f"s3://{bucket}/{state.output}/: {state.verdict.upper()}")
-        for letter in state.dead_letters:
-            lines.append(f"  ! message {letter.message_id} for this output is in the dead-letter queue: {letter.reason}")
-        if not state.jobs and not state.dead_letters:
-            lines.append("  no submission record yet (message still in the queue, or rejected: see the DLQ)")
-            if sent is not None and state.output not in sent and not state.run.parts:
-                recent = ", ".join(sent[-3:][::-1]) or "none"
-                lines.append(f"  ! no `cpb submit` from here sent to {state.output}: unless it was sent another "
-                             f"way, check the prefix (recent outputs: {recent})")
-        for job in state.jobs:
-            progress = ""
-            if job.array_size:
-                active = sum(n for state, n in job.children.items() if state in status_mod.ACTIVE)
-                done = job.array_size - active - len(job.failed_children)
-                progress = f"  {max(done, 0)}/{job.array_size} children succeeded" + (
-                    f", {len(job.failed_children)} failed" if job.failed_children else "")
-            lines.append(f"  job {job.name} {job.job_id}: {job.status}{progress}"
-                         + (f"  [log stream {job.log_stream}]" if job.log_stream and not job.array_size else ""))
-        done_parts = sum(p.status == "succeeded" for p in state.run.parts)
-        if state.run.parts:
-            lines.append(f"  run records: {done_parts}/{len(state.run.parts)} succeeded")
-        problems = state.problems()
-        for problem in problems[:MAX_PROBLEM_LINES]:
-            lines.append(f"  ! {problem}")
-        if len(problems) > MAX_PROBLEM_LINES:
-            lines.append(f"  ! ... and {len(problems) - MAX_PROBLEM_LINES} more; `cpb requeue --dry-run "
-                         f"{state.output}` lists every failed job")
-    return "\n".join(lines)
-
-
-def render_logs(logs: Any, group: Optional[str], states: list[status_mod.OutputStatus], lines: int) -> str:
-    """The last lines of each failed job's log stream."""
-    if not group:
-        return "logs: no log group known (stack output logGroupName / $CPB_LOG_GROUP)"
-    out = []
-    for state in states:
-        for job in state.jobs:
-            streams = [(f"{job.name} child {i}", log) for i, _reason, log in job.failed_children]
-            if job.status == "FAILED" and not job.failed_children:
-                streams.append((job.name, job.log_stream))
-            for label, stream in streams:
-                if not stream:
-                    continue
-                try:
-                    events = logs.get_log_events(logGroupName=group, logStreamName=stream, limit=lines,
-                                                 startFromHead=False).get("events", [])
-                except logs.exceptions.ResourceNotFoundException:
-                    events = []
-                out.append(f"logs of {label} ({group} {stream}):")
-                out.extend(f"  | {e['message']}" for e in events[-lines:])
-                if not events:
-                    out.append("  (no log events)")
-    return "\n".join(out) if out else "logs: no failed job with a log stream"
-
-
-def render_dlq(total: int, letters: list[status_mod.DeadLetter]) -> str:
-    """The dead-letter queue's content, each message with the reason it is there."""
-    if not total:
-        return "dead-letter queue: empty"
-    lines = [f"dead-letter queue: {total} message(s)"]
-    for letter in letters:
-        lines.append(f"  {letter.message_id} (received {letter.receive_count}x) output={letter.output or '?'}: "
-                     f"{letter.reason}")
-    lines.append("  fix the cause, then: cpb requeue --dlq")
-    return "\n".join(lines)
-
-
-def explain(body: str, limits: Any) -> str:
-    """Why a dead-lettered message failed, as far as the client can tell."""
-    try:
-        submit_mod.validate(body, limits)
-    except submit_mod.SubmitError as exc:
-        return str(exc)
-    return "valid message; the Lambda could not submit it (see its log group)"
-
-
 # --------------------------------------------------------------------------- results
 
 @cli.command()
 @click.argument("output")
 @click.option("--to", "dest", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Local folder to write the (merged) results into.")
-@click.option("--parts", type=int, help="Expected array children (when there is no submission record).")
+@click.option("--parts", type=int, help="Expected array children (when there is no lease or submission record).")
+@click.option("--run", "run_id", help="Accept only this run (its id or first digits, as cpb status shows it).")
 @click.option("--parquet", is_flag=True,
               help="Also convert the merged CSVs into DIR/single_cell.parquet with CytoTable (one row per cell).")
 @stack_options
-def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], parquet: bool) -> None:
-    """Download OUTPUT's results, merging array parts; refuses incomplete runs."""
+def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], run_id: Optional[str],
+            parquet: bool) -> None:
+    """Download OUTPUT's current run (prefix or s3:// URL), merging array parts; refuses incomplete runs."""
     stack.require("bucket")
+    output = prefix_of(stack, output)
     clients = _clients(stack)
-    bar = _LazyBar("download")
+    state = run_state(clients.s3, stack.bucket, output, parts)
+    waiting = receipts.not_taken(stack.bucket, output, state.lease)
+    if waiting and run_id is None:
+        raise results_mod.IncompleteRun(
+            f"{s3_url(stack.bucket, output)}: message {waiting[-1].get('message_id')} sent from here at "
+            f"{waiting[-1].get('sent_at')} has not been taken by the Lambda yet, so the run there ({short(state.run_id)}) "
+            f"is not the one you sent: wait (cpb status {output}), or pass --run {short(state.run_id)} to take it anyway")
+    bar = LazyBar("download")
     before = results_mod.files_under(dest)
     try:
-        report = results_mod.collect(clients.s3, stack.bucket, output, dest, parts, bar.advance, bar.start)
+        report = results_mod.collect(clients.s3, stack.bucket, output, dest, parts, bar.advance, bar.start,
+                                     run=run_id, state=state)
     finally:
         bar.close()
     merged = f" (merged from {report.parts} array parts)" if report.parts else ""
-    click.echo(f"{len(report.files)} file(s) in {dest}{merged}")
+    run_text = f", run {short(report.run_id)}" if report.run_id else ""
+    click.echo(f"{len(report.files)} file(s) in {dest}{merged}{run_text}")
+    if report.resumed:
+        say(f"note: {report.resumed} part(s) were reused from an earlier run with the same pipeline, data rows and image")
+    if report.ignored:
+        say(f"note: not counted, never merged: {'; '.join(report.ignored[:5])}")
     foreign = sorted(before - set(report.files) - {"_cpb/runs.json"})
     if foreign:  # another plate's results: they would pass for this output's
         say(f"warning: {len(foreign)} file(s) in {dest} are not from {output} (e.g. {foreign[0]}); "
@@ -425,26 +317,7 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], p
         click.echo(f"  {name}: {rows} rows")
     if parquet:
         from cpb.analysis.parquet import describe, to_parquet
-        click.echo(f"single-cell Parquet: {describe(to_parquet(dest))}")
-
-
-class _LazyBar:
-    """A byte progress bar created once the total is known."""
-
-    def __init__(self, label: str) -> None:
-        self.label, self._cm, self._advance = label, None, None
-
-    def start(self, total: int) -> None:
-        self._cm = byte_bar(total, self.label)
-        self._advance = self._cm.__enter__()
-
-    def advance(self, n: int) -> None:
-        if self._advance:
-            self._advance(n)
-
-    def close(self) -> None:
-        if self._cm:
-            self._cm.__exit__(None, None, None)
+        click.echo(f"single-cell Parquet: {describe(to_parquet(dest, run_id=report.run_id))}")
 
 
 # --------------------------------------------------------------------------- requeue
@@ -456,14 +329,16 @@ class _LazyBar:
 @click.option("--dry-run", is_flag=True, help="Say what would be resubmitted, change nothing.")
 @stack_options
 def requeue(stack: StackConfig, outputs: tuple[str, ...], from_dlq: bool, force: bool, dry_run: bool) -> None:
-    """Resubmit the failed jobs / array children of OUTPUT(s), or redrive the DLQ."""
+    """Resubmit the failed jobs / array children of OUTPUT(s)' current run, or redrive the DLQ."""
     from cpb import requeue as requeue_mod
     if not outputs and not from_dlq:
         raise UserError("give OUTPUT prefix(es) whose failed jobs to resubmit, or --dlq")
     stack.require("bucket")
+    outputs = tuple(prefix_of(stack, o) for o in outputs)
     clients = _clients(stack)
     for output in outputs:
-        done = requeue_mod.requeue_failed(clients.s3, clients.batch, stack.bucket, output, dry_run=dry_run)
+        done = requeue_mod.requeue_failed(clients.s3, clients.batch, stack.bucket, output, dry_run=dry_run,
+                                          batch_submit=clients.batch_submit)
         for line in done:
             click.echo(line)
         if not done:
@@ -498,23 +373,83 @@ def requeue(stack: StackConfig, outputs: tuple[str, ...], from_dlq: bool, force:
 def run(local: bool, pipeline: Path, input_dir: Path, output_dir: Path, data_file: Optional[Path],
         workers: Optional[int], unsplittable: bool) -> None:
     """Run the worker here with real CellProfiler, exactly as a Batch job would."""
-    from cpb.runlocal import run_local
-    from cpb_worker.ranges import available_cpus
-    if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
-        # the rule the Lambda applies to S3 prefixes; here the next run would also read the outlines as images
-        raise UserError(f"--output {output_dir} is inside --input {input_dir}: results would mix with the "
-                        "images; choose an output folder outside the input folder")
-    cpus = available_cpus({})  # this machine's CPUs (CPB_VCPUS describes a Batch job, not this machine)
-    if workers is None:
-        workers = cpus  # as a Batch job uses its vCPUs
-    elif workers > cpus:
-        click.echo(f"note: --workers {workers} is more than the {cpus} CPU(s) here: the extra CellProfiler "
-                   f"processes share those CPUs (no faster) and each needs its own memory; try --workers {cpus}",
-                   err=True)
-    outcome = run_local(pipeline, input_dir, output_dir, data_file, workers, unsplittable)
+    from cpb.runlocal import LocalRunError, run_local_command
+    try:
+        outcome = run_local_command(pipeline, input_dir, output_dir, data_file, workers, unsplittable)
+    except LocalRunError as error:
+        raise UserError(str(error)) from None
     click.echo(outcome.summary)
     if not outcome.ok:
         sys.exit(outcome.exit_code or 1)
+
+
+# --------------------------------------------------------------------------- loaddata, plate
+
+@cli.command()
+@click.argument("images")
+@click.option("--pattern", "preset", help="File-name preset: phenix (Opera/Operetta), imagexpress, or a regex "
+              "with named groups plate, well (or row+column), site (or field), channel [, plane].")
+@click.option("--channel", "channels", multiple=True, metavar="ID=NAME",
+              help="Channel id in the file names = CellProfiler image name, e.g. 1=DNA (repeat per channel).")
+@click.option("--plate", "plate_name", help="Plate name when the file names carry none (default: the folder's name).")
+@click.option("--illum", "illum", help="Illumination output (local folder, or bucket prefix / s3:// URL) whose "
+              "Illum<Name>.npy files the analysis loads: adds Image_FileName_/Image_PathName_Illum<Name> columns.")
+@click.option("--pipeline", "pipeline", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Check the channels against the image names this pipeline expects.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="The LoadData CSV to write.")
+@click.option("--bucket", help="Data bucket, for IMAGES given as a bucket prefix (else $CPB_BUCKET / the stack's).")
+@click.option("--stack", "stack_name", help="Pulumi stack, for IMAGES in the bucket.")
+@click.option("--region", help="AWS region, for IMAGES in the bucket.")
+def loaddata(images: str, preset: Optional[str], channels: tuple[str, ...], plate_name: Optional[str],
+             illum: Optional[str], pipeline: Optional[Path], out: Path, bucket: Optional[str],
+             stack_name: Optional[str], region: Optional[str]) -> None:
+    """Write a LoadData CSV from a folder of images (IMAGES: local folder, bucket prefix or s3:// URL)."""
+    from cpb import loaddata as loaddata_mod
+    source = loaddata_mod.image_source(images, lambda: discover(stack_name, {"bucket": bucket, "region": region}),
+                                       make_clients)
+    table = loaddata_mod.build(source, loaddata_mod.pattern_for(preset), loaddata_mod.parse_channels(channels),
+                               plate=plate_name, illum=loaddata_mod.illum_location(illum, source) if illum else None,
+                               pipeline=pipeline)
+    table.write(out)
+    click.echo(table.summary(out))
+    for note in table.notes:
+        say(f"note: {note}")
+
+
+@cli.command()
+@click.argument("images", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--illum-pipeline", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Illumination pipeline (.cppipe): runs once over all the plate's images.")
+@click.option("--analysis-pipeline", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Analysis pipeline (.cppipe): runs per site, loading the illumination functions.")
+@click.option("--pattern", "preset", required=True, help="File-name preset (phenix, imagexpress) or regex, as for "
+              "cpb loaddata.")
+@click.option("--channel", "channels", multiple=True, required=True, metavar="ID=NAME",
+              help="Channel id = CellProfiler image name (repeat per channel).")
+@click.option("--plate", "plate_name", help="Plate name (default: from the file names, else the folder's name).")
+@click.option("--root", default="plates", show_default=True,
+              help="Bucket prefix (or s3:// URL) under which <plate>/images, <plate>/illum, <plate>/analysis go.")
+@click.option("--image-sets-per-job", type=click.IntRange(1, 100_000), default=4, show_default=True,
+              help="Sites per analysis array child.")
+@click.option("--memory", type=int, help="MiB of memory per job.")
+@click.option("--vcpus", type=int, help="vCPUs per job.")
+@click.option("--no-resume", is_flag=True, help="Run every step and part again, even those up to date.")
+@click.option("--dry-run", is_flag=True, help="Print the plan, upload and send nothing.")
+@stack_options
+def plate(stack: StackConfig, images: Path, illum_pipeline: Path, analysis_pipeline: Path, preset: str,
+          channels: tuple[str, ...], plate_name: Optional[str], root: str, image_sets_per_job: int,
+          memory: Optional[int], vcpus: Optional[int], no_resume: bool, dry_run: bool) -> None:
+    """Run a plate: illumination, then analysis per site, chained on Batch; resumes what is up to date."""
+    from cpb import plate as plate_mod
+    stack.require("bucket", *(() if dry_run else ("queue_url",)))
+    settings = plate_mod.PlateSettings(
+        images=images, illum_pipeline=illum_pipeline, analysis_pipeline=analysis_pipeline, preset=preset,
+        channels=channels, plate=plate_name, root=prefix_of(stack, root, "root"),
+        image_sets_per_job=image_sets_per_job, memory=memory, vcpus=vcpus, resume=not no_resume)
+    outcome = plate_mod.run_plate(settings, stack, limits_of(stack), _clients(stack), dry_run=dry_run)
+    for line in outcome.lines:
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------- demo

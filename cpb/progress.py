@@ -35,3 +35,24 @@ def count_bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
     """A progress bar counting items (jobs, files)."""
     with tqdm(total=total, desc=label, unit="", file=sys.stderr, disable=None, leave=False) as bar:
         yield bar.update
+
+
+class LazyBar:
+    """A byte progress bar created once the total is known (a download learns it from the run records)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._cm = None
+        self._advance: Callable[[int], None] | None = None
+
+    def start(self, total: int) -> None:
+        self._cm = byte_bar(total, self.label)
+        self._advance = self._cm.__enter__()
+
+    def advance(self, n: int) -> None:
+        if self._advance:
+            self._advance(n)
+
+    def close(self) -> None:
+        if self._cm:
+            self._cm.__exit__(None, None, None)

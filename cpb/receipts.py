@@ -1,9 +1,12 @@
-"""Local receipts of what `cpb submit` sent, so `cpb status` needs no arguments.
+"""Local receipts of what `cpb submit` / `cpb plate` sent (or found up to date), so `cpb status` needs
+no arguments and can tell a message still on its way from a finished older run.
 
-A scientist who just submitted a plate should be able to type `cpb status`
-(or paste a message id) without remembering output prefixes. Each submit
-appends one JSON line per sent message to `$CPB_HOME/submissions.jsonl`
-(default `~/.cpb/`); nothing else reads or sends it.
+A scientist who just submitted a plate should be able to type `cpb status` (or paste a message
+id) without remembering output prefixes. Each submit appends one JSON line per output to
+`$CPB_HOME/submissions.jsonl` (default `~/.cpb/`): `{"batch", "sent_at", "bucket", "message_id",
+"output", "identity", "kind"}`, where `identity` is the message identity the Lambda keys the output's
+lease by (`<client_token>` or `<client_token>#<n>`) and `kind` is `sent`, or `skipped` for a step
+`cpb plate` found up to date (then `note` says why). Nothing else reads or sends it.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 
 def receipts_file(environ: Mapping[str, str] = os.environ) -> Path:
@@ -21,24 +24,34 @@ def receipts_file(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(home) / "submissions.jsonl"
 
 
-def record(bucket: str, sent: Iterable[tuple[str, str]], environ: Mapping[str, str] = os.environ) -> Optional[Path]:
-    """Append (message id, output) pairs of one submit; None when nothing was written.
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    A receipt that cannot be written (read-only home) never fails a
-    submission that SQS already accepted.
+
+def record(bucket: str, sent: Iterable[Sequence[str]], environ: Mapping[str, str] = os.environ,
+           skipped: Iterable[tuple[str, str]] = (), order: Sequence[str] = ()) -> Optional[Path]:
+    """Append one submit: `sent` holds (message id, output[, identity]); `skipped` holds (output, why)
+    for steps found up to date; `order` lists outputs in the order `cpb status` should show them.
+    None when nothing was written.
+
+    A receipt that cannot be written (read-only home) never fails a submission that SQS already accepted.
     """
-    rows = list(sent)
+    batch = uuid.uuid4().hex[:12]
+    stamp = _stamp()
+    rows = [{"batch": batch, "sent_at": stamp, "bucket": bucket, "message_id": row[0], "output": row[1],
+             "identity": row[2] if len(row) > 2 else None, "kind": "sent"} for row in sent]
+    rows += [{"batch": batch, "sent_at": stamp, "bucket": bucket, "message_id": None, "output": output,
+              "identity": None, "kind": "skipped", "note": note} for output, note in skipped]
     if not rows:
         return None
+    if order:  # e.g. a plate's steps in chain order, whichever were sent or skipped
+        rows.sort(key=lambda r: order.index(r["output"]) if r["output"] in order else len(order))
     path = receipts_file(environ)
-    batch = uuid.uuid4().hex[:12]
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as handle:
-            for message_id, output in rows:
-                handle.write(json.dumps({"batch": batch, "sent_at": stamp, "bucket": bucket,
-                                         "message_id": message_id, "output": output}) + "\n")
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
     except OSError:
         return None
     return path
@@ -69,11 +82,35 @@ def last_outputs(bucket: str, environ: Mapping[str, str] = os.environ) -> list[s
 
 
 def resolve(names: Iterable[str], bucket: str, environ: Mapping[str, str] = os.environ) -> list[str]:
-    """Turn message ids from earlier submits into their outputs; other names are outputs already."""
-    by_id = {r["message_id"]: r["output"] for r in _read(environ) if r.get("bucket") == bucket}
+    """Turn message ids (or client tokens) from earlier submits into their outputs; other names are outputs already."""
+    by_id: dict[str, str] = {}
+    for row in _read(environ):
+        if row.get("bucket") != bucket:
+            continue
+        for key in (row.get("message_id"), row.get("identity"), (row.get("identity") or "").split("#")[0]):
+            if key:
+                by_id.setdefault(key, row["output"])
     return list(dict.fromkeys(by_id.get(name, name) for name in names))
 
 
 def sent_outputs(bucket: str, environ: Mapping[str, str] = os.environ) -> list[str]:
     """Every output `cpb submit` on this machine sent to `bucket`, most recent last (for spotting typos)."""
     return list(dict.fromkeys(r["output"] for r in _read(environ) if r.get("bucket") == bucket))
+
+
+def latest(bucket: str, output: str, environ: Mapping[str, str] = os.environ) -> Optional[dict]:
+    """The most recent receipt for `output` in `bucket` (sent or skipped), or None."""
+    rows = [r for r in _read(environ) if r.get("bucket") == bucket and r.get("output") == output]
+    return rows[-1] if rows else None
+
+
+def not_taken(bucket: str, output: str, lease: Optional[dict], environ: Mapping[str, str] = os.environ) -> list[dict]:
+    """Messages sent from here for `output` that the Lambda has not taken: sent after the lease's run
+    began, with an identity the lease does not name. Only outputs with a lease are judged (an output
+    without one may be served by a Lambda from before leases)."""
+    if not lease or not lease.get("created_at"):
+        return []
+    since = str(lease["created_at"])[:19]  # UTC either way: "...Z" (here) or "...+00:00" (the Lambda)
+    return [r for r in _read(environ)
+            if r.get("bucket") == bucket and r.get("output") == output and r.get("kind", "sent") == "sent"
+            and r.get("identity") and r["identity"] != lease.get("message_id") and str(r.get("sent_at"))[:19] >= since]

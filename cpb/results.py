@@ -1,28 +1,46 @@
-"""Download a finished run and merge array parts into one set of CSVs.
+"""Download an output's current run and merge its array parts into one set of results.
 
-Only files a succeeded run record lists are downloaded, and each is checked
-against the size and SHA-256 the worker recorded, so a half-written prefix
-or a stale file from an earlier attempt never ends up in a scientist's
-spreadsheet. Array children each wrote `part-NNNNN/<table>.csv`; the merge
-keeps one header and global `ImageNumber`s (a part numbered from 1 is shifted
-by its `first - 1`).
+Only the current run's parts count (cpb.runrecords: the lease's run, each part's record of that
+run and index, ranges tiling the image sets exactly once), and only the files their succeeded
+records list are downloaded, each checked against the size and SHA-256 the worker recorded: a
+half-written prefix, a stale file or another run's part never ends up in a scientist's spreadsheet.
+
+Merging the parts (each `part-NNNNN/` holds its own range's tables):
+- tables with image numbers (`ImageNumber`, `ImageNumber_First/_Second`, and the relationship
+  table's `First Image Number` / `Second Image Number`) are concatenated in range order with one
+  header, numbers made global (a part numbered from 1 is shifted by its `first - 1`, decided once
+  per part from its Image.csv so every table of the part moves together);
+- Key/Value tables (Experiment.csv) must agree on every key except the run's timestamps and the
+  pipeline text the parts' own folders appear in (the records' pipeline sha256 must agree instead);
+- GenePattern `.gct` files are concatenated (one header, the row count summed);
+- any other file that several parts wrote must be identical in all of them, else it is refused by
+  name: one part's copy never silently stands for all.
 """
 from __future__ import annotations
 
 import csv
+import filecmp
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from cpb.runrecords import RunState, run_state
+from cpb.runrecords import PartState, RunState, run_state, short
+
+csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # Experiment.csv holds the whole pipeline text
+
+IMAGE_NUMBER_COLUMNS = ("ImageNumber", "ImageNumber_First", "ImageNumber_Second",
+                        "First Image Number", "Second Image Number")
+# Experiment.csv keys that differ between two correct parts of one run (when the records' pipeline sha256 agree).
+VOLATILE_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline")
 
 
 class IncompleteRun(Exception):
-    """The run records do not say the run finished; nothing is merged."""
+    """The current run is not complete (or not the one asked for); nothing is merged."""
 
 
 class ResultsError(Exception):
@@ -37,9 +55,29 @@ class ResultsReport:
     files: list[str] = field(default_factory=list)
     parts: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+    run_id: Optional[str] = None
+    resumed: int = 0
+    ignored: list[str] = field(default_factory=list)
 
 
-def _download(s3, bucket: str, key: str, path: Path, size: int, sha256: Optional[str],
+@dataclass
+class _Copy:
+    """One part's downloaded copy of a file."""
+
+    path: Path
+    part: PartState
+    offset: Optional[int] = 0  # None: the part has no Image.csv, so each table decides
+
+    @property
+    def first(self) -> int:
+        return self.part.range[0] or 1
+
+    @property
+    def label(self) -> str:
+        return self.part.prefix or "the run"
+
+
+def _download(s3, bucket: str, key: str, path: Path, size: Optional[int], sha256: Optional[str],
               progress: Optional[Callable[[int], None]]) -> None:
     """Fetch one object and verify it matches what the run record promised."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,108 +92,210 @@ def _download(s3, bucket: str, key: str, path: Path, size: int, sha256: Optional
                                "(overwritten by a later attempt?): run `cpb status` and retry")
 
 
-def _shift_for(rows: list[list[str]], column: int, first: int) -> int:
-    """How much to add to this part's ImageNumbers to make them global.
+def _read_csv(path: Path, delimiter: str = ",") -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle, delimiter=delimiter))
 
-    Zero when the worker already wrote global numbers (all >= first); else
-    the part was numbered from 1 and moves up by first - 1.
-    """
+
+def _number_columns(header: list[str]) -> list[int]:
+    return [i for i, name in enumerate(header) if name in IMAGE_NUMBER_COLUMNS]
+
+
+def _shift_for(rows: list[list[str]], column: int, first: int) -> int:
+    """How much to add to a table's image numbers to make them global (tables of a part without an
+    Image.csv): zero when already global (all >= first), else first - 1 (numbered from 1)."""
     numbers = [int(float(r[column])) for r in rows if len(r) > column and r[column].strip()]
     if not numbers or first <= 1 or min(numbers) >= first:
         return 0
     return first - 1
 
 
-def _has_image_number(path: Path) -> bool:
-    """True for per-image/per-object tables (they carry an ImageNumber column)."""
-    with open(path, newline="") as handle:
-        header = next(csv.reader(handle), [])
-    return "ImageNumber" in header
+def part_offset(image_csv: Path, part: PartState) -> int:
+    """A part's ImageNumber offset, from its Image.csv: 0 when numbered globally (from its `first`),
+    `first - 1` when numbered from 1. Anything else is refused (the numbers match neither)."""
+    rows = _read_csv(image_csv)
+    if not rows or "ImageNumber" not in rows[0]:
+        return 0
+    column = rows[0].index("ImageNumber")
+    numbers = [int(float(r[column])) for r in rows[1:] if len(r) > column and r[column].strip()]
+    first = part.range[0] or 1
+    if not numbers or min(numbers) == first:
+        return 0
+    if min(numbers) == 1:
+        return first - 1
+    raise ResultsError(f"{part.prefix}/Image.csv starts at ImageNumber {min(numbers)}, neither its first image "
+                       f"set {first} nor 1: the part's tables cannot be numbered globally")
 
 
-def merge_csvs(sources: list[tuple[Path, int]], dest: Path) -> int:
-    """Concatenate CSVs (path, first image set) with equal headers into `dest`.
-
-    Returns the number of data rows. Different headers mean the parts ran
-    different pipelines: refuse rather than misalign columns.
-    """
+def merge_numbered(copies: list[_Copy], dest: Path, name: str) -> int:
+    """Concatenate a table with image-number columns over the parts; returns the data rows written."""
     header: Optional[list[str]] = None
     count = 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "w", newline="") as out:
+    with open(dest, "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        for path, first in sources:
-            with open(path, newline="") as handle:
-                rows = list(csv.reader(handle))
+        for copy in copies:
+            rows = _read_csv(copy.path)
             if not rows:
                 continue
             if header is None:
                 header = rows[0]
                 writer.writerow(header)
             elif rows[0] != header:
-                raise ResultsError(f"{dest.name}: part {path.parent.name} has different columns "
-                                   "from the first part; the parts did not run the same pipeline")
+                raise ResultsError(f"{name}: {copy.label} has different columns from the first part; "
+                                   "the parts did not run the same pipeline")
             body = rows[1:]
-            if "ImageNumber" in header:
-                col = header.index("ImageNumber")
-                shift = _shift_for(body, col, first)
-                if shift:
-                    for row in body:
-                        if len(row) > col and row[col].strip():
-                            row[col] = str(int(float(row[col])) + shift)
+            columns = _number_columns(header)
+            offset = copy.offset if copy.offset is not None else 0
+            if copy.offset is None and columns:  # no Image.csv in this part: decide from this table
+                offset = _shift_for(body, columns[0], copy.first)
+            if offset:
+                for row in body:
+                    for column in columns:
+                        if len(row) > column and row[column].strip():
+                            row[column] = str(int(float(row[column])) + offset)
             writer.writerows(body)
             count += len(body)
     return count
 
 
+def merge_key_value(copies: list[_Copy], dest: Path, name: str) -> None:
+    """Key/Value tables (Experiment.csv): every key but the volatile ones must agree; the first part's copy is kept."""
+    first = dict(row[:2] for row in _read_csv(copies[0].path)[1:] if len(row) >= 2)
+    for copy in copies[1:]:
+        other = dict(row[:2] for row in _read_csv(copy.path)[1:] if len(row) >= 2)
+        for key in sorted(set(first) | set(other)):
+            if key in VOLATILE_KEYS:
+                continue
+            if first.get(key) != other.get(key):
+                raise ResultsError(f"{name}: {key} is {_clip(first.get(key))} in {copies[0].label} but "
+                                   f"{_clip(other.get(key))} in {copy.label}: the parts did not run alike, so "
+                                   "one copy cannot stand for all; rerun the output (cpb submit again)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(copies[0].path, dest)
+
+
+def _clip(value: Optional[str], limit: int = 40) -> str:
+    if value is None:
+        return "missing"
+    return repr(value if len(value) <= limit else value[:limit - 3] + "...")
+
+
+def merge_gct(copies: list[_Copy], dest: Path, name: str) -> int:
+    """GenePattern GCT (`#1.2`, `<rows>\\t<measurements>`, `NAME\\tDescription\\t...`, one row per image set):
+    one header, the rows of every part in range order, the row count summed. Refused by name when the
+    parts' headers or measurement counts differ, or a part's row count disagrees with its rows."""
+    header: Optional[list[str]] = None
+    measures: Optional[str] = None
+    body: list[list[str]] = []
+    for copy in copies:
+        rows = [r for r in _read_csv(copy.path, "\t") if r]
+        if len(rows) < 3 or rows[0][:1] != ["#1.2"] or len(rows[1]) < 2:
+            raise ResultsError(f"{name} in {copy.label} is not a GCT 1.2 file (#1.2, counts, header): "
+                               "it cannot be merged with the other parts'")
+        declared, this_measures = rows[1][0], rows[1][1]
+        if str(len(rows) - 3) != declared.strip():
+            raise ResultsError(f"{name} in {copy.label} says {declared} rows but holds {len(rows) - 3}: "
+                               "the part's file is incomplete")
+        if header is None:
+            header, measures = rows[2], this_measures
+        elif rows[2] != header or this_measures != measures:
+            raise ResultsError(f"{name}: {copy.label} has different measurements from the first part; "
+                               "the parts did not run the same pipeline")
+        body.extend(rows[3:])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out, delimiter="\t")
+        writer.writerow(["#1.2"])
+        writer.writerow([len(body), measures])
+        writer.writerow(header)
+        writer.writerows(body)
+    return len(body)
+
+
+def merge_file(relative: str, copies: list[_Copy], dest: Path, report: ResultsReport) -> None:
+    """Write one result file from its copies in the parts (see the module docstring for the rules)."""
+    target = dest / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if len(copies) == 1:
+        shutil.copyfile(copies[0].path, target)
+        return
+    lower = relative.lower()
+    if lower.endswith(".csv"):
+        header = (_read_csv(copies[0].path) or [[]])[0]
+        if _number_columns(header):
+            report.rows[relative] = merge_numbered(copies, target, relative)
+            return
+        if header == ["Key", "Value"]:
+            merge_key_value(copies, target, relative)
+            return
+    if lower.endswith(".gct"):
+        report.rows[relative] = merge_gct(copies, target, relative)
+        return
+    differing = [c.label for c in copies[1:] if not filecmp.cmp(copies[0].path, c.path, shallow=False)]
+    if differing:
+        raise ResultsError(f"{relative} differs between the parts ({copies[0].label} vs {', '.join(differing[:3])}"
+                           f"{', ...' if len(differing) > 3 else ''}) and cannot be merged: one copy cannot stand "
+                           "for all. Name such files per image set in the pipeline (e.g. SaveImages from the image "
+                           f"file name), or download each part on its own (cpb results <output>/{copies[0].label})")
+    shutil.copyfile(copies[0].path, target)
+
+
+def check_same_pipeline(state: RunState) -> None:
+    """Parts merged together must have run the same pipeline (and CellProfiler) by their records."""
+    for key, what in (("pipeline_sha256", "pipeline"), ("cellprofiler_version", "CellProfiler version")):
+        values = {p.prefix: p.record.get(key) for p in state.parts if p.record and p.record.get(key)}
+        if len(set(values.values())) > 1:
+            names = sorted(values, key=lambda n: (values[n], n))
+            raise ResultsError(f"{state.output}: the parts ran different {what}s ({names[0]}: "
+                               f"{str(values[names[0]])[:12]}, {names[-1]}: {str(values[names[-1]])[:12]}); "
+                               "their tables cannot be merged: send the output again")
+
+
 def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = None,
             progress: Optional[Callable[[int], None]] = None,
-            on_total: Optional[Callable[[int], None]] = None) -> ResultsReport:
-    """Download `output` into `dest`, merging array parts; refuse incomplete runs.
+            on_total: Optional[Callable[[int], None]] = None, run: Optional[str] = None,
+            state: Optional[RunState] = None) -> ResultsReport:
+    """Download `output`'s current run into `dest`, merging array parts; refuse anything incomplete.
 
-    `on_total` is told the byte total first so a progress bar can be sized.
-    """
-    state = run_state(s3, bucket, output, expected)
+    `run`: accept only this run id (or a prefix of it). `on_total` is told the byte total first so a
+    progress bar can be sized."""
+    state = state or run_state(s3, bucket, output, expected)
+    if run is not None and not (state.run_id or "").startswith(run):
+        raise IncompleteRun(f"s3://{bucket}/{state.output}/: the current run is {short(state.run_id)}, "
+                            f"not {run}; drop --run to take the current run")
     if not state.complete:
-        raise IncompleteRun(f"s3://{bucket}/{state.output} is not complete: "
-                            + "; ".join(state.problems()[:5])
-                            + ("" if len(state.problems()) <= 5 else f" (+{len(state.problems()) - 5} more)"))
+        problems = state.problems()
+        raise IncompleteRun(f"s3://{bucket}/{state.output} is not complete"
+                            + (f" (run {short(state.run_id)})" if state.run_id else "") + ": "
+                            + "; ".join(problems[:5]) + ("" if len(problems) <= 5 else f" (+{len(problems) - 5} more)"))
+    check_same_pipeline(state)
     files = [(p, f) for p in state.parts for f in p.record.get("files", [])]
     if on_total:
         on_total(sum(int(f.get("size") or 0) for _, f in files))
     dest.mkdir(parents=True, exist_ok=True)
-    report = ResultsReport(dest=dest, parts=len(state.parts) if state.array else 0)
+    report = ResultsReport(dest=dest, parts=len(state.parts) if state.array else 0, run_id=state.run_id,
+                           resumed=len(state.resumed), ignored=list(state.ignored))
     with tempfile.TemporaryDirectory(prefix="cpb-results-") as tmp:
-        staged: dict[str, list[tuple[Path, int, str]]] = {}
+        staged: dict[str, list[_Copy]] = {}
         for part, entry in files:
-            relative = entry["key"].lstrip("/")
-            if ".." in Path(relative).parts:
+            relative = str(entry.get("key", "")).lstrip("/")
+            if not relative or ".." in Path(relative).parts:
                 raise ResultsError(f"run record of {part.prefix or state.output} lists a key "
-                                   f"outside its prefix: {relative}")
+                                   f"outside its prefix: {relative!r}")
             key = "/".join(x for x in (state.output, part.prefix, relative) if x)
             local = Path(tmp) / (part.prefix or "single") / relative
             _download(s3, bucket, key, local, entry.get("size"), entry.get("sha256"), progress)
-            first = int(part.record.get("first") or 1)
-            staged.setdefault(relative, []).append((local, first, part.prefix))
+            staged.setdefault(relative, []).append(_Copy(local, part))
+        if state.array:
+            offsets: dict[str, Optional[int]] = {}
+            for copy in staged.get("Image.csv", []):
+                offsets[copy.part.prefix] = part_offset(copy.path, copy.part)
+            for copies in staged.values():
+                for copy in copies:
+                    copy.offset = offsets.get(copy.part.prefix)  # None: this part has no Image.csv
         for relative, copies in sorted(staged.items()):
-            target = dest / relative
-            if relative.lower().endswith(".csv") and len(copies) > 1 and not _has_image_number(copies[0][0]):
-                # Per-run metadata (Experiment.csv: CellProfiler version, pipeline text): one copy, the first part's.
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(min(copies, key=lambda c: c[1])[0], target)
-            elif relative.lower().endswith(".csv") and len(copies) > 1:
-                report.rows[relative] = merge_csvs(
-                    [(p, first) for p, first, _ in sorted(copies, key=lambda c: c[1])], target)
-            elif len(copies) == 1:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(copies[0][0], target)
-            else:  # same non-CSV name in several parts: keep each, never overwrite
-                for local, _first, prefix in copies:
-                    kept = dest / prefix / relative
-                    kept.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(local, kept)
-                    report.files.append(str(kept.relative_to(dest)))
-                continue
+            merge_file(relative, sorted(copies, key=lambda c: c.first), dest, report)
             report.files.append(relative)
     _write_provenance(state, dest)
     return report
@@ -169,7 +309,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 def _write_provenance(state: RunState, dest: Path) -> None:
-    """Keep the run records beside the results (what ran, which version)."""
+    """Keep the run records beside the results (what ran, which version, which run)."""
     target = dest / "_cpb" / "runs.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps([{"part": p.prefix, **(p.record or {})} for p in state.parts],

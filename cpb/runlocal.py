@@ -34,6 +34,10 @@ def cellprofiler_defaults(environ: Mapping[str, str], repo: Path = REPO) -> Tupl
     return env, f"note: using the project's CellProfiler {project} (set CPB_CELLPROFILER to use another)"
 
 
+class LocalRunError(Exception):
+    """`cpb run --local` refuses its arguments; the message says what to change."""
+
+
 @dataclass
 class LocalOutcome:
     """What `cpb run --local` prints and exits with."""
@@ -41,6 +45,25 @@ class LocalOutcome:
     ok: bool
     exit_code: int
     summary: str
+
+
+def run_local_command(pipeline: Path, input_dir: Path, output_dir: Path, data_file: Optional[Path],
+                      workers: Optional[int], unsplittable: bool) -> LocalOutcome:
+    """`cpb run --local`: the folder rule the Lambda applies to prefixes, the default of one CellProfiler
+    process per CPU (as a Batch job uses its vCPUs), then the worker."""
+    from cpb_worker.ranges import available_cpus
+    if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
+        # the rule the Lambda applies to S3 prefixes; here the next run would also read the outlines as images
+        raise LocalRunError(f"--output {output_dir} is inside --input {input_dir}: results would mix with the "
+                            "images; choose an output folder outside the input folder")
+    cpus = available_cpus({})  # this machine's CPUs (CPB_VCPUS describes a Batch job, not this machine)
+    if workers is None:
+        workers = cpus
+    elif workers > cpus:
+        click.echo(f"note: --workers {workers} is more than the {cpus} CPU(s) here: the extra CellProfiler "
+                   f"processes share those CPUs (no faster) and each needs its own memory; try --workers {cpus}",
+                   err=True)
+    return run_local(pipeline, input_dir, output_dir, data_file, workers, unsplittable)
 
 
 def run_local(pipeline: Path, input_dir: Path, output_dir: Path, data_file: Optional[Path],

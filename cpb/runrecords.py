@@ -1,23 +1,35 @@
-"""Reading the worker's run records and deciding whether a run is complete.
+"""Which run records count for an output, and whether together they are complete.
 
-The rule (docs/CONTRACTS.md, "Output layout"): a prefix without a
-`_cpb/run.json` whose status is `succeeded` is incomplete. An array job's
-results live in `part-NNNNN/` prefixes, one per child; the run is complete
-only when every expected child left a succeeded record. Both `cpb status` and
-`cpb results` use this module so they can never disagree.
+The rules are docs/CONTRACTS.md's "Parts: which records count", applied identically by
+`cpb status`, `cpb results` and `cpb plate` (they all call `run_state`), so they never disagree:
+
+- The current run is the output lease's `run_id` (`<output>/_cpb/lease.json`). An output without a
+  lease (from before leases, or a local run) must have all its records in one run, else it is
+  refused, naming the mix.
+- A plain run (`array_size` null) counts only `<output>/_cpb/run.json` of that run; part folders of
+  earlier runs are ignored (and named).
+- An array run counts exactly `part-00000` .. `part-<array_size-1>`, each with a record of that run
+  whose `array_index` equals the folder's; their `[first, last]` ranges must tile
+  `1..image_set_count` exactly once. Any other record (another run's, another index's, a part beyond
+  the array) is named and never merged.
+- Complete = every expected part succeeded under those rules.
 """
 from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from botocore.exceptions import ClientError
 
+from cpb.lease import LEASE_KEY, read_lease
+
 RUN_RECORD = "_cpb/run.json"
 SUBMISSION_PREFIX = "_cpb/submission-"
 _PART = re.compile(r"^part-(\d{5})/")
+_PART_RECORD = re.compile(r"^part-(\d{5})/_cpb/run\.json$")
 
 
 def part_name(index: int) -> str:
@@ -50,6 +62,11 @@ def read_json(s3, bucket: str, key: str) -> Optional[dict]:
     return value if isinstance(value, dict) else {"status": "failed", "reason": f"{key} is not an object"}
 
 
+def short(run_id: Optional[str]) -> str:
+    """A run id as people read it (the first 8 hex digits are plenty to tell runs apart)."""
+    return str(run_id)[:8] if run_id else "without a run id"
+
+
 @dataclass
 class PartState:
     """One job's (or array child's) outcome as its run record tells it."""
@@ -57,12 +74,15 @@ class PartState:
     prefix: str                 # relative to the output: "" or "part-00003"
     index: Optional[int]        # array index, None for a single job
     record: Optional[dict]      # the run record, None when missing
+    stale: Optional[str] = None  # why this record does not belong to the current run's part
 
     @property
     def status(self) -> str:
-        """`succeeded`, `failed`, or `missing` (no record yet)."""
+        """`succeeded`, `failed`, `missing` (no record yet) or `stale` (a record of another run or job)."""
         if self.record is None:
             return "missing"
+        if self.stale:
+            return "stale"
         return "succeeded" if self.record.get("status") == "succeeded" else "failed"
 
     @property
@@ -70,41 +90,72 @@ class PartState:
         """Why this part is not done, in one line."""
         if self.record is None:
             return "no run record (still running, never started, or the worker died)"
+        if self.stale:
+            return self.stale
         return str(self.record.get("reason") or self.record.get("status") or "unknown")
+
+    @property
+    def range(self) -> tuple[Optional[int], Optional[int]]:
+        record = self.record or {}
+        return _int(record.get("first")), _int(record.get("last"))
+
+    @property
+    def resumed_from(self) -> Optional[str]:
+        return (self.record or {}).get("resumed_from") if self.status == "succeeded" else None
+
+
+def _int(value: object) -> Optional[int]:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
 class RunState:
-    """All parts of one output prefix and whether together they are complete."""
+    """The current run of one output prefix: its expected parts and whether together they are complete."""
 
     output: str
     array: bool
     parts: list[PartState] = field(default_factory=list)
     expected: Optional[int] = None
+    run_id: Optional[str] = None
+    lease: Optional[dict] = None
+    image_set_count: Optional[int] = None
+    ignored: list[str] = field(default_factory=list)    # records that are not the current run's parts
+    conflicts: list[str] = field(default_factory=list)  # what makes the parts unusable together
 
     @property
     def complete(self) -> bool:
-        """True only when every expected part has a succeeded record."""
-        if not self.parts or any(p.status != "succeeded" for p in self.parts):
+        """True only when every expected part of the current run succeeded and their ranges tile the image sets."""
+        if not self.parts or self.conflicts or any(p.status != "succeeded" for p in self.parts):
             return False
         if self.array:
             return self.expected is not None and len(self.parts) == self.expected
         return True
 
+    @property
+    def resumed(self) -> list[PartState]:
+        """Parts whose record reused an earlier run's results (`resumed_from`)."""
+        return [p for p in self.parts if p.resumed_from]
+
     def problems(self) -> list[str]:
-        """One line per part that keeps the run from being complete."""
+        """One line per reason the run is not complete (parts first, then what ties them together)."""
         lines = [f"{p.prefix or self.output}: {p.status}: {p.reason}"
                  for p in self.parts if p.status != "succeeded"]
         if not self.parts:
             lines.append(f"{self.output}: no results and no run record yet")
         elif self.array and self.expected is None:
             lines.append(f"{self.output}: cannot tell how many array parts to expect "
-                         "(no submission record); pass --parts N")
+                         "(no lease or submission record); pass --parts N")
+        lines.extend(self.conflicts)
+        if lines and self.ignored:
+            lines.append(f"{self.output}: not counted, never merged: " + "; ".join(self.ignored))
         return lines
 
 
 def expected_parts_from_submissions(submissions: Iterable[dict]) -> Optional[int]:
-    """Array size from the Lambda's submission records, if any names one."""
+    """Array size from the Lambda's submission records, if any names one (outputs without a lease)."""
     sizes = []
     for record in submissions:
         if record.get("status") == "cancelled":
@@ -119,8 +170,14 @@ def expected_parts_from_submissions(submissions: Iterable[dict]) -> Optional[int
     return max(sizes) if sizes else None
 
 
+def image_sets_from_submissions(submissions: Iterable[dict]) -> Optional[int]:
+    """The run's image-set count the Lambda recorded (outputs without a lease), if one names it."""
+    counts = {_int(r.get("image_set_count")) for r in submissions if r.get("status") != "cancelled"} - {None}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def load_submissions(s3, bucket: str, output: str, keys: Optional[dict[str, int]] = None) -> list[dict]:
-    """The Lambda's submission records under `<output>/_cpb/`."""
+    """The submission records under `<output>/_cpb/` (the Lambda's, and `cpb requeue`'s for outputs without a lease)."""
     keys = list_keys(s3, bucket, output) if keys is None else keys
     records = []
     for key in sorted(k for k in keys if k.startswith(SUBMISSION_PREFIX) and k.endswith(".json")):
@@ -130,28 +187,145 @@ def load_submissions(s3, bucket: str, output: str, keys: Optional[dict[str, int]
     return records
 
 
-def run_state(s3, bucket: str, output: str, expected: Optional[int] = None) -> RunState:
-    """Read every run record under `output` and say what is done.
-
-    Parts that exist as folders but have no record are reported as missing;
-    when the expected array size is known, never-started children are too.
-    """
+def run_state(s3, bucket: str, output: str, expected: Optional[int] = None,
+              keys: Optional[dict[str, int]] = None) -> RunState:
+    """Read the lease and every run record under `output` and say what the current run has done."""
     output = output.strip("/")
-    keys = list_keys(s3, bucket, output)
+    keys = list_keys(s3, bucket, output) if keys is None else keys
+    part_keys = {int(m.group(1)): k for k in keys if (m := _PART_RECORD.match(k))}
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a plate's array run is thousands of records
+        records = dict(zip(part_keys, pool.map(lambda k: read_json(s3, bucket, f"{output}/{k}"), part_keys.values())))
+    folders = {int(m.group(1)) for k in keys if (m := _PART.match(k))}
+    top = read_json(s3, bucket, f"{output}/{RUN_RECORD}") if RUN_RECORD in keys else None
+    lease = read_lease(s3, bucket, output)[0] if LEASE_KEY in keys else None
+    if lease is not None:
+        state = _with_lease(output, lease, top, records, expected)
+    else:
+        state = _without_lease(s3, bucket, output, keys, top, records, folders, expected)
+    state.conflicts.extend(_tiling(state))
+    return state
+
+
+def _stale_reason(record: dict, run_id: Optional[str], index: Optional[int], prefix: str) -> Optional[str]:
+    """Why `record` is not the current run's record for this part (None: it is)."""
+    if record.get("run_id") != run_id:
+        return (f"record of run {short(record.get('run_id'))}, not of the current run {short(run_id)} "
+                "(this part of the current run has not finished, or never started)")
+    if index is not None and _int(record.get("array_index")) != index:
+        return (f"record says array index {record.get('array_index')}, but the folder is {prefix} "
+                "(written by another job; never merged)")
+    if index is None and record.get("array_index") is not None:
+        return f"record of array child {record.get('array_index')}, not of a single job"
+    return None
+
+
+def _with_lease(output: str, lease: dict, top: Optional[dict], records: dict[int, Optional[dict]],
+                expected: Optional[int]) -> RunState:
+    run_id = lease.get("run_id")
+    array_size = _int(lease.get("array_size"))
+    state = RunState(output, array_size is not None, expected=array_size if array_size is not None else 1,
+                     run_id=run_id, lease=lease, image_set_count=_int(lease.get("image_set_count")))
+    if lease.get("state") == "unreadable":
+        state.conflicts.append(f"{output}: its lease {LEASE_KEY} is not a JSON object, so its current run is "
+                               "unknown: send the message again")
+    if lease.get("state") == "cancelled":
+        state.conflicts.append(f"{output}: its current run {short(run_id)} was cancelled (its message was "
+                               "rolled back): send the message again")
+    if expected is not None and expected != (array_size or 1):
+        state.conflicts.append(f"{output}: --parts {expected}, but the current run {short(run_id)} has "
+                               f"{array_size or 1} part(s); drop --parts")
+    if array_size is None:
+        part = PartState("", None, top)
+        if top is not None:
+            part.stale = _stale_reason(top, run_id, None, "")
+        state.parts = [part]
+        state.ignored = [f"{part_name(i)} ({_describe(r)})" for i, r in sorted(records.items()) if r is not None]
+        return state
+    for index in range(array_size):
+        record = records.get(index)
+        part = PartState(part_name(index), index, record)
+        if record is not None:
+            part.stale = _stale_reason(record, run_id, index, part.prefix)
+        state.parts.append(part)
+    state.ignored = [f"{part_name(i)} ({_describe(r)}, beyond the current run's {array_size} parts)"
+                     for i, r in sorted(records.items()) if r is not None and i >= array_size]
+    if top is not None:
+        state.ignored.insert(0, f"_cpb/run.json ({_describe(top)}, a single job's record)")
+    return state
+
+
+def _describe(record: Optional[dict]) -> str:
+    record = record or {}
+    return f"run {short(record.get('run_id'))}, {record.get('status', '?')}"
+
+
+def _without_lease(s3, bucket: str, output: str, keys: dict[str, int], top: Optional[dict],
+                   records: dict[int, Optional[dict]], folders: set[int], expected: Optional[int]) -> RunState:
+    """Outputs from before leases, and local runs: the records must agree among themselves."""
     if expected is None:
         expected = expected_parts_from_submissions(load_submissions(s3, bucket, output, keys))
-    indices = sorted({int(m.group(1)) for k in keys if (m := _PART.match(k))})
+    indices = sorted(folders)
     array = bool(indices) or (expected is not None and RUN_RECORD not in keys)
+    every = ([("_cpb/run.json", top)] if top is not None else []) + \
+        [(part_name(i), r) for i, r in sorted(records.items()) if r is not None]
+    runs: dict[Optional[str], list[str]] = {}
+    for name, record in every:
+        runs.setdefault(record.get("run_id"), []).append(name)
+    state = RunState(output, array, expected=expected if array else 1)
+    if len(runs) > 1:
+        state.conflicts.append(f"{output}: records of {len(runs)} runs and no lease to say which is current: "
+                               + "; ".join(f"run {short(r)}: {_names(n)}" for r, n in runs.items())
+                               + "; send the message again to make one run")
+    state.run_id = next(iter(runs)) if len(runs) == 1 else None
     if not array:
-        record = read_json(s3, bucket, f"{output}/{RUN_RECORD}") if RUN_RECORD in keys else None
-        parts = [PartState("", None, record)] if (record is not None or keys) else []
-        return RunState(output, False, parts, 1)
+        state.parts = [PartState("", None, top)] if (top is not None or keys) else []
+        return state
     if expected is not None:
         indices = sorted(set(indices) | set(range(expected)))
-    parts = []
     for index in indices:
-        prefix = part_name(index)
-        record_key = f"{prefix}/{RUN_RECORD}"
-        record = read_json(s3, bucket, f"{output}/{record_key}") if record_key in keys else None
-        parts.append(PartState(prefix, index, record))
-    return RunState(output, True, parts, expected)
+        record = records.get(index)
+        part = PartState(part_name(index), index, record)
+        if record is not None and record.get("array_index") is None:
+            part.stale = "record of a single job whose output was this part folder, not an array child's (never merged)"
+        elif record is not None and _int(record.get("array_index")) != index:
+            part.stale = _stale_reason(record, record.get("run_id"), index, part.prefix)
+        state.parts.append(part)
+    if top is not None:
+        state.ignored.append(f"_cpb/run.json ({_describe(top)}, a single job's record)")
+    state.image_set_count = image_sets_from_submissions(load_submissions(s3, bucket, output, keys))
+    return state
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+
+def _tiling(state: RunState) -> list[str]:
+    """The succeeded parts' ranges must cover 1..image_set_count exactly once (checked once all succeeded)."""
+    if not state.parts or any(p.status != "succeeded" for p in state.parts):
+        return []
+    count = state.image_set_count  # the run's (a record's image_set_count is its own range's)
+    if not state.array:
+        first, last = state.parts[0].range
+        child = (state.parts[0].record or {}).get("array_index") is not None  # one part downloaded on its own
+        if first is not None and count is not None and not child and (first, last) != (1, count):
+            return [f"{state.output}: its record covers image sets {first}-{last}, not all {count}"]
+        return []
+    lines = []
+    ranges = sorted((p.range, p.prefix) for p in state.parts)
+    following = 1
+    for (first, last), prefix in ranges:
+        if first is None or last is None:
+            lines.append(f"{prefix}: its record names no image-set range")
+            continue
+        if first < following:
+            lines.append(f"{prefix}: image sets {first}-{last} overlap image sets before {following} that "
+                         "another part already holds (two runs mixed?)")
+        elif first > following:
+            lines.append(f"image sets {following}-{first - 1} are in no part (next: {prefix} from {first})")
+        following = max(following, last + 1)
+    if count is not None and following - 1 < count:
+        lines.append(f"image sets {following}-{count} are in no part")
+    elif count is not None and following - 1 > count:
+        lines.append(f"the parts run up to image set {following - 1}, but the run has {count}")
+    return [f"{state.output}: ranges do not tile the image sets: {line}" for line in lines]

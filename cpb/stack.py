@@ -24,6 +24,8 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "jobDefinitionArn": ("job_definition", "CPB_JOB_DEFINITION"),
     "region": ("region", "CPB_REGION"),
     "logGroupName": ("log_group", "CPB_LOG_GROUP"),
+    # The worker image (`repository@sha256:...`): what a resumed part's fingerprint `image` must equal.
+    "imageUri": ("image_uri", "CPB_IMAGE"),
 }
 
 HOW_TO_FIX = ("select a deployed stack (install the Pulumi CLI, then `pulumi stack select dev` "
@@ -46,6 +48,7 @@ class StackConfig:
     job_definition: Optional[str] = None
     region: Optional[str] = None
     log_group: Optional[str] = None
+    image_uri: Optional[str] = None
     sources: Mapping[str, str] = field(default_factory=dict)
     # The Lambda's CPB_MAX_*/CPB_DEFAULT_*/CPB_ALLOWED_ARNS, when the stack exports them
     # (optional output `jobLimits`), so local validation uses the deployed ceilings.
@@ -112,7 +115,9 @@ def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[
     flags = flags or {}
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
+    # --- stack lookup (the `--stack local` branch is the local-cloud engineer's: cpb.local.state) ---
     outputs = pulumi_outputs(stack, runner=runner) if use_pulumi else None
+    # --- end of stack lookup ---
     if outputs:
         label = f"pulumi stack {stack}" if stack else "the selected pulumi stack"
         for output, (attr, _env) in OUTPUTS.items():

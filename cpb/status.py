@@ -1,17 +1,21 @@
-"""What happened to a submission: Batch states, array progress, run records, DLQ.
+"""What happened to an output: its current run (the lease), Batch states, run records, retries, DLQ.
 
-Batch says whether a container ran; only the worker's run record says the
-results are there (a container can exit 0 having done nothing). So an output
-counts as succeeded only when both agree, and a Batch job that "succeeded"
-without a record is reported as failed, never as done.
+Batch says whether a container ran; only the worker's run record says the results are there (a
+container can exit 0 having done nothing). So an output counts as succeeded only when both agree,
+and a Batch job that "succeeded" without a record of the current run is reported as failed, never
+as done. The jobs followed are the current run's (the lease's `jobs` and `retries`); outputs from
+before leases are followed through their submission records.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
-from cpb.runrecords import RunState, load_submissions, run_state
+from cpb import receipts
+from cpb.lease import lease_jobs, message_identity, read_lease
+from cpb.runrecords import RunState, list_keys, load_submissions, part_name, run_state, short
 
 TERMINAL = {"SUCCEEDED", "FAILED"}
 ACTIVE = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING"}
@@ -28,8 +32,10 @@ class JobView:
     log_stream: str = ""
     array_size: int = 0
     children: dict[str, int] = field(default_factory=dict)
-    failed_children: list[tuple[int, str, str]] = field(default_factory=list)  # index, reason, log
-    array_index: Optional[int] = None  # set on a requeued array child
+    failed_children: list[tuple[int, str, str]] = field(default_factory=list)  # part index, reason, log
+    array_index: Optional[int] = None  # set on a retried array child (requeue or out of memory)
+    array_offset: int = 0              # part index of child 0 (runs of more than 10,000 children)
+    depends_on: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -41,18 +47,38 @@ class OutputStatus:
     run: RunState
     message_ids: list[str]
     dead_letters: list = field(default_factory=list)  # DeadLetter messages naming this output
+    upstream: list[tuple[str, str]] = field(default_factory=list)  # (after output, its verdict)
+    not_taken: list[dict] = field(default_factory=list)  # receipts of messages the Lambda has not taken
+    skipped_note: Optional[str] = None  # `cpb plate` found this step up to date and sent nothing
+
+    @property
+    def lease(self) -> Optional[dict]:
+        return self.run.lease
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """`after` outputs this run still waits for."""
+        return [o for o, verdict in self.upstream if verdict not in ("succeeded", "failed")]
 
     @property
     def verdict(self) -> str:
-        """`succeeded`, `failed`, `running` or `waiting` (not submitted yet)."""
+        """`succeeded`, `failed`, `running`, `waiting` (for the Lambda or an `after` output)."""
+        if self.lease and self.lease.get("state") == "cancelled":
+            return "failed"
         if any(j.status == "FAILED" or j.failed_children for j in self.jobs):
             return "failed"
         if any(j.status in ACTIVE for j in self.jobs):
+            if self.waiting_for and all(_not_started(j) for j in self.jobs if j.status in ACTIVE):
+                return "waiting"
             return "running"
+        if self.not_taken:
+            return "waiting"  # a newer message from here is on its way: the current run is not the one asked for
         if self.run.complete:
             return "succeeded"
-        if any(p.status == "failed" for p in self.run.parts):
+        if any(p.status == "failed" for p in self.run.parts) or self.run.conflicts:
             return "failed"
+        if self.lease and self.lease.get("state") == "pending" and not self.jobs:
+            return "waiting"
         if self.jobs or self.dead_letters:  # Batch finished without records, or the message was dead-lettered
             return "failed"
         return "waiting"
@@ -60,8 +86,8 @@ class OutputStatus:
     def problems(self) -> list[str]:
         """Reasons, one line each, for anything not succeeded.
 
-        A failed array child is one line: Batch's reason plus the worker's own
-        (from its run record) when Batch's does not already say it.
+        A failed array child is one line: Batch's reason plus the worker's own (from its run
+        record) when Batch's does not already say it.
         """
         lines = []
         parts = {p.index: p for p in self.run.parts}
@@ -79,17 +105,26 @@ class OutputStatus:
                     text = f"{text}; worker: {worker}"
                 lines.append(f"job {job.name} child {index} failed: {text}" + (f" [log stream {log}]" if log else ""))
                 explained.add(index)
-        if self.verdict != "running":
+        if self.verdict not in ("running", "waiting"):
             lines.extend(f"run record {p.prefix or self.output}: {p.status}: {p.reason}"
                          for p in self.run.parts if p.status != "succeeded" and p.index not in explained)
             if not self.run.parts or (self.run.array and self.run.expected is None):
                 lines.extend(f"run record {line}" for line in self.run.problems()
                              if "no results" in line or "cannot tell" in line)
+            lines.extend(self.run.conflicts)
         return lines
 
 
+def _not_started(job: JobView) -> bool:
+    """Batch holds the job (or every child) back: PENDING is what a job waiting on `dependsOn` shows."""
+    if job.status in ("SUBMITTED", "PENDING"):
+        return True
+    states = {state for state, count in job.children.items() if count}
+    return bool(job.array_size and states and states <= {"SUBMITTED", "PENDING"})
+
+
 def _job_ids(submissions: Iterable[dict]) -> list[str]:
-    """Job ids named by the Lambda's submission records (tolerant of key style)."""
+    """Job ids named by submission records (outputs without a lease)."""
     ids = []
     for record in submissions:
         if record.get("status") == "cancelled":  # rolled back by the Lambda: not a job to follow
@@ -129,11 +164,12 @@ def _children(batch, job_id: str) -> list[dict]:
     return children
 
 
-def job_view(batch, job: dict) -> JobView:
-    """A JobView for one described job, with array children summarised."""
+def job_view(batch, job: dict, offset: int = 0) -> JobView:
+    """A JobView for one described job, with array children summarised (indices as part numbers)."""
     container = job.get("container") or {}
     view = JobView(job_id=job["jobId"], name=job.get("jobName", ""), status=job.get("status", "?"),
-                   reason=_reason(job), log_stream=container.get("logStreamName", ""))
+                   reason=_reason(job), log_stream=container.get("logStreamName", ""), array_offset=offset,
+                   depends_on=[d.get("jobId", "") for d in job.get("dependsOn") or []])
     array = job.get("arrayProperties") or {}
     if array.get("size"):
         view.array_size = int(array["size"])
@@ -146,42 +182,65 @@ def job_view(batch, job: dict) -> JobView:
                 d = detailed.get(child["jobId"], child)
                 index = int(str(child["jobId"]).rsplit(":", 1)[-1])
                 view.failed_children.append(
-                    (index, _reason(d), (d.get("container") or {}).get("logStreamName", "")))
+                    (offset + index, _reason(d), (d.get("container") or {}).get("logStreamName", "")))
         if view.children.get("FAILED") and view.status not in ACTIVE:
             view.status = "FAILED"
     return view
 
 
-def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] = None) -> OutputStatus:
-    """Combine submission records, Batch and run records for one output prefix.
+def _child_id(view: JobView, part: int) -> str:
+    """Batch's id of the child of `view` that ran part `part`."""
+    return f"{view.job_id}:{part - view.array_offset}"
 
-    Jobs resubmitted by `cpb requeue` replace the failure they retry: the
-    old job (or array child) is no longer counted, the new one is.
+
+def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] = None,
+                  follow_after: bool = True) -> OutputStatus:
+    """Combine the lease (or submission records), Batch and run records for one output prefix.
+
+    Retries (`cpb requeue`, out-of-memory resubmissions) replace the failure they retry: the old
+    job (or array child) is no longer counted, the new one is.
     """
     output = output.strip("/")
-    submissions = load_submissions(s3, bucket, output)
-    ids = _job_ids(submissions)
-    replaced, index_of = _requeues(submissions)
+    keys = list_keys(s3, bucket, output)
+    run = run_state(s3, bucket, output, expected, keys=keys)
+    lease = run.lease
+    offsets: dict[str, int] = {}
+    if lease is not None:
+        entries = lease_jobs(lease)
+        ids = [e["job_id"] for e in entries]
+        offsets = {e["job_id"]: int(e.get("array_offset") or 0) for e in entries if e.get("retry") is None}
+        replaced = {str(e["retry"]["replaces"]) for e in entries if e.get("retry") and e["retry"].get("replaces")}
+        index_of = {e["job_id"]: int(e["retry"]["array_index"]) for e in entries
+                    if e.get("retry") and e["retry"].get("array_index") is not None}
+        messages = [str(lease.get("message_id") or "")]
+    else:
+        submissions = load_submissions(s3, bucket, output, keys)
+        ids = _job_ids(submissions)
+        replaced, index_of = _requeues(submissions)
+        messages = [str(s.get("message_id") or s.get("messageId") or "") for s in submissions]
     described = describe(batch, ids) if ids else []
     jobs = []
     for job in described:
         if job["jobId"] in replaced:
             continue
-        view = job_view(batch, job)
+        view = job_view(batch, job, offsets.get(job["jobId"], 0))
         view.array_index = index_of.get(view.job_id)
         before = len(view.failed_children)
-        view.failed_children = [c for c in view.failed_children if f"{view.job_id}:{c[0]}" not in replaced]
+        view.failed_children = [c for c in view.failed_children if _child_id(view, c[0]) not in replaced]
         if view.array_size and view.status == "FAILED" and before and not view.failed_children:
-            view.status, view.reason = "SUCCEEDED", "its failed children were requeued"
+            view.status, view.reason = "SUCCEEDED", "its failed children were retried"
         jobs.append(view)
-    run = run_state(s3, bucket, output, expected)
     _mark_record_failures(jobs, run, replaced)
-    messages = [str(s.get("message_id") or s.get("messageId") or "") for s in submissions]
-    return OutputStatus(output, jobs, run, [m for m in messages if m])
+    state = OutputStatus(output, jobs, run, [m for m in messages if m])
+    if lease is not None and follow_after:
+        for after in lease.get("after") or []:
+            upstream = output_status(s3, batch, bucket, after, follow_after=False)
+            state.upstream.append((after, upstream.verdict))
+    return state
 
 
 def _requeues(submissions: Iterable[dict]) -> tuple[set[str], dict[str, int]]:
-    """(ids replaced by a requeue, new job id -> array index it reruns)."""
+    """(ids replaced by a requeue, new job id -> array index it reruns), from submission records."""
     replaced: set[str] = set()
     index_of: dict[str, int] = {}
     for record in submissions:
@@ -194,18 +253,19 @@ def _requeues(submissions: Iterable[dict]) -> tuple[set[str], dict[str, int]]:
 
 
 def _mark_record_failures(jobs: list[JobView], run: RunState, replaced: set[str]) -> None:
-    """Batch and records disagree: a finished job whose record is not
-    succeeded failed, whatever Batch says (an emulator marks jobs
-    SUCCEEDED on submit; a real worker can exit 0 having done nothing)."""
+    """Batch and records disagree: a finished job whose record (of the current run) is not
+    succeeded failed, whatever Batch says (an emulator marks jobs SUCCEEDED on submit; a real
+    worker can exit 0 having done nothing)."""
     parts = {p.index: p for p in run.parts}
     for job in jobs:
         if job.status in ACTIVE:
             continue
         if job.array_size:
             known = {i for i, _, _ in job.failed_children}
+            mine = range(job.array_offset, job.array_offset + job.array_size)
             for part in run.parts:
-                if (part.index is not None and part.status != "succeeded" and part.index not in known
-                        and f"{job.job_id}:{part.index}" not in replaced):
+                if (part.index is not None and part.index in mine and part.status != "succeeded"
+                        and part.index not in known and _child_id(job, part.index) not in replaced):
                     job.failed_children.append((part.index, part.reason, ""))
             job.failed_children.sort()
             if job.failed_children:
@@ -221,6 +281,53 @@ def _mark_record_failures(jobs: list[JobView], run: RunState, replaced: set[str]
                 job.reason = "; ".join(run.problems()) or "no succeeded run record"
 
 
+def retry_lines(lease: Optional[dict]) -> list[str]:
+    """The lease's retries as people read them, e.g. `part 3: retried with 29.3 GiB after running out
+    of memory at 14.6 GiB`."""
+    if not lease:
+        return []
+    memory = {str(j.get("job_id")): j.get("memory_mib") for j in lease.get("jobs") or [] if isinstance(j, dict)}
+    lines = []
+    for retry in lease.get("retries") or []:
+        if not isinstance(retry, dict):
+            continue
+        replaces = str(retry.get("replaces") or "")
+        before = retry.get("previous_memory_mib") or memory.get(replaces) or memory.get(replaces.split(":")[0])
+        memory[str(retry.get("job_id"))] = retry.get("memory_mib")
+        index = retry.get("array_index")
+        what = f"part {index}" if index is not None else "the job"
+        reason = str(retry.get("reason") or "")
+        if retry.get("by") == "requeue":
+            lines.append(f"{what}: requeued by cpb requeue as job {retry.get('job_id')}"
+                         + (f" (was: {reason})" if reason else ""))
+        elif "memory" in reason.lower():
+            lines.append(f"{what}: retried with {_gib(retry.get('memory_mib'))} after running out of memory"
+                         + (f" at {_gib(before)}" if before else "") + f" (job {retry.get('job_id')})")
+        else:
+            lines.append(f"{what}: retried as job {retry.get('job_id')}" + (f" ({reason})" if reason else ""))
+    return lines
+
+
+def _gib(mib: object) -> str:
+    try:
+        return f"{float(mib) / 1024:.1f} GiB"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "more memory"
+
+
+def resumed_lines(run: RunState) -> list[str]:
+    """Parts the worker reused from an earlier run (fingerprint equal), grouped by that run."""
+    by_run: dict[str, list[str]] = {}
+    for part in run.resumed:
+        by_run.setdefault(str(part.resumed_from), []).append(part.prefix or run.output)
+    return [f"up to date, reused from run {short(source)} (same pipeline, data rows, image and upstream "
+            f"results): {_span(names)}" for source, names in by_run.items()]
+
+
+def _span(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" (+{len(names) - 6} more)" if len(names) > 6 else "")
+
+
 @dataclass
 class DeadLetter:
     """One message in the dead-letter queue and why it is there."""
@@ -230,14 +337,14 @@ class DeadLetter:
     output: str
     reason: str
     body: str
+    identity: str = ""
 
 
-def peek_dlq(sqs, dlq_url: str, explain: Callable[[str], str], limit: int = 50) -> tuple[int, list[DeadLetter]]:
+def peek_dlq(sqs, dlq_url: str, explain: Callable[["DeadLetter"], str], limit: int = 50) -> tuple[int, list[DeadLetter]]:
     """(approximate total, up to `limit` messages) from the DLQ, left in place.
 
-    Messages are received with a zero visibility timeout so they stay
-    available to `cpb requeue`; `explain` re-validates each body to say why
-    the Lambda gave up on it.
+    Messages are received with a zero visibility timeout so they stay available to `cpb
+    requeue`; `explain` says why the Lambda gave up on each (re-validation, the output's lease).
     """
     attrs = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
     total = int(attrs.get("Attributes", {}).get("ApproximateNumberOfMessages", 0))
@@ -245,28 +352,60 @@ def peek_dlq(sqs, dlq_url: str, explain: Callable[[str], str], limit: int = 50) 
     idle = 0
     while len(seen) < min(limit, total) and idle < 3:
         got = sqs.receive_message(QueueUrl=dlq_url, MaxNumberOfMessages=10, VisibilityTimeout=0,
-                                  WaitTimeSeconds=0, AttributeNames=["ApproximateReceiveCount"])
+                                  WaitTimeSeconds=0, AttributeNames=["ApproximateReceiveCount"],
+                                  MessageAttributeNames=["All"])
         fresh = [m for m in got.get("Messages", []) if m["MessageId"] not in seen]
         idle = 0 if fresh else idle + 1
         for message in fresh:
             body = message.get("Body", "")
-            seen[message["MessageId"]] = DeadLetter(
-                message_id=message["MessageId"],
-                receive_count=int(message.get("Attributes", {}).get("ApproximateReceiveCount", 0)),
-                output=_output_of(body), reason=explain(body), body=body)
+            letter = DeadLetter(message_id=message["MessageId"],
+                                receive_count=int(message.get("Attributes", {}).get("ApproximateReceiveCount", 0)),
+                                output=_output_of(body), reason="", body=body,
+                                identity=message_identity(_decoded(body), message["MessageId"],
+                                                          message.get("MessageAttributes")))
+            letter.reason = explain(letter)
+            seen[message["MessageId"]] = letter
     return total, list(seen.values())[:limit]
+
+
+def _decoded(body: str) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 def _output_of(body: str) -> str:
     """The `output` a message names, best effort (for matching to a prefix)."""
-    import json
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return ""
+    value = _decoded(body)
     items = value if isinstance(value, list) else [value]
-    outs = [str(i.get("output", "")) for i in items if isinstance(i, dict)]
+    outs = [str(i.get("output", "")).strip("/") for i in items if isinstance(i, dict)]
     return ",".join(o for o in outs if o)
+
+
+def lease_refusal(s3, batch, bucket: str, letter: DeadLetter) -> Optional[str]:
+    """Why the Lambda refused a valid dead letter, when an output it names is leased by another
+    message's run: the contract's `output: ... is in use by run ...` line, as the client can tell it."""
+    value = _decoded(letter.body)
+    items = value if isinstance(value, list) else [value]
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not item.get("output"):
+            continue
+        output = str(item["output"]).strip("/")
+        if output.startswith("s3://"):
+            output = output.split("/", 3)[-1].strip("/")
+        lease, _ = read_lease(s3, bucket, output)
+        identity = letter.identity if not isinstance(value, list) else f"{letter.identity}#{index}"
+        if not lease or lease.get("message_id") == identity:
+            continue
+        jobs = [j.get("job_id") for j in lease.get("jobs") or [] if isinstance(j, dict) and j.get("job_id")]
+        states = {j["jobId"]: j.get("status") for j in describe(batch, jobs)} if jobs else {}
+        busy = next(((j, s) for j, s in states.items() if s in ACTIVE), None)
+        now = f"job {busy[0]} {busy[1]}" if busy else "it has finished since"
+        return (f"output: {output} was in use by run {short(lease.get('run_id'))} of message "
+                f"{lease.get('message_id')} ({now}); once that run has finished, move this message back "
+                "with `cpb requeue --dlq`, or send it with another output")
+    return None
 
 
 def watch(fetch: Callable[[], list[OutputStatus]], show: Callable[[list[OutputStatus]], None],
@@ -282,3 +421,31 @@ def watch(fetch: Callable[[], list[OutputStatus]], show: Callable[[list[OutputSt
         if timeout is not None and time.monotonic() - started > timeout:
             return states
         sleep(interval)
+
+
+def gather(s3, batch, sqs, bucket: str, outputs: Iterable[str], expected: Optional[int] = None,
+           dlq_url: Optional[str] = None, explain: Optional[Callable[[DeadLetter], str]] = None
+           ) -> tuple[list[OutputStatus], int, list[DeadLetter]]:
+    """What `cpb status` shows: each output's status with this machine's notes and, when `dlq_url`
+    is given, the dead letters (each matched to the outputs it names). Returns (states, DLQ total, letters)."""
+    states = [output_status(s3, batch, bucket, output, expected) for output in outputs]
+    for state in states:
+        local_notes(state, bucket)
+    total, letters = 0, []
+    if dlq_url and explain is not None:
+        total, letters = peek_dlq(sqs, dlq_url, explain)
+        for state in states:
+            state.dead_letters = [d for d in letters if state.output in d.output.split(",")]
+    return states, total, letters
+
+
+def local_notes(state: OutputStatus, bucket: str) -> None:
+    """What this machine's receipts add: messages sent from here not yet taken, a step `cpb plate` skipped."""
+    state.not_taken = receipts.not_taken(bucket, state.output, state.lease)
+    latest = receipts.latest(bucket, state.output)
+    if latest and latest.get("kind") == "skipped":
+        state.skipped_note = latest.get("note")
+
+
+__all__ = ["ACTIVE", "TERMINAL", "JobView", "OutputStatus", "DeadLetter", "describe", "job_view", "output_status",
+           "peek_dlq", "lease_refusal", "retry_lines", "resumed_lines", "watch", "gather", "local_notes", "part_name"]

@@ -62,20 +62,42 @@ def local_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return keep, hidden
 
 
-def is_same(s3, bucket: str, key: str, size: int, sha256_hex: str) -> bool:
-    """True when s3://bucket/key already holds exactly these bytes."""
+def compare(s3, bucket: str, key: str, size: int, sha256_hex: str) -> str:
+    """`same` when s3://bucket/key already holds exactly these bytes, else `missing` or `changed`."""
     try:
         head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
+            return "missing"
         raise
     if head.get("ContentLength") != size:
-        return False
+        return "changed"
     if head.get("Metadata", {}).get("sha256") == sha256_hex:
-        return True
+        return "same"
     s3_checksum = head.get("ChecksumSHA256", "")
-    return s3_checksum == base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+    return "same" if s3_checksum == base64.b64encode(bytes.fromhex(sha256_hex)).decode() else "changed"
+
+
+def is_same(s3, bucket: str, key: str, size: int, sha256_hex: str) -> bool:
+    """True when s3://bucket/key already holds exactly these bytes."""
+    return compare(s3, bucket, key, size, sha256_hex) == "same"
+
+
+def compare_files(s3, bucket: str, pairs: Iterable[tuple[Path, str]], workers: int = 8,
+                  progress: Optional[Callable[[int], None]] = None) -> list[str]:
+    """`compare` for many (local path, key) pairs, `workers` at a time; answers in the order given.
+    `progress` is told each file done (a plate is thousands of files to hash)."""
+    lock = threading.Lock()
+
+    def one(pair: tuple[Path, str]) -> str:
+        path, key = pair
+        answer = compare(s3, bucket, key, path.stat().st_size, sha256_file(path))
+        if progress:
+            with lock:
+                progress(1)
+        return answer
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(one, list(pairs)))
 
 
 def upload_file(s3, bucket: str, path: Path, key: str, sha256_hex: Optional[str] = None,

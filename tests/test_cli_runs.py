@@ -1,0 +1,385 @@
+"""Reruns and races, client side (issue 11): `cpb results` and `cpb status` take only the current run.
+
+The Lambda and the worker are being rebuilt in parallel, so their outputs are crafted here exactly
+as docs/CONTRACTS.md ("Runs, leases, chaining, resume and out-of-memory retries") defines them:
+the output lease `<output>/_cpb/lease.json`, the submission records, and run records carrying
+`run_id`, `array_index`, `first`/`last`, `files` with sizes and checksums. Everything else is real:
+the `cpb` commands through click, against moto.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from click.testing import CliRunner
+
+from cpb.cli import cli
+from cpb.local.batch import MotoJobStates
+from test_cli import BUCKET, REGION, aws, put  # noqa: F401 - `aws` is the moto fixture
+
+
+
+def run_id_for(identity: str, generation: int = 0) -> str:
+    """docs/CONTRACTS.md: the first 20 hex digits of sha256("<message identity>:<generation>")."""
+    return hashlib.sha256(f"{identity}:{generation}".encode()).hexdigest()[:20]
+
+
+RUN_A, RUN_B, RUN_C = run_id_for("message-a"), run_id_for("message-b"), run_id_for("message-c")
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def table(rows: list[tuple[int, int]]) -> str:
+    return "ImageNumber,Count_Nuclei\n" + "".join(f"{n},{c}\n" for n, c in rows)
+
+
+def entry(key: str, text: str) -> dict:
+    return {"key": key, "size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def write_record(aws, output: str, run_id: str, index: Optional[int], first: int, last: int, count: int,
+                 files: Optional[dict[str, str]] = None, status: str = "succeeded", **extra) -> None:
+    """A worker's run record and the files it lists (default: Image.csv numbered globally, Count = 10*n).
+    `count` is the run's image sets; the record's own `image_set_count` is its range's, as the worker writes it."""
+    prefix = output if index is None else f"{output}/part-{index:05d}"
+    files = files if files is not None else {"Image.csv": table([(n, 10 * n) for n in range(first, last + 1)])}
+    for key, text in files.items():
+        put(aws, f"{prefix}/{key}", text)
+    record = {"status": status, "first": first, "last": last, "image_set_count": last - first + 1, "array_index": index,
+              "run_id": run_id, "files": [entry(k, t) for k, t in files.items()], "pipeline_sha256": "p" * 64,
+              "cellprofiler_version": "4.2.8", "message_id": f"message-of-{run_id}", **extra}
+    if status != "succeeded":
+        record["reason"] = "CellProfiler exited 1"
+    put(aws, f"{prefix}/_cpb/run.json", json.dumps(record))
+
+
+def write_lease(aws, output: str, run_id: str, array_size: Optional[int], count: int, jobs: list[dict] = (),
+                message_id: str = "message-b", state: str = "submitted", **extra) -> dict:
+    lease = {"run_id": run_id, "message_id": message_id, "sqs_message_id": "sqs-1", "client_token": None,
+             "state": state, "jobs": list(jobs), "array_size": array_size, "image_set_count": count,
+             "image_sets_per_job": None if array_size is None else -(-count // array_size), "after": [],
+             "depends_on": [], "retries": [], "previous_run_id": None, "lease_until": 0, "owner": "lambda",
+             "created_at": "2020-01-01T10:00:00+00:00", "updated_at": "2020-01-01T10:00:00+00:00", **extra}
+    put(aws, f"{output}/_cpb/lease.json", json.dumps(lease))
+    return lease
+
+
+def submission(aws, output: str, message_id: str, job_id: Optional[str], array_size: Optional[int], count: int) -> None:
+    """The Lambda's submission record (what outputs from before leases are followed by)."""
+    put(aws, f"{output}/_cpb/submission-{message_id}.json", json.dumps(
+        {"status": "submitted", "message_id": message_id, "job_id": job_id, "array_size": array_size,
+         "image_set_count": count}))
+
+
+def batch_job(aws, output: str, size: Optional[int] = None, states: Optional[dict] = None, name: str = "plate") -> str:
+    """A job in moto's Batch (moto marks it SUCCEEDED; `states` sets children's states)."""
+    kwargs = {"arrayProperties": {"size": size}} if size else {}
+    job = aws["batch"].submit_job(jobName=name, jobQueue=aws["job_queue"], jobDefinition=aws["definition"],
+                                  containerOverrides={"environment": [{"name": "CPB_OUTPUT", "value": output}]},
+                                  tags={"cpb:stack": "test"}, **kwargs)["jobId"]
+    for suffix, (status, reason, code) in (states or {}).items():
+        MotoJobStates(REGION).set(f"{job}{suffix}", status, reason, code)
+    return job
+
+
+def image_numbers(folder: Path, name: str = "Image.csv", column: str = "ImageNumber") -> list[int]:
+    return [int(r[column]) for r in csv.DictReader(open(folder / name, newline=""))]
+
+
+# ------------------------------------------------------------------------- reruns never mix runs
+
+@pytest.mark.race
+def test_split_2_then_split_4_never_duplicates_image_numbers(aws, tmp_path):
+    """Run A split 8 image sets in 2 parts; run B (the current one) splits them in 4. While B has only
+    written parts 2 and 3, parts 0 and 1 still hold A's records (1-4, 5-8): merging them put image
+    sets 5-8 in twice. Now they are refused by name, and B's four parts merge to 1..8 once."""
+    write_record(aws, "results/p", RUN_A, 0, 1, 4, 8)
+    write_record(aws, "results/p", RUN_A, 1, 5, 8, 8)
+    submission(aws, "results/p", "message-a", "job-a", 2, 8)
+    write_lease(aws, "results/p", RUN_B, 4, 8, previous_run_id=RUN_A)
+    submission(aws, "results/p", "message-b", "job-b", 4, 8)
+    write_record(aws, "results/p", RUN_B, 2, 5, 6, 8)
+    write_record(aws, "results/p", RUN_B, 3, 7, 8, 8)
+    refused = run("results", "results/p", "--to", str(tmp_path / "mixed"))
+    assert refused.exit_code == 1, refused.output
+    assert f"part-00000: stale: record of run {RUN_A[:8]}, not of the current run {RUN_B[:8]}" in refused.output
+    assert "part-00001: stale" in refused.output
+    assert not (tmp_path / "mixed" / "Image.csv").exists()
+    write_record(aws, "results/p", RUN_B, 0, 1, 2, 8)
+    write_record(aws, "results/p", RUN_B, 1, 3, 4, 8)
+    done = run("results", "results/p", "--to", str(tmp_path / "b"))
+    assert done.exit_code == 0, done.output
+    assert image_numbers(tmp_path / "b") == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert f"run {RUN_B[:8]}" in done.output
+
+
+@pytest.mark.race
+def test_a_new_submission_not_yet_run_is_not_the_previous_run_called_complete(aws, tmp_path):
+    """Run A finished; the Lambda took message B (lease: run B, its array job not started). Every record
+    is still A's: results and status must not call A's results B's."""
+    for index in range(2):
+        write_record(aws, "results/n", RUN_A, index, 4 * index + 1, 4 * index + 4, 8)
+    submission(aws, "results/n", "message-a", "job-a", 2, 8)
+    job = batch_job(aws, "results/n", 2, {":0": ("RUNNABLE", None, None), ":1": ("RUNNABLE", None, None)})
+    write_lease(aws, "results/n", RUN_B, 2, 8, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                       "array_offset": 0, "memory_mib": 4096}])
+    submission(aws, "results/n", "message-b", job, 2, 8)
+    refused = run("results", "results/n", "--to", str(tmp_path / "r"))
+    assert refused.exit_code == 1
+    assert f"not complete (run {RUN_B[:8]})" in refused.output and f"record of run {RUN_A[:8]}" in refused.output
+    status = run("status", "results/n", "--no-dlq")
+    assert status.exit_code == 3, status.output
+    assert "results/n/: RUNNING" in status.output and f"run {RUN_B[:8]} of message message-b" in status.output
+
+
+@pytest.mark.race
+def test_a_message_sent_from_here_but_not_taken_is_waited_for(aws, tmp_path):
+    """Between `cpb submit` and the Lambda taking the message the lease still names the old run:
+    cpb (which keeps a receipt of what it sent) says WAITING and refuses the old results unless asked
+    for that run by id."""
+    for index in range(2):
+        write_record(aws, "results/q", RUN_A, index, 4 * index + 1, 4 * index + 4, 8)
+    write_lease(aws, "results/q", RUN_A, 2, 8, message_id="message-a")
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/q/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/q", "--output", "results/q")
+    assert sent.exit_code == 0, sent.output
+    assert "already holds results" in sent.output  # the warning stays
+    status = run("status", "results/q", "--no-dlq")
+    assert status.exit_code == 3 and "results/q/: WAITING" in status.output
+    assert "has not been taken by the Lambda yet" in status.output
+    refused = run("results", "results/q", "--to", str(tmp_path / "q"))
+    assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output
+    assert f"--run {RUN_A[:8]}" in refused.output
+    taken = run("results", "results/q", "--to", str(tmp_path / "q"), "--run", RUN_A[:8])
+    assert taken.exit_code == 0, taken.output and image_numbers(tmp_path / "q") == list(range(1, 9))
+
+
+@pytest.mark.race
+def test_a_half_done_new_run_is_refused_never_mixed(aws, tmp_path):
+    """Run B has written parts 0 and 1 (image sets 1-4); parts 2 and 3 still hold run A's records of
+    the same split: the rows would be 1-4 new and 5-8 old."""
+    for index in range(4):
+        write_record(aws, "results/h", RUN_A, index, 2 * index + 1, 2 * index + 2, 8)
+    submission(aws, "results/h", "message-a", "job-a", 4, 8)
+    job = batch_job(aws, "results/h", 4, {":2": ("RUNNING", None, None), ":3": ("RUNNING", None, None)})
+    write_lease(aws, "results/h", RUN_B, 4, 8, jobs=[{"job_id": job, "job_name": "plate", "array_size": 4,
+                                                       "array_offset": 0, "memory_mib": 4096}])
+    submission(aws, "results/h", "message-b", job, 4, 8)
+    for index in range(2):
+        write_record(aws, "results/h", RUN_B, index, 2 * index + 1, 2 * index + 2, 8,
+                     files={"Image.csv": table([(2 * index + 1, 99), (2 * index + 2, 99)])})
+    refused = run("results", "results/h", "--to", str(tmp_path / "h"))
+    assert refused.exit_code == 1
+    assert "part-00002: stale" in refused.output and "part-00003: stale" in refused.output
+    assert not (tmp_path / "h" / "Image.csv").exists()
+    status = run("status", "results/h", "--no-dlq")
+    assert status.exit_code == 3 and "results/h/: RUNNING" in status.output
+    assert "run records: 2/4 succeeded" in status.output  # run A's records of parts 2 and 3 do not count
+
+
+@pytest.mark.race
+def test_an_array_run_then_a_plain_run_uses_the_plain_runs_record(aws, tmp_path):
+    """Run A was an array of 2; run B (current) is one plain job: its `_cpb/run.json` is the result,
+    A's part folders are named as not counted and never merged."""
+    for index in range(2):
+        write_record(aws, "results/ap", RUN_A, index, 4 * index + 1, 4 * index + 4, 8,
+                     files={"Image.csv": table([(n, 1) for n in range(4 * index + 1, 4 * index + 5)])})
+    submission(aws, "results/ap", "message-a", "job-a", 2, 8)
+    write_lease(aws, "results/ap", RUN_B, None, 8)
+    submission(aws, "results/ap", "message-b", "job-b", None, 8)
+    write_record(aws, "results/ap", RUN_B, None, 1, 8, 8,
+                 files={"Image.csv": table([(n, 2) for n in range(1, 9)])})
+    got = run("results", "results/ap", "--to", str(tmp_path / "ap"))
+    assert got.exit_code == 0, got.output
+    rows = list(csv.DictReader(open(tmp_path / "ap" / "Image.csv")))
+    assert [(int(r["ImageNumber"]), r["Count_Nuclei"]) for r in rows] == [(n, "2") for n in range(1, 9)]
+    assert "merged from" not in got.output
+    assert f"not counted, never merged: part-00000 (run {RUN_A[:8]}, succeeded)" in got.output
+
+
+@pytest.mark.race
+def test_another_messages_output_inside_a_part_folder_is_never_merged(aws, tmp_path):
+    """Message C's output was `results/o/part-00002` (a plain job over all 8 sets). Inside run A's array
+    of 4 it is refused by name; beyond run A's array of 2 it is named as not counted."""
+    for index in range(4):
+        write_record(aws, "results/o", RUN_A, index, 2 * index + 1, 2 * index + 2, 8)
+    write_lease(aws, "results/o", RUN_A, 4, 8, message_id="message-a")
+    write_record(aws, "results/o/part-00002", RUN_C, None, 1, 8, 8)
+    refused = run("results", "results/o", "--to", str(tmp_path / "o"))
+    assert refused.exit_code == 1
+    assert f"part-00002: stale: record of run {RUN_C[:8]}, not of the current run {RUN_A[:8]}" in refused.output
+
+    for index in range(2):
+        write_record(aws, "results/o2", RUN_A, index, 4 * index + 1, 4 * index + 4, 8)
+    write_lease(aws, "results/o2", RUN_A, 2, 8, message_id="message-a")
+    write_record(aws, "results/o2/part-00002", RUN_C, None, 1, 8, 8)
+    got = run("results", "results/o2", "--to", str(tmp_path / "o2"))
+    assert got.exit_code == 0, got.output
+    assert image_numbers(tmp_path / "o2") == list(range(1, 9))
+    assert "part-00002" in got.output and "beyond the current run's 2 parts" in got.output
+
+
+@pytest.mark.race
+def test_parts_whose_ranges_do_not_tile_are_refused_even_of_one_run(aws, tmp_path):
+    """A record with the right run and index but an overlapping range (a worker bug, a hand copy) never
+    doubles rows: the ranges must tile 1..N exactly once."""
+    write_lease(aws, "results/t", RUN_A, 2, 8, message_id="message-a")
+    write_record(aws, "results/t", RUN_A, 0, 1, 5, 8)
+    write_record(aws, "results/t", RUN_A, 1, 5, 8, 8)
+    refused = run("results", "results/t", "--to", str(tmp_path / "t"))
+    assert refused.exit_code == 1 and "ranges do not tile the image sets" in refused.output
+    assert "part-00001: image sets 5-8 overlap" in refused.output
+
+
+@pytest.mark.race
+def test_records_of_two_runs_without_a_lease_are_refused_naming_the_mix(aws, tmp_path):
+    write_record(aws, "results/m", RUN_A, 0, 1, 4, 8)
+    write_record(aws, "results/m", RUN_B, 1, 5, 8, 8)
+    submission(aws, "results/m", "message-b", "job-b", 2, 8)
+    refused = run("results", "results/m", "--to", str(tmp_path / "m"))
+    assert refused.exit_code == 1
+    assert "records of 2 runs and no lease to say which is current" in refused.output
+    assert f"run {RUN_A[:8]}: part-00000" in refused.output and f"run {RUN_B[:8]}: part-00001" in refused.output
+
+
+@pytest.mark.race
+def test_a_cancelled_run_is_not_complete(aws, tmp_path):
+    write_record(aws, "results/c", RUN_A, None, 1, 8, 8)
+    write_lease(aws, "results/c", RUN_A, None, 8, message_id="message-a", state="cancelled")
+    refused = run("results", "results/c", "--to", str(tmp_path / "c"))
+    assert refused.exit_code == 1 and "was cancelled" in refused.output
+
+
+# ------------------------------------------------------------------------- merging parts
+
+RELATIONSHIPS = ("Module,Module Number,Relationship,First Object Name,First Image Number,First Object Number,"
+                 "Second Object Name,Second Image Number,Second Object Number\n")
+
+
+@pytest.mark.race
+def test_relationship_tables_are_renumbered_and_concatenated(aws, tmp_path):
+    """CellProfiler numbers images in `Object relationships.csv` as First/Second Image Number. Part 1
+    numbered its image sets from 1 (as 4.2 does for a range): both its tables move by 4 together.
+    The old merge kept part 0's copy only (2 of 4 relationship rows)."""
+    write_lease(aws, "results/rel", RUN_A, 2, 8, message_id="message-a")
+    part0 = {"Image.csv": table([(n, 5) for n in range(1, 5)]),
+             "Object relationships.csv": RELATIONSHIPS + "IdentifySecondaryObjects,3,Parent,Nuclei,1,1,Cells,1,1\n"
+                                                        "IdentifySecondaryObjects,3,Parent,Nuclei,4,2,Cells,4,2\n"}
+    part1 = {"Image.csv": table([(n, 5) for n in range(1, 5)]),  # numbered from 1: image sets 5-8
+             "Object relationships.csv": RELATIONSHIPS + "IdentifySecondaryObjects,3,Parent,Nuclei,1,1,Cells,1,1\n"
+                                                        "IdentifySecondaryObjects,3,Parent,Nuclei,3,7,Cells,3,7\n"}
+    write_record(aws, "results/rel", RUN_A, 0, 1, 4, 8, files=part0)
+    write_record(aws, "results/rel", RUN_A, 1, 5, 8, 8, files=part1)
+    got = run("results", "results/rel", "--to", str(tmp_path / "rel"))
+    assert got.exit_code == 0, got.output
+    assert image_numbers(tmp_path / "rel") == list(range(1, 9))
+    rows = list(csv.DictReader(open(tmp_path / "rel" / "Object relationships.csv", newline="")))
+    assert [(r["First Image Number"], r["Second Image Number"], r["First Object Number"]) for r in rows] == \
+        [("1", "1", "1"), ("4", "4", "2"), ("5", "5", "1"), ("7", "7", "7")]
+    assert "Object relationships.csv: 4 rows" in got.output
+
+
+GCT_HEADER = "NAME\tDescription\tCount_Nuclei\r\n"
+
+
+def gct(rows: list[str], header: str = GCT_HEADER) -> str:
+    return f"#1.2\r\n{len(rows)}\t1\r\n{header}" + "".join(f"{r}\r\n" for r in rows)
+
+
+@pytest.mark.race
+def test_gct_files_are_merged_and_mismatched_ones_refused_by_name(aws, tmp_path):
+    """ExportToSpreadsheet's GenePattern file holds one row per image set after a `#1.2` / count header:
+    the parts' rows are concatenated and the count summed (the old merge kept one part's file per
+    folder, the worker's the last range's)."""
+    write_lease(aws, "results/g", RUN_A, 2, 4, message_id="message-a")
+    write_record(aws, "results/g", RUN_A, 0, 1, 2, 4, files={"Image.csv": table([(1, 1), (2, 2)]),
+                                                              "Image.gct": gct(["a1.tif\t/x\t1", "a2.tif\t/x\t2"])})
+    write_record(aws, "results/g", RUN_A, 1, 3, 4, 4, files={"Image.csv": table([(3, 3), (4, 4)]),
+                                                              "Image.gct": gct(["a3.tif\t/x\t3", "a4.tif\t/x\t4"])})
+    got = run("results", "results/g", "--to", str(tmp_path / "g"))
+    assert got.exit_code == 0, got.output
+    lines = (tmp_path / "g" / "Image.gct").read_text().splitlines()
+    assert lines[:3] == ["#1.2", "4\t1", "NAME\tDescription\tCount_Nuclei"]
+    assert [line.split("\t")[0] for line in lines[3:]] == ["a1.tif", "a2.tif", "a3.tif", "a4.tif"]
+
+    write_lease(aws, "results/g2", RUN_A, 2, 4, message_id="message-a")
+    write_record(aws, "results/g2", RUN_A, 0, 1, 2, 4, files={"Image.csv": table([(1, 1), (2, 2)]),
+                                                               "Image.gct": gct(["a1.tif\t/x\t1", "a2.tif\t/x\t2"])})
+    write_record(aws, "results/g2", RUN_A, 1, 3, 4, 4, files={
+        "Image.csv": table([(3, 3), (4, 4)]),
+        "Image.gct": gct(["a3.tif\t/x\t3"], header="NAME\tDescription\tCount_Cells\r\n").replace("1\t1", "2\t1")})
+    refused = run("results", "results/g2", "--to", str(tmp_path / "g2"))
+    assert refused.exit_code == 1 and "Image.gct in part-00001 says 2 rows but holds 1" in refused.output
+
+
+@pytest.mark.race
+def test_a_per_run_file_that_differs_between_parts_is_refused_by_name(aws, tmp_path):
+    """Two parts wrote `summary.txt` with different contents: neither may stand for both. Identical
+    copies (and Experiment.csv differing only in its run timestamp) merge to one file."""
+    experiment = "Key,Value\nCellProfiler_Version,4.2.8\nRun_Timestamp,{}\n"
+    write_lease(aws, "results/d", RUN_A, 2, 4, message_id="message-a")
+    for index, stamp in ((0, "2026-11-30T10:00:00"), (1, "2026-11-30T10:05:00")):
+        write_record(aws, "results/d", RUN_A, index, 2 * index + 1, 2 * index + 2, 4, files={
+            "Image.csv": table([(2 * index + 1, 1), (2 * index + 2, 1)]), "Experiment.csv": experiment.format(stamp),
+            "settings.txt": "same in every part\n", "summary.txt": f"part {index}\n"})
+    refused = run("results", "results/d", "--to", str(tmp_path / "d"))
+    assert refused.exit_code == 1
+    assert "summary.txt differs between the parts (part-00000 vs part-00001) and cannot be merged" in refused.output
+    put(aws, "results/d/part-00001/summary.txt", "part 0\n")
+    record = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key="results/d/part-00001/_cpb/run.json")["Body"].read())
+    record["files"] = [entry("summary.txt", "part 0\n") if f["key"] == "summary.txt" else f for f in record["files"]]
+    put(aws, "results/d/part-00001/_cpb/run.json", json.dumps(record))
+    got = run("results", "results/d", "--to", str(tmp_path / "d"))
+    assert got.exit_code == 0, got.output
+    assert (tmp_path / "d" / "summary.txt").read_text() == "part 0\n"
+    assert "Run_Timestamp,2026-11-30T10:00:00" in (tmp_path / "d" / "Experiment.csv").read_text()
+
+    write_lease(aws, "results/v", RUN_A, 2, 4, message_id="message-a")
+    for index, version in ((0, "4.2.8"), (1, "4.2.6")):
+        write_record(aws, "results/v", RUN_A, index, 2 * index + 1, 2 * index + 2, 4, files={
+            "Image.csv": table([(2 * index + 1, 1), (2 * index + 2, 1)]),
+            "Experiment.csv": f"Key,Value\nCellProfiler_Version,{version}\n"})
+    refused = run("results", "results/v", "--to", str(tmp_path / "v"))
+    assert refused.exit_code == 1
+    assert "Experiment.csv: CellProfiler_Version is '4.2.8' in part-00000 but '4.2.6' in part-00001" in refused.output
+
+
+# ------------------------------------------------------------------------- URLs
+
+@pytest.mark.race
+def test_every_command_takes_the_url_cpb_submit_prints(aws, tmp_path):
+    """`cpb status s3://b/results/p1/` read the URL as a prefix and said WAITING forever."""
+    write_lease(aws, "results/u", RUN_A, None, 2, message_id="message-a")
+    write_record(aws, "results/u", RUN_A, None, 1, 2, 2)
+    url = f"s3://{BUCKET}/results/u/"
+    status = run("status", url, "--no-dlq")
+    assert status.exit_code == 0, status.output
+    assert f"s3://{BUCKET}/results/u/: SUCCEEDED" in status.output
+    console = f"https://s3.console.aws.amazon.com/s3/buckets/{BUCKET}?region=us-east-1&prefix=results/u/"
+    got = run("results", console, "--to", str(tmp_path / "u"))
+    assert got.exit_code == 0, got.output and image_numbers(tmp_path / "u") == [1, 2]
+    assert "nothing failed" in run("requeue", url).output
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/u/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/u", "--output",
+               f"s3://{BUCKET}/results/u2/", "--dry-run")
+    assert sent.exit_code == 0, sent.output
+    assert next(json.loads(line) for line in sent.output.splitlines() if line.startswith("{"))["output"] == "results/u2"
+    for command in (["status", "s3://someone-elses-bucket/results/u/", "--no-dlq"],
+                    ["submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/u", "--output",
+                     "s3://someone-elses-bucket/results/u", "--dry-run"],
+                    ["results", "s3://someone-elses-bucket/results/u", "--to", str(tmp_path / "x")],
+                    ["requeue", "s3://someone-elses-bucket/results/u"]):
+        wrong = run(*command)
+        assert wrong.exit_code == 1, wrong.output
+        errors = [line for line in wrong.output.splitlines() if line.startswith("cpb: ")]
+        assert errors == [f"cpb: {next(a for a in command if a.startswith('s3://'))} is in "
+                          f"bucket 'someone-elses-bucket', but this stack's bucket is '{BUCKET}' (from $CPB_BUCKET): "
+                          f"give a prefix of s3://{BUCKET}/, or point cpb at the other stack (--stack / --bucket)"]
