@@ -544,3 +544,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from cpb.local.commands import local as _local_commands  # noqa: E402 - `cpb local ...` (the local stack)
+cli.add_command(_local_commands)
