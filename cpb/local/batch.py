@@ -24,8 +24,8 @@ the way Batch would:
   ended (the EventBridge "Batch Job State Change" rule, `cpb.local.events`).
 
 Worker processes never outlive the runner: `stop()` kills them with their CellProfiler children,
-and each one is started with the kernel's parent-death signal, so even a killed runner takes them
-along.
+and each one runs under a small launcher (the container's init) that the kernel signals when the
+runner dies, even by SIGKILL, and that then kills the worker's whole process group.
 """
 from __future__ import annotations
 
@@ -55,11 +55,36 @@ TIMEOUT_REASON = "Job attempt duration exceeded timeout"
 DEPENDENCY_REASON = "Dependent Job failed"
 ARRAY_CHILD_REASON = "Array Child Job failed"
 OOM_REASON = "OutOfMemoryError: Container killed due to memory usage"
-# Started in front of every worker: the kernel kills the worker when the runner's thread dies (Linux).
-LAUNCHER = ("import ctypes, os, signal, sys\n"
-            "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\nexcept Exception:\n    pass\n"
-            "if os.getppid() != int(sys.argv[1]):\n    sys.exit(137)\n"
-            "os.execvp(sys.argv[2], sys.argv[2:])\n")
+# Started in front of every worker as the container's init: it runs the worker in its own process group on
+# the cores it was given, passes SIGTERM on to the group, and when the runner dies (even by SIGKILL) the
+# kernel's parent-death signal (Linux) makes it kill the whole group, CellProfiler processes included.
+LAUNCHER = """
+import os, signal, subprocess, sys
+def kill_group(*_):
+    os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGUSR1, kill_group)
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    kill_group()
+if sys.argv[2] and hasattr(os, "sched_setaffinity"):
+    try:
+        os.sched_setaffinity(0, {int(c) for c in sys.argv[2].split(",")})
+    except OSError:
+        pass
+signal.signal(signal.SIGTERM, lambda *_: None)  # for the worker (the group gets it); reset by exec
+child = subprocess.Popen(sys.argv[3:])
+while True:
+    try:
+        code = child.wait()
+        break
+    except InterruptedError:
+        pass
+sys.exit(code if code >= 0 else 128 - code)
+"""
 PAGE_MIB = (os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096) / 2**20
 
 
@@ -545,17 +570,13 @@ class LocalBatch:
         why: Optional[str] = None
         try:
             with open(log, "ab") as handle:
-                proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(os.getpid()), *self.command],
+                cpus = ",".join(str(self._cpu_ids[i]) for i in task.cores) if self._cpu_ids else ""
+                proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(os.getpid()), cpus, *self.command],
                                         env=self.process_env(task, attempt), stdout=handle,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(workdir),
                                         start_new_session=True)
             with self._lock:
                 self._processes[task.job_id] = proc
-            if self._cpu_ids and hasattr(os, "sched_setaffinity"):
-                try:
-                    os.sched_setaffinity(proc.pid, {self._cpu_ids[i] for i in task.cores})
-                except OSError:
-                    pass
             started = time.monotonic()
             next_memory_check = started
             while True:

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -129,6 +130,10 @@ def moto_server(port: int = 0) -> Iterator[str]:
     """
     from moto.server import ThreadedMotoServer
 
+    if port:  # moto's threaded server waits forever for a port it cannot bind: find out first
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))  # OSError (EADDRINUSE) when taken
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request on the terminal
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
