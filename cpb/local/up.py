@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from cpb.local import state as local_state
 from cpb.local.batch import LocalBatch, Outcome, Task, machine_cores
-from cpb.local.emulator import EmulatedStack, NO_PROFILE, create_stack, environment, moto_server, session_for
+from cpb.local.emulator import (BATCHING_WINDOW_SECONDS, EmulatedStack, NO_PROFILE, create_stack, environment,
+                                 moto_server, session_for)
 from cpb.local.events import EventRule, load_handler
 from cpb.local.lambdas import CAPTURE, LocalLambda
 from cpb.local.mapping import BatchReport, EventSourceMapping
@@ -149,7 +150,7 @@ class LocalCloud:
         ingress_fn = LocalLambda(stack.ingress_function, ingress.handler, stack.region,
                                  timeout_seconds=stack.lambda_timeout_seconds, memory_mb=stack.lambda_memory_mib,
                                  log_file=self.log_dir / "lambda" / f"{stack.ingress_function}.log", logs=logs)
-        window = 1.0 if self.batching_window is None else self.batching_window
+        window = float(BATCHING_WINDOW_SECONDS) if self.batching_window is None else self.batching_window
         self.mapping = EventSourceMapping(sqs, stack.queue_url, ingress_fn, stack.region,
                                           batch_size=stack.batch_size, batching_window=window,
                                           redeliver_after=self.redeliver_after, on_batch=self._lambda_batch,
