@@ -270,7 +270,7 @@ def describe(cloud: LocalCloud) -> str:
         lines.append(f"    {key:<{width}}  {shown}")
     lines += ["", "Point the AWS CLI, boto3 and cpb at it (in another terminal):"]
     lines += [f"    {line}" for line in cloud.export_lines()]
-    lines += ["    aws s3 ls s3://$BUCKET/", "    cpb status --stack local",
+    lines += ["    aws s3 ls s3://$BUCKET/", "    cpb status --stack local <output>",
               "    (AWS CLI v1's `aws sqs` ignores AWS_ENDPOINT_URL, aws/aws-cli#8737: give it "
               "--endpoint-url $AWS_ENDPOINT_URL)", "",
               f"SQS -> Lambda {stack.ingress_function} (handlers.ingress.handler): batch size {stack.batch_size}, "
