@@ -80,3 +80,41 @@ def test_corrupt_pipeline_is_reported_failed_and_nothing_complete(cp, tmp_path):
     assert "IdentifyPrimaryObjectz" in result.status_output.split("logs of", 1)[1]
     assert any("cpb results refused" in f and "not complete" in f for f in result.failures)
     assert not (out / "results").exists()  # the stale result is gone, and nothing new was called complete
+
+
+@pytest.mark.cellprofiler
+def test_ctrl_c_during_the_demo_leaves_nothing_running(cp, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from local_stack import processes_with
+
+    proc = subprocess.Popen([sys.executable, "-m", "cpb", "demo", "--out", str(tmp_path / "demo"), "--wells", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                            start_new_session=True)
+    lines, endpoint = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r" at (http://127\.0\.0\.1:\d+)", line)
+            endpoint = endpoint or (found.group(1) if found else None)
+            if line.startswith("[5/7]"):
+                break
+        assert endpoint, "".join(lines)
+        deadline = time.monotonic() + 60
+        while not processes_with("AWS_ENDPOINT_URL", endpoint) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with("AWS_ENDPOINT_URL", endpoint), "no job started"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(0.5)
+    assert processes_with("AWS_ENDPOINT_URL", endpoint) == []
+    assert not _listening(endpoint)
