@@ -214,7 +214,7 @@ def test_state_changes_reach_the_events_function_with_the_job_detail(stack, tmp_
     runner.attach()
     try:
         array = submit(stack, "plate", {"FAKE_EXIT": "0"}, arrayProperties={"size": 2})
-        submit(stack, "flaky")
+        submit(stack, "flaky", memory=3000)
         submit(stack, "hopeless", {"FAKE_EXIT": "2"})
         runner.start()
         assert runner.wait_idle(60, also_busy=lambda: not rule.idle())
@@ -232,6 +232,8 @@ def test_state_changes_reach_the_events_function_with_the_job_detail(stack, tmp_
     assert detail["jobQueue"] == stack.job_queue_arn and detail["container"]["exitCode"] == 0
     assert detail["attempts"][0]["container"]["logStreamName"].startswith("cpb/default/")
     assert detail["retryStrategy"]["attempts"] == 2 and detail["stoppedAt"] >= detail["startedAt"]
+    flaky = next(e["detail"] for e in rule.events if e["detail"]["jobName"] == "flaky")
+    assert {"type": "MEMORY", "value": "3000"} in flaky["container"]["resourceRequirements"]  # the submission's
     assert sum(e["detail"]["jobName"] == "flaky" for e in seen) == 3  # failed twice, delivered on the retry
     assert sum(e["detail"]["jobName"] == "hopeless" for e in seen) == 3
     parked = boto3.client("sqs").receive_message(QueueUrl=stack.events_dlq_url)["Messages"]

@@ -30,13 +30,9 @@ from typing import Any, Iterator, Optional
 
 import boto3
 
-from cpb.local.settings import LocalSettings, stack_config
+from cpb.local.settings import LocalSettings, stack_config  # (puts the repository on sys.path if needed)
 from cpb.local.state import TEST_CREDENTIALS
-
-try:  # the stack's own job-definition body
-    from components import jobdef
-except ImportError:  # pragma: no cover - settings already put the repository on sys.path
-    raise
+from components import jobdef  # the stack's own job-definition body
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"

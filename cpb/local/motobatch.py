@@ -9,8 +9,9 @@ spot; it has no API to run jobs or to change their state. The local Batch comput
 - the compute writes what Batch would show: status, statusReason, startedAt/stoppedAt, attempts,
   the container's exit code and reason;
 - DescribeJobs (and so the EventBridge event detail) carries the fields of Batch's JobDetail that
-  moto leaves out: `container.exitCode`, `container.reason`, an array child's `arrayProperties.index`
-  and the job's `retryStrategy`.
+  moto leaves out: `container.exitCode`, `container.reason`, the container's effective
+  `resourceRequirements` (moto reports the job definition's, not the submission's), an array
+  child's `arrayProperties.index` and the job's `retryStrategy`.
 
 Tied to moto's internals: `tests/test_local_batch.py` fails loudly if they move.
 """
@@ -227,7 +228,8 @@ class MotoBatch:
             return job.describe()
 
     def annotate(self, job: Any, index: Optional[int]) -> None:
-        """JobDetail fields moto leaves out: retryStrategy, and an array child's index."""
+        """JobDetail fields moto leaves out or gets wrong: retryStrategy, an array child's index, and the
+        container's effective vCPUs and memory (moto ignores the submission's resourceRequirements)."""
         with _lock:
             extra = _extra.setdefault(job.job_id, {})
             strategy = self.retry_strategy(job)
@@ -235,6 +237,9 @@ class MotoBatch:
                 extra["retryStrategy"] = strategy
             if index is not None:
                 extra["arrayProperties"] = {"index": index}
+            vcpus, memory = self.resources(job)
+            self._container(job, {"vcpus": vcpus, "memory": memory, "resourceRequirements": [
+                {"type": "VCPU", "value": str(vcpus)}, {"type": "MEMORY", "value": str(memory)}]})
 
     def forget(self, job_ids: Iterable[str]) -> None:
         with _lock:

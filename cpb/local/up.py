@@ -16,7 +16,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
