@@ -192,3 +192,14 @@ def test_sigkill_of_the_stack_takes_its_workers_and_their_children_along(tmp_pat
     while processes_with("AWS_ENDPOINT_URL", endpoint) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_with("AWS_ENDPOINT_URL", endpoint) == []
+
+
+def test_stack_local_refuses_a_state_file_that_is_not_a_local_endpoint(home, monkeypatch):
+    from cpb.local.state import write_local_stack
+    from cpb.stack import StackError, discover
+    monkeypatch.setenv("CPB_HOME", str(home))
+    write_local_stack({"endpoint": "https://s3.amazonaws.com", "pid": 1, "region": "us-east-1",
+                       "outputs": {"bucketName": "someone-elses"}})
+    with pytest.raises(StackError, match="does not answer at https://s3.amazonaws.com"):
+        discover("local")
+    assert os.environ.get("AWS_ENDPOINT_URL") != "https://s3.amazonaws.com"
