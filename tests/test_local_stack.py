@@ -203,3 +203,20 @@ def test_stack_local_refuses_a_state_file_that_is_not_a_local_endpoint(home, mon
     with pytest.raises(StackError, match="does not answer at https://s3.amazonaws.com"):
         discover("local")
     assert os.environ.get("AWS_ENDPOINT_URL") != "https://s3.amazonaws.com"
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    ([], {"CPB_CELLPROFILER": "/nowhere/cellprofiler"},
+     "Error: CellProfiler not found at /nowhere/cellprofiler: run `make local` or `make demo` (they install .venv-cp), "
+     "or set CPB_CELLPROFILER to a cellprofiler executable"),
+    (["--config", "Pulumi.nosuch.yaml"], {},
+     "Error: --config Pulumi.nosuch.yaml does not exist; give a Pulumi stack file such as Pulumi.dev.yaml"),
+    (["--set", "jobMaxVcpus"], {}, "Error: --set 'jobMaxVcpus' is not key=value; use e.g. --set jobMaxVcpus=8"),
+])
+def test_what_stops_it_from_starting_is_one_line(tmp_path, args, env, expected):
+    done = subprocess.run([sys.executable, "-m", "cpb", "local", "up", "--port", "0", *args], cwd=str(REPO),
+                          env={**os.environ, **env, "CPB_HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode in (1, 2)
+    assert [line for line in done.stderr.splitlines() if line.startswith("Error:")] == [expected]
+    assert "Traceback" not in done.stderr and not (tmp_path / "local-stack.json").exists()
