@@ -133,12 +133,12 @@ class EventSourceMapping:
     """Polls one queue and invokes one function, continuously, until stopped."""
 
     def __init__(self, sqs: Any, queue_url: str, function: LocalLambda, region: str, *, batch_size: int = 10,
-                 batching_window: float = 1.0, redeliver_after: Optional[float] = None, wait_seconds: int = 1,
+                 batching_window: float = 1.0, redeliver_after: Optional[float] = None, idle_poll: float = 0.2,
                  on_batch: Optional[Callable[[BatchReport], None]] = None,
                  say: Optional[Callable[[str], None]] = None) -> None:
         self.sqs, self.queue_url, self.function, self.region = sqs, queue_url, function, region
         self.batch_size, self.batching_window = batch_size, batching_window
-        self.redeliver_after, self.wait_seconds = redeliver_after, wait_seconds
+        self.redeliver_after, self.idle_poll = redeliver_after, idle_poll
         self.on_batch = on_batch or (lambda report: None)
         self.say = say or (lambda text: None)
         self.reports: list[BatchReport] = []
@@ -160,7 +160,7 @@ class EventSourceMapping:
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.wait_seconds + self.function.timeout_seconds + 5)
+            self._thread.join(timeout=self.function.timeout_seconds + 5)
         self._thread = None
 
     def idle(self) -> bool:
@@ -176,7 +176,8 @@ class EventSourceMapping:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                self.poll_once()
+                if self.poll_once() is None:
+                    self._stopping.wait(self.idle_poll)  # short polls: Ctrl-C never waits for a long poll
             except Exception as exc:  # the endpoint went away (shutting down) or a bug: say it, keep polling
                 if self._stopping.is_set():
                     return
@@ -188,8 +189,8 @@ class EventSourceMapping:
                                         AttributeNames=["All"], MessageAttributeNames=["All"]).get("Messages", [])
 
     def poll_once(self) -> Optional[BatchReport]:
-        """One long poll and, when it got messages, one invocation."""
-        messages = self._receive(self.batch_size, self.wait_seconds)
+        """One poll and, when it got messages, one invocation."""
+        messages = self._receive(self.batch_size, 0)
         if not messages:
             return None
         with self._lock:
