@@ -113,9 +113,8 @@ class LocalCloud:
             raise LocalStackError(f"cannot listen on 127.0.0.1:{self.port} ({exc.strerror or exc}): another "
                                   "`cpb local up` may be running there; stop it, or pass --port 0 for a free port") \
                 from None
-        batch_logs_region = self.settings.region
-        # The compute holds jobs from the first SubmitJob on; its endpoint env is known once the server runs.
-        self.batch = LocalBatch("", batch_logs_region, {}, self.log_dir, cores=self.cores,
+        # The compute holds jobs from the first SubmitJob on; its queue and endpoint are set once they exist.
+        self.batch = LocalBatch("", self.settings.region, {}, self.log_dir, cores=self.cores,
                                 command=self.worker_command, on_event=self._job_event, say=self.say)
         self.batch.attach()
         self.stack = stack = create_stack(endpoint, self.settings)
