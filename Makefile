@@ -41,7 +41,7 @@ export CPB_CELLPROFILER_ARGS ?= $(CP_ARGS)
 export OMP_NUM_THREADS := 1
 export OPENBLAS_NUM_THREADS := 1
 
-.PHONY: test demo bench venv analysis cellprofiler py38 clean cloud-smoke
+.PHONY: test demo local bench venv analysis cellprofiler py38 clean cloud-smoke
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@echo "setup: $(VENV) with Pulumi, moto and the cpb client (first run only, about a minute)"
@@ -111,6 +111,11 @@ test: venv cellprofiler py38
 
 demo: venv cellprofiler
 	$(PY) -m cpb demo
+
+# The whole stack on this machine, in the foreground until Ctrl-C (AWS emulated on 127.0.0.1:4747).
+# Options go in LOCAL_ARGS, e.g. `make local LOCAL_ARGS="--state-dir ~/.cpb/local-state --set jobMaxVcpus=8"`.
+local: venv cellprofiler
+	$(PY) -m cpb local up $(LOCAL_ARGS)
 
 bench: venv cellprofiler
 	$(PY) -m bench

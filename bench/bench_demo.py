@@ -1,9 +1,10 @@
-"""How should the local Batch runner use 2 cores: 2 jobs x 1 vCPU, or 1 job x 2 vCPUs?
+"""How should the local Batch use 2 cores: 2 jobs x 1 vCPU, or 1 job x 2 vCPUs?
 
-Runs the demo's whole path (emulated AWS, real Lambda handler, real worker,
-real CellProfiler) on the default plate (8 image sets, 2 per array child) for
-each layout, alternating the order over two rounds and keeping each layout's
-best batch-step time, then prints the ratios. One run, same machine, so the
+Runs the demo's whole path (the local stack: emulated AWS, real Lambda handler,
+real worker, real CellProfiler) on the default plate (8 image sets, 2 per array
+child) for each layout (the local Batch gets parallel x vCPUs cores),
+alternating the order over two rounds and keeping each layout's best
+batch-step time, then prints the ratios. One run, same machine, so the
 ratios are comparable even when the absolute times are noisy.
 
     .venv/bin/python bench/bench_demo.py

@@ -462,9 +462,9 @@ def plate(stack: StackConfig, images: Path, illum_pipeline: Path, analysis_pipel
 @click.option("--sets-per-job", type=click.IntRange(1, 1000), default=2, show_default=True,
               help="Image sets per array child.")
 @click.option("--parallel", type=click.IntRange(1, 8), default=2, show_default=True,
-              help="Jobs the local Batch runner runs at once.")
+              help="Jobs the local Batch runs at once (it gets parallel x job-vcpus cores).")
 @click.option("--job-vcpus", type=click.IntRange(1, 8), default=1, show_default=True,
-              help="vCPUs (CellProfiler processes) each job gets.")
+              help="vCPUs (CellProfiler processes) each job asks for.")
 @click.option("--tolerance", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Largest relative error of a well's nuclei count.")
 def demo(out_dir: Path, wells: int, sites: int, sets_per_job: int, parallel: int, job_vcpus: int,
@@ -493,3 +493,6 @@ cli.add_command(estimate_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from cpb.local.commands import local as _local_commands  # noqa: E402 - `cpb local ...` (the local stack)
+cli.add_command(_local_commands)

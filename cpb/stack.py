@@ -113,6 +113,8 @@ def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[
     """
     env = os.environ if env is None else env
     flags = flags or {}
+    if stack == LOCAL_STACK:
+        return _local_stack(flags, env)
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
     # --- stack lookup (the `--stack local` branch is the local-cloud engineer's: cpb.local.state) ---
@@ -135,6 +137,40 @@ def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[
         if region:
             values["region"], sources["region"] = region, "queue URL / AWS_REGION"
     return StackConfig(**values, sources=sources, limits_env=limits_env)
+
+
+LOCAL_STACK = "local"
+
+
+def _local_stack(flags: Mapping[str, Optional[str]], env: Mapping[str, str]) -> StackConfig:
+    """`--stack local`: the running `cpb local up` (cpb.local.state), no Pulumi CLI needed.
+
+    Its outputs win over CPB_* variables (which may name a deployed stack); flags still win. This
+    process's AWS clients are pointed at the local endpoint with the test credentials, and a
+    profile's settings are set aside, so nothing reaches real AWS.
+    """
+    from cpb.local.state import TEST_CREDENTIALS, LocalStackError, read_local_stack, state_path
+
+    try:
+        state = read_local_stack(env)
+    except LocalStackError as exc:
+        raise StackError(str(exc)) from None
+    label = f"the local stack ({state_path(env)})"
+    outputs = state.get("outputs") or {}
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for output, (attr, _var) in OUTPUTS.items():
+        if outputs.get(output):
+            values[attr], sources[attr] = str(outputs[output]), label
+    for attr, value in flags.items():
+        if value:
+            values[attr], sources[attr] = value, f"--{attr.replace('_', '-')}"
+    values.setdefault("region", str(state.get("region") or "us-east-1"))
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        os.environ.pop(key, None)
+    os.environ.update({"AWS_ENDPOINT_URL": str(state["endpoint"]), "AWS_CONFIG_FILE": os.devnull,
+                       "AWS_SHARED_CREDENTIALS_FILE": os.devnull, **TEST_CREDENTIALS})
+    return StackConfig(**values, sources=sources, limits_env=_limits_env(outputs.get("jobLimits")))
 
 
 # Optional stack output `jobLimits` (camelCase keys) -> the Lambda's environment variable names.

@@ -1,24 +1,24 @@
-"""The demo's stand-ins for AWS compute and the SQS → Lambda mapping, without CellProfiler.
+"""The local stack's stand-ins for AWS compute and the SQS → Lambda mapping, without CellProfiler.
 
-`cpb.local.batch` must behave like Batch where the demo relies on it: run
-each array child with Batch's variables, apply the job definition's retry
-strategy (exit 4 and 137 retried, 2 and 3 not), and decide SUCCEEDED or
-FAILED itself (moto's no-Docker Batch calls every job SUCCEEDED). The
-mapping (`cpb.local.mapping.pump`) must delete only the messages the handler
-did not report as failures, so a bad message goes to the DLQ after its
-retries while good ones in the same batch are submitted once.
+`cpb.local.batch` must behave like Batch where the demo and `cpb local up` rely on it: run each
+array child with Batch's variables, apply the job definition's retry strategy (exit 4 and 137
+retried, 2 and 3 not), and decide SUCCEEDED or FAILED itself (moto's no-Docker Batch would call
+every job SUCCEEDED at once). The mapping (`cpb.local.mapping`) must delete only the messages the
+handler did not report as failures, so a bad message goes to the DLQ after its retries while good
+ones in the same batch are submitted once.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
+import time
 
 import boto3
 import pytest
 
 from cpb.local import batch as localbatch, mapping as localingress
 from cpb.local.emulator import create_stack, environment, moto_server
+from cpb.local.settings import load_settings
 
 # A fake worker: behaviour chosen per array index and attempt through FAKE_PLAN (JSON).
 FAKE_WORKER = r"""
@@ -39,57 +39,73 @@ sys.exit(code)
 def emulated(monkeypatch):
     monkeypatch.setenv("HOST_SECRET", "must-not-reach-the-job")
     with moto_server() as url:
-        stack = create_stack(url, name="cpb-test")
-        with environment(stack.aws_env()):
+        stack = create_stack(url, load_settings(overrides=["maxReceiveCount=3"], stack="test"))
+        with environment(stack.isolation_env()):
             yield stack
 
 
-def _submit_array(stack, size: int, env: dict) -> str:
+def _submit_array(stack, size: int, env: dict, vcpus: str = "1") -> str:
     batch = boto3.client("batch")
     job = batch.submit_job(jobName="plate", jobQueue=stack.job_queue_arn, jobDefinition=stack.job_definition_arn,
                            arrayProperties={"size": size},
-                           containerOverrides={"environment": [{"name": k, "value": v} for k, v in env.items()]})
+                           containerOverrides={"environment": [{"name": k, "value": v} for k, v in env.items()],
+                                               "resourceRequirements": [{"type": "VCPU", "value": vcpus}]})
     return job["jobId"]
 
 
-def _runner(stack, tmp_path, plan: dict, parallel: int = 2) -> localbatch.LocalBatch:
+def _runner(stack, tmp_path, plan: dict, cores: int = 2, command=None) -> localbatch.LocalBatch:
+    """A local Batch for the stack's queue, attached before anything is submitted (as `cpb local up` is)."""
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
-    return localbatch.LocalBatch(boto3.client("batch"), stack.job_queue_arn, {
+    runner = localbatch.LocalBatch(stack.job_queue_arn, stack.region, {
         **stack.aws_env(), "FAKE_PLAN": json.dumps(plan), "FAKE_DIR": str(tmp_path)}, tmp_path / "logs",
-        localbatch.MotoJobStates(stack.region), parallel=parallel, vcpus_per_job=1,
-        command=[sys.executable, str(script)])
+        cores=cores, command=command or [sys.executable, str(script)], logs=boto3.client("logs"))
+    runner.attach()
+    return runner
 
 
 @pytest.mark.fault
 def test_transient_exit_is_retried_and_pipeline_error_is_not(emulated, tmp_path):
-    job_id = _submit_array(emulated, 3, {"CPB_OUTPUT": "results/x", "CPB_IMAGE_SETS_PER_JOB": "2"})
     runner = _runner(emulated, tmp_path, {"0": [0], "1": [4, 0], "2": [3, 0]})
-    outcomes = {o.item.index: o for o in runner.drain()}
-    assert {i: (o.status, o.attempts) for i, o in outcomes.items()} == \
-        {0: ("SUCCEEDED", 1), 1: ("SUCCEEDED", 2), 2: ("FAILED", 1)}
+    job_id = _submit_array(emulated, 3, {"CPB_OUTPUT": "results/x", "CPB_IMAGE_SETS_PER_JOB": "2"})
     batch = boto3.client("batch")
-    children = {j["jobId"]: j for j in batch.describe_jobs(jobs=[f"{job_id}:{i}" for i in range(3)])["jobs"]}
-    assert children[f"{job_id}:1"]["status"] == "SUCCEEDED"
-    assert children[f"{job_id}:2"]["status"] == "FAILED"
-    assert "exit code 3" in children[f"{job_id}:2"]["statusReason"]
-    assert "worker 2 attempt 1 exits 3" in children[f"{job_id}:2"]["statusReason"]
-    assert batch.describe_jobs(jobs=[job_id])["jobs"][0]["status"] == "FAILED"
-    assert runner.drain() == []  # nothing runs twice
+    assert batch.describe_jobs(jobs=[f"{job_id}:0"])["jobs"][0]["status"] != "SUCCEEDED"  # not before it ran
+    with runner:
+        outcomes = {o.item.index: o for o in runner.drain(timeout=120)}
+        assert {i: (o.status, o.attempts) for i, o in outcomes.items()} == \
+            {0: ("SUCCEEDED", 1), 1: ("SUCCEEDED", 2), 2: ("FAILED", 1)}
+        children = {j["jobId"]: j for j in batch.describe_jobs(jobs=[f"{job_id}:{i}" for i in range(3)])["jobs"]}
+        assert children[f"{job_id}:1"]["status"] == "SUCCEEDED"
+        assert [a["container"]["exitCode"] for a in children[f"{job_id}:1"]["attempts"]] == [4, 0]
+        failed = children[f"{job_id}:2"]
+        assert failed["status"] == "FAILED"
+        assert failed["statusReason"] == "Essential container in task exited"  # Batch's words
+        assert failed["container"]["exitCode"] == 3 and failed["arrayProperties"] == {"index": 2}
+        parent = batch.describe_jobs(jobs=[job_id])["jobs"][0]
+        assert (parent["status"], parent["statusReason"]) == ("FAILED", "Array Child Job failed")
+        assert runner.drain(timeout=10) == []  # nothing runs twice
+        stream = failed["container"]["logStreamName"]
+        events = boto3.client("logs").get_log_events(logGroupName=emulated.log_group, logStreamName=stream)["events"]
+        assert "worker 2 attempt 1 exits 3" in [e["message"] for e in events]  # the awslogs driver's copy
 
 
 @pytest.mark.fault
-def test_oom_kill_is_retried_once_then_reported(emulated, tmp_path):
+def test_oom_kill_is_retried_by_the_job_definition_then_reported(emulated, tmp_path):
+    runner = _runner(emulated, tmp_path, {"0": [137, 137, 137, 0], "1": [0]})
     job_id = _submit_array(emulated, 2, {"CPB_IMAGE_SETS_PER_JOB": "1"})
-    outcomes = {o.item.index: o for o in _runner(emulated, tmp_path, {"0": [137, 137, 0], "1": [0]}).drain()}
-    assert (outcomes[0].status, outcomes[0].attempts, outcomes[0].exit_code) == ("FAILED", 2, 137)  # attempts: 2
+    with runner:
+        outcomes = {o.item.index: o for o in runner.drain(timeout=120)}
+    attempts = 3  # jobRetryAttempts, the Pulumi.yaml default
+    assert (outcomes[0].status, outcomes[0].attempts, outcomes[0].exit_code) == ("FAILED", attempts, 137)
     assert outcomes[1].status == "SUCCEEDED"
     assert boto3.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]["status"] == "FAILED"
 
 
 def test_worker_gets_batch_variables_and_not_the_host_environment(emulated, tmp_path):
-    _submit_array(emulated, 2, {"CPB_OUTPUT": "results/env", "CPB_IMAGE_SETS_PER_JOB": "5"})
-    _runner(emulated, tmp_path, {"0": [0], "1": [0]}, parallel=1).drain()
+    runner = _runner(emulated, tmp_path, {"0": [0], "1": [0]}, cores=1)
+    _submit_array(emulated, 2, {"CPB_OUTPUT": "results/env", "CPB_IMAGE_SETS_PER_JOB": "5", "CPB_VCPUS": "1"})
+    with runner:
+        runner.drain(timeout=120)
     env = json.loads((tmp_path / "1.1.env.json").read_text())
     assert env["AWS_BATCH_JOB_ARRAY_INDEX"] == "1" and env["AWS_BATCH_JOB_ATTEMPT"] == "1"
     assert env["AWS_BATCH_JOB_ID"].endswith(":1")
@@ -115,28 +131,36 @@ def test_mapping_deletes_only_handled_messages_and_bad_ones_reach_the_dlq(emulat
     assert len(report.failures) == 3  # received maxReceiveCount times, then moved to the DLQ by SQS
     dlq = sqs.receive_message(QueueUrl=emulated.dlq_url, MaxNumberOfMessages=10)["Messages"]
     assert [json.loads(m["Body"]).get("output") for m in dlq] == [None]
-    jobs = boto3.client("batch").list_jobs(jobQueue=emulated.job_queue_arn, jobStatus="SUCCEEDED")["jobSummaryList"]
+    jobs = [j for state in localbatch.ALL_STATES for j in boto3.client("batch").list_jobs(
+        jobQueue=emulated.job_queue_arn, jobStatus=state)["jobSummaryList"]]
     assert len(jobs) == 1  # the good message, submitted once
 
 
 def test_stop_kills_running_workers_and_their_children(emulated, tmp_path):
-    import threading
-    import time
-    _submit_array(emulated, 2, {"CPB_IMAGE_SETS_PER_JOB": "1"})
     script = tmp_path / "sleeper.py"
     pidfile = tmp_path / "child.pid"
     script.write_text("import subprocess, sys, time\n"
                       f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
                       f"open({str(pidfile)!r}, 'w').write(str(p.pid))\ntime.sleep(60)\n")
-    runner = localbatch.LocalBatch(boto3.client("batch"), emulated.job_queue_arn, emulated.aws_env(),
-                                   tmp_path / "logs", localbatch.MotoJobStates(emulated.region), parallel=2,
-                                   command=[sys.executable, str(script)])
-    items = runner.discover()
-    threading.Timer(3.0, runner.stop).start()
+    runner = _runner(emulated, tmp_path, {}, command=[sys.executable, str(script)])
+    _submit_array(emulated, 2, {"CPB_IMAGE_SETS_PER_JOB": "1"})
+    runner.start()
+    deadline = time.monotonic() + 30
+    while not pidfile.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     started = time.monotonic()
-    outcomes = runner.run(items)
-    assert time.monotonic() - started < 30
-    assert all(o.status == "FAILED" for o in outcomes)
+    runner.stop()
+    assert time.monotonic() - started < 15
+    assert all(o.status == "FAILED" for o in runner.outcomes) and len(runner.outcomes) == 2
     child = int(pidfile.read_text())
     time.sleep(0.2)
-    assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2]
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+

@@ -1,11 +1,11 @@
 """End to end on the emulator: message → Lambda → array job → worker → merged results.
 
 The demo's own code path (`cpb.demo.run.run_demo`) on a smaller plate, with real
-CellProfiler: `cpb submit --upload` sends the message, the real Lambda
-handler gets the SQS batch, `cpb.local.batch` runs the real worker per array
-child against moto's server on a free 127.0.0.1 port, `cpb status` and
-`cpb results` report and merge, and the counts are checked against the
-synthetic plate's truth. Then the same with a corrupt pipeline: every child
+CellProfiler: the local stack (`cpb.local.up.LocalCloud`) runs on a free 127.0.0.1 port,
+`cpb submit --stack local --upload` (a separate process, as a user runs it) sends the message,
+the event source mapping hands it to the real Lambda handler, the local Batch runs the real
+worker per array child, `cpb status` and `cpb results` report and merge, and the counts are
+checked against the synthetic plate's truth. Then the same with a corrupt pipeline: every child
 fails, `cpb status` says so, and nothing is recorded complete.
 """
 from __future__ import annotations
@@ -75,8 +75,46 @@ def test_corrupt_pipeline_is_reported_failed_and_nothing_complete(cp, tmp_path):
     assert result.status_exit == 1
     assert "results/SYN1/: FAILED" in result.status_output
     assert "0/2 children succeeded, 2 failed" in result.status_output
-    assert "child 0 failed: Essential container in task exited (exit code" in result.status_output
+    assert "child 0 failed: Essential container in task exited; exit code 3" in result.status_output
     assert "logs of demo-SYN1" in result.status_output  # the worker's output, from its CloudWatch log stream
     assert "IdentifyPrimaryObjectz" in result.status_output.split("logs of", 1)[1]
     assert any("cpb results refused" in f and "not complete" in f for f in result.failures)
     assert not (out / "results").exists()  # the stale result is gone, and nothing new was called complete
+
+
+@pytest.mark.cellprofiler
+def test_ctrl_c_during_the_demo_leaves_nothing_running(cp, tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from local_stack import processes_with
+
+    proc = subprocess.Popen([sys.executable, "-m", "cpb", "demo", "--out", str(tmp_path / "demo"), "--wells", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                            start_new_session=True)
+    lines, endpoint = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r" at (http://127\.0\.0\.1:\d+)", line)
+            endpoint = endpoint or (found.group(1) if found else None)
+            if line.startswith("[5/7]"):
+                break
+        assert endpoint, "".join(lines)
+        deadline = time.monotonic() + 60
+        while not processes_with("AWS_ENDPOINT_URL", endpoint) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with("AWS_ENDPOINT_URL", endpoint), "no job started"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(0.5)
+    assert processes_with("AWS_ENDPOINT_URL", endpoint) == []
+    assert not _listening(endpoint)

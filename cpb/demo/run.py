@@ -1,20 +1,21 @@
 """`make demo`: the whole system end to end with no AWS account.
 
-AWS is moto's server on 127.0.0.1; everything else is the real code:
-`cpb submit --upload` uploads a generated plate and sends the message, the
-real Lambda handler gets the SQS batch as the event source mapping would
-give it, the jobs it submits are run by `cpb.local.batch` (the real worker
-with real CellProfiler, as Batch would start the container), `cpb status`
-and `cpb results` report and download. The plate is synthetic with a known
-number of nuclei per site, so the demo checks its own answer.
+The demo starts the local stack (`cpb.local.up.LocalCloud`, the same code as `cpb local up`):
+moto's server on 127.0.0.1 with the stack's resources, the SQS -> Lambda event source mapping
+feeding the real handler, and the local Batch running the real worker with real CellProfiler.
+Then it does what a scientist would, with the same commands, run as separate processes against
+`--stack local`: `cpb submit --upload` uploads a generated plate and sends the message, and, once
+the Lambda has submitted the array job and Batch has run it, `cpb status` and `cpb results` report
+and download. The plate is synthetic with a known number of nuclei per site, so the demo checks
+its own answer.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
-import logging
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -24,11 +25,15 @@ from typing import Any, Iterator, Optional
 
 import click
 
-from cpb.local.emulator import create_stack, environment, moto_server
+from cpb.local.emulator import environment
+from cpb.local.up import LocalCloud, LocalStackError, cellprofiler_env as local_cellprofiler_env
+from cpb.local.settings import LocalSettings
 
 REPO = Path(__file__).resolve().parents[2]
 PLATE = "SYN1"
 WELL_NAMES = [f"{row}{col:02d}" for row in "ABCDEFGH" for col in range(1, 13)]
+DEMO_STACK = "demo"
+WAIT_SECONDS = 1800  # the demo's jobs take seconds; this only stops a broken run from hanging forever
 
 
 @dataclass
@@ -40,7 +45,7 @@ class DemoSettings:
     sites: int = 4
     sets_per_job: int = 2
     parallel: int = 2
-    job_vcpus: int = 1  # CPB_VCPUS per job: CellProfiler processes inside each job
+    job_vcpus: int = 1  # vCPUs each job asks for (CellProfiler processes inside each job)
     tolerance: float = 0.1
     seed: int = 7
     pipeline: Optional[Path] = None  # default: cpb/pipelines/nuclei.cppipe
@@ -86,36 +91,27 @@ class Steps:
 
 def cellprofiler_env() -> dict[str, str]:
     """CPB_CELLPROFILER (the Makefile exports it) or the project's .venv-cp."""
-    exe = os.environ.get("CPB_CELLPROFILER") or str(REPO / ".venv-cp" / "bin" / "cellprofiler")
-    if not Path(exe).exists() and not shutil.which(exe):
-        raise click.ClickException(f"CellProfiler not found at {exe}: run `make demo` (it installs .venv-cp) "
-                                   "or set CPB_CELLPROFILER")
-    from cpb_worker.runner import venv_args
-    return {"CPB_CELLPROFILER": exe,
-            "CPB_CELLPROFILER_ARGS": os.environ.get("CPB_CELLPROFILER_ARGS", venv_args(exe)),
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-def _invoke(args: list[str], capture: bool = True) -> tuple[int, str]:
-    """Run a `cpb` command in this process, as a user would type it; (exit code, output).
-
-    Uncaptured, it writes to the terminal itself, so its progress bars show.
-    """
-    from cpb.cli import cli
-    if capture:
-        from click.testing import CliRunner
-        result = CliRunner().invoke(cli, args)
-        if result.exception and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        return result.exit_code, result.output
     try:
-        cli.main(args=args, prog_name="cpb", standalone_mode=False)
-    except SystemExit as exit_:
-        return int(exit_.code or 0), ""
-    except click.ClickException as error:
-        error.show()
-        return error.exit_code, error.format_message()
-    return 0, ""
+        return local_cellprofiler_env()
+    except LocalStackError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class Cpb:
+    """`cpb ... --stack local` as a user types it: `python -m cpb` in its own process."""
+
+    def __init__(self, home: Path, environ: dict[str, str]) -> None:
+        self.env = {**environ, "CPB_HOME": str(home),
+                    "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [environ.get("PYTHONPATH")])])}
+
+    def __call__(self, command: str, *args: str, capture: bool = True) -> tuple[int, str]:
+        argv = [sys.executable, "-m", "cpb", command, "--stack", "local", *args]
+        if not capture:  # the user's terminal: progress bars show
+            sys.stdout.flush()
+            return subprocess.run(argv, env=self.env, timeout=WAIT_SECONDS).returncode, ""
+        done = subprocess.run(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=WAIT_SECONDS)
+        return done.returncode, done.stdout
 
 
 DEMO_MARKER = ".cpb-demo"  # written into --out: the folder is the demo's to clean on the next run
@@ -148,7 +144,6 @@ def clear_previous_demo(out: Path) -> list[str]:
 
 def run_demo(settings: DemoSettings) -> DemoResult:
     """Run the demo; print progress, the table, where things are; return what happened."""
-    from cpb.local import batch as localbatch, mapping as localingress
     from cpb.demo.synthetic import make_plate
 
     steps = Steps(7, settings.echo)
@@ -158,111 +153,111 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     pipeline = settings.pipeline or (REPO / "cpb" / "pipelines" / "nuclei.cppipe")
     output_prefix = f"results/{PLATE}"
     result = DemoResult(ok=False, output_prefix=output_prefix)
-    quiet = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_SERVICE_NAME": "cpb-ingress"}
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    home = out / "cpb-home"  # the demo's local-stack state file and submit receipts stay in demo-output/
+    cpb = Cpb(home, dict(os.environ))
+    progress = JobProgress(steps)
+    cores = settings.parallel * settings.job_vcpus
 
-    with contextlib.ExitStack() as running:  # stops the emulator however the demo ends
-        with steps.step("setup", "setup: AWS emulated on 127.0.0.1 (moto), stack resources, CellProfiler"):
-            cp_env = cellprofiler_env()
-            endpoint = result.endpoint = running.enter_context(moto_server())
-        stack = create_stack(endpoint)
-        steps.say(f"      bucket {stack.bucket}, queue {stack.queue_url.rsplit('/', 1)[-1]}, "
-                  f"Batch queue {stack.job_queue_arn.rsplit('/', 1)[-1]} at {endpoint}")
-        env = {**stack.isolation_env(), **stack.client_env(), **stack.lambda_env(), **cp_env, **quiet,
-               "CPB_HOME": str(out / "cpb-home")}  # the demo's submit receipts stay in demo-output/
-        with environment(env):
-            with steps.step("plate", f"plate: {settings.wells} wells x {settings.sites} sites x 2 channels "
-                                     "of synthetic nuclei with known counts"):
-                wells = WELL_NAMES[:settings.wells]
-                plate = make_plate(out / "plate", wells=wells, sites=settings.sites, seed=settings.seed,
-                                   plate=PLATE)
-            with steps.step("submit", "upload + submit: cpb submit --upload (array job, "
-                                      f"{settings.sets_per_job} image sets per child)"):
-                code, text = _invoke(["submit", "--upload", str(plate.images_dir), "--pipeline", str(pipeline),
-                                      "--input", f"plates/{PLATE}", "--output", output_prefix,
-                                      "--data-file", str(plate.images_dir / "load_data.csv"),
-                                      "--image-sets-per-job", str(settings.sets_per_job), "--vcpus", "1",
-                                      "--job-name", f"demo-{PLATE}"], capture=not settings.echo)
-                if code != 0:
-                    result.failures.append(f"cpb submit failed: {text.strip()}")
-                    return _finish(result, steps)
-            with steps.step("lambda", "Lambda: SQS batch -> handlers.ingress.handler (as the event source mapping)"):
-                from handlers import ingress
-                import boto3
-                sqs = boto3.client("sqs")
-                report = localingress.pump(sqs, stack.queue_url, ingress.handler, stack.region)
-                steps.say(f"      {report.invocations} invocation(s), {len(report.deleted)} message(s) accepted, "
-                          f"{len(report.failures)} failed")
-                if report.failures:
-                    result.failures.append(f"the Lambda rejected {len(report.failures)} message(s); "
-                                           "see `cpb status` below")
-            with steps.step("batch", f"Batch: running the jobs with the real worker, {settings.parallel} at a time, "
-                                    f"{settings.job_vcpus} vCPU each"):
-                outcomes = _run_batch(stack, out, settings, steps)
-                failed = [o for o in outcomes if o.status != "SUCCEEDED"]
-                for outcome in failed:
-                    result.failures.append(f"job {outcome.item.label} failed: {outcome.reason} (log {outcome.log})")
-            with steps.step("results", f"results: cpb status + cpb results {output_prefix}"):
-                show_logs = ["--logs", "3"] if failed else []  # a failed job: show the end of its log too
-                result.status_exit, result.status_output = _invoke(["status", output_prefix, *show_logs])
-                steps.say(_indent(result.status_output))
-                results_dir = out / "results"
-                code, text = _invoke(["results", output_prefix, "--to", str(results_dir)], capture=not settings.echo)
-                if code != 0:
-                    result.failures.append(f"cpb results refused: {text.strip()}")
-                    return _finish(result, steps)
-                result.results_dir = results_dir
-            with steps.step("check", "check: counted vs true nuclei per well, and the plate picture"):
-                result.table = compare_counts(results_dir / "Image.csv", plate.truth, settings.tolerance)
-                steps.say(render_table(result.table, settings.tolerance))
-                bad = [row for row in result.table if not row["ok"]]
-                if bad:
-                    result.failures.append(f"{len(bad)} well(s) off by more than {settings.tolerance:.0%}")
-                from cpb.demo.montage import make_montage
-                result.montage = make_montage(results_dir, plate.truth, out / "plate.png",
-                                              counted={(r["well"], s): c for r in result.table
-                                                       for s, c in r["sites"].items()})
+    with contextlib.ExitStack() as running:  # stops the local stack however the demo ends
+        with steps.step("setup", f"setup: the local stack (moto on 127.0.0.1, the stack's resources, "
+                                 f"SQS -> Lambda, Batch on {cores} core(s)), CellProfiler"):
+            cellprofiler_env()
+            running.enter_context(environment({"CPB_HOME": str(home)}))
+            cloud = running.enter_context(LocalCloud(
+                LocalSettings(stack=DEMO_STACK), port=0, log_dir=out / "logs", cores=cores, on_job=progress))
+            result.endpoint = cloud.stack.endpoint
+        steps.say(f"      bucket {cloud.stack.bucket}, queue {cloud.stack.queue_url.rsplit('/', 1)[-1]}, "
+                  f"Batch queue {cloud.stack.job_queue_arn.rsplit('/', 1)[-1]} at {result.endpoint}")
+        with steps.step("plate", f"plate: {settings.wells} wells x {settings.sites} sites x 2 channels "
+                                 "of synthetic nuclei with known counts"):
+            wells = WELL_NAMES[:settings.wells]
+            plate = make_plate(out / "plate", wells=wells, sites=settings.sites, seed=settings.seed, plate=PLATE)
+        with steps.step("submit", "upload + submit: cpb submit --stack local --upload (array job, "
+                                  f"{settings.sets_per_job} image sets per child)"):
+            code, text = cpb("submit", "--upload", str(plate.images_dir), "--pipeline", str(pipeline),
+                             "--input", f"plates/{PLATE}", "--output", output_prefix,
+                             "--data-file", str(plate.images_dir / "load_data.csv"),
+                             "--image-sets-per-job", str(settings.sets_per_job), "--vcpus", str(settings.job_vcpus),
+                             "--job-name", f"demo-{PLATE}", capture=not settings.echo)
+            if code != 0:
+                result.failures.append(f"cpb submit failed: {text.strip()}")
+                return _finish(result, steps)
+        with steps.step("lambda", "Lambda: the event source mapping hands the SQS batch to handlers.ingress.handler"):
+            reports = _wait_for_lambda(cloud)
+            handled = sum(len(r.deleted) for r in reports)
+            failed = sorted({m for r in reports for m in r.failed})
+            steps.say(f"      {len(reports)} invocation(s), {handled} message(s) accepted, {len(failed)} failed")
+            if failed or not handled:
+                reasons = {m: r.reasons.get(m) or r.error for r in reports for m in r.failed}
+                result.failures.append("the Lambda accepted no message" if not failed else
+                                       f"the Lambda rejected {len(failed)} message(s): "
+                                       + "; ".join(str(reasons.get(m)) for m in failed))
+        with steps.step("batch", f"Batch: the real worker runs each job as the container would, {cores} core(s), "
+                                 f"{settings.job_vcpus} vCPU per job"):
+            progress.total = len(cloud.batch.tasks())
+            steps.say(f"      {progress.total} job(s) in the job queue")
+            if not cloud.wait_idle(WAIT_SECONDS):
+                result.failures.append(f"the jobs did not finish within {WAIT_SECONDS} s")
+            failed_jobs = [o for o in cloud.batch.outcomes if o.status != "SUCCEEDED"]
+            for outcome in failed_jobs:
+                result.failures.append(f"job {outcome.item.label} failed: {outcome.reason} (log {outcome.log})")
+        with steps.step("results", f"results: cpb status + cpb results {output_prefix}"):
+            show_logs = ["--logs", "3"] if failed_jobs else []  # a failed job: show the end of its log too
+            result.status_exit, result.status_output = cpb("status", output_prefix, *show_logs)
+            steps.say(_indent(result.status_output))
+            results_dir = out / "results"
+            code, text = cpb("results", output_prefix, "--to", str(results_dir), capture=not settings.echo)
+            if code != 0:
+                result.failures.append(f"cpb results refused: {text.strip()}")
+                return _finish(result, steps)
+            result.results_dir = results_dir
+        with steps.step("check", "check: counted vs true nuclei per well, and the plate picture"):
+            result.table = compare_counts(results_dir / "Image.csv", plate.truth, settings.tolerance)
+            steps.say(render_table(result.table, settings.tolerance))
+            bad = [row for row in result.table if not row["ok"]]
+            if bad:
+                result.failures.append(f"{len(bad)} well(s) off by more than {settings.tolerance:.0%}")
+            from cpb.demo.montage import make_montage
+            result.montage = make_montage(results_dir, plate.truth, out / "plate.png",
+                                          counted={(r["well"], s): c for r in result.table
+                                                   for s, c in r["sites"].items()})
     result.ok = not result.failures and result.status_exit == 0
     return _finish(result, steps)
+
+
+def _wait_for_lambda(cloud: LocalCloud, timeout: float = 120.0) -> list:
+    """The mapping's invocations once the queue is empty (the message sent, handled or failed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cloud.mapping.reports and cloud.mapping.idle():
+            break
+        time.sleep(0.1)
+    return list(cloud.mapping.reports)
 
 
 class JobProgress:
     """`jobs n/m done (k running)` lines from the runner's events (called from its threads)."""
 
     def __init__(self, steps: Steps) -> None:
-        self.steps, self.total, self.done, self.running = steps, 0, 0, 0
+        self.steps, self.total, self.done = steps, 0, 0
+        self._running: set[str] = set()
         self._lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def __call__(self, kind: str, item: Any, detail: str) -> None:
         with self._lock:
             if kind == "start" and detail == "attempt 1":
-                self.running += 1
+                self._running.add(item.job_id)
             elif kind == "done":
-                self.running, self.done = self.running - 1, self.done + 1
-                self.steps.say(f"      jobs {self.done}/{self.total} done ({self.running} running): "
+                self._running.discard(item.job_id)
+                self.done += 1
+                self.steps.say(f"      jobs {self.done}/{max(self.total, self.done)} done ({self.running} running): "
                                f"{item.label} {detail}")
             elif kind == "retry":
                 self.steps.say(f"      {item.label}: {detail}")
-
-
-def _run_batch(stack: Any, out: Path, settings: DemoSettings, steps: Steps) -> list:
-    """Discover the submitted jobs and run them, reporting progress as they finish."""
-    import boto3
-
-    from cpb.local import batch as localbatch
-    progress = JobProgress(steps)
-    runner = localbatch.LocalBatch(boto3.client("batch"), stack.job_queue_arn, stack.aws_env(), out / "logs",
-                                   localbatch.MotoJobStates(stack.region), parallel=settings.parallel,
-                                   vcpus_per_job=settings.job_vcpus, logs=boto3.client("logs"), on_event=progress)
-    items = runner.discover()
-    progress.total = len(items)
-    steps.say(f"      {len(items)} job(s) found in the job queue")
-    try:
-        outcomes = runner.run(items)
-        return outcomes + runner.drain()
-    except BaseException:  # Ctrl-C: no worker or CellProfiler process may outlive the demo
-        runner.stop()
-        raise
 
 
 def compare_counts(image_csv: Path, truth: dict, tolerance: float) -> list[dict]:

@@ -11,7 +11,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 STATE_FILE = "local-stack.json"
 # Credentials the emulator accepts; never real ones (the local stack must not reach AWS).
