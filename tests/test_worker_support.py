@@ -18,8 +18,11 @@ NUCLEI = REPO / "cpb" / "pipelines" / "nuclei.cppipe"
 PY38 = REPO / ".venv-py38" / "bin" / "python"
 
 # Columns that differ between two correct runs: timings and where files were written.
-VOLATILE_PREFIXES = ("ExecutionTime_", "PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_")
-VOLATILE_EXPERIMENT_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline")
+# ImageSet_ImageSet: the image set compressed against ImageSet_Zip_Dictionary (absolute URLs), so it
+# differs between folders (a laptop's input folder, the container's staged S3 copy).
+VOLATILE_PREFIXES = ("ExecutionTime_", "PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_", "ImageSet_")
+# ImageSet_Zip_Dictionary: CellProfiler's OME-XML of the image set, naming every image by its absolute URL.
+VOLATILE_EXPERIMENT_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline", "ImageSet_Zip_Dictionary")
 
 csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 
