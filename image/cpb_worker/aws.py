@@ -370,6 +370,7 @@ def main_aws(env: Dict[str, str]) -> int:
     print(f"cpb_worker: job s3://{job.bucket}/{job.pipeline} on {job.input} -> {job.prefix}"
           + (" (FSx)" if job.fsx_root else " (S3)") + (f", run {job.run_id}" if job.run_id else ""), file=sys.stderr)
     record_key = f"{job.prefix}/{RECORD_KEY}"
+    earlier: Optional[dict] = None  # this part's record of another run, while it may still be reused
     try:
         check_lease(s3, job)
         old = s3.get_json(record_key) if job.run_id else None
@@ -402,6 +403,7 @@ def main_aws(env: Dict[str, str]) -> int:
                 return 0
             print(f"cpb_worker: not reusing the results of run {earlier.get('run_id')}: {why}", file=sys.stderr)
             retire_record(s3, job.prefix, earlier)
+            earlier = None
         t0 = time.monotonic()
         input_dir, data_file = stage_images(job, stager, plan, work, listing)
         record.timings["stage"] = round(time.monotonic() - t0, 3)
@@ -430,6 +432,8 @@ def main_aws(env: Dict[str, str]) -> int:
         record.timings["total"] = round(time.monotonic() - started, 3)
         _print_failure_log(out_dir)
         try:
+            if earlier is not None:  # failed before deciding about reuse: the old run's files must go too
+                retire_record(s3, job.prefix, earlier)
             s3.put_json(record_key, record.to_dict())  # says failed: consumers see why
         except WorkerError:
             pass  # S3 is what failed; the log line below is all we can leave
