@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
@@ -64,26 +65,84 @@ class DataFile:
         return out
 
 
-def _logical_rows(handle: BinaryIO) -> Iterator[Tuple[int, bytes]]:
+_BLOCK = 1 << 20
+_BLANK_START = (b"\n", b"\r\n", b",", b" ", b"\t")
+_MAYBE_BLANK_LINE = re.compile(rb"\n[\n\r,\t ]")  # a line that could hold no value (one regex pass)
+
+
+class _Lines:
+    """Lines of a file, with a fast way past rows a child does not keep.
+
+    `skip(n)` passes up to n rows a megabyte at a time, counting newlines at C speed, while
+    the bytes are plain (no '"', so no quoted newline, and no line that could be blank); at
+    anything else it stops and `readline` (the exact path) takes over for that block."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.buf = b""
+        self.number = 0  # physical lines consumed
+        self._exact = 0  # lines to read exactly before skipping fast again
+
+    def readline(self) -> bytes:
+        if self.buf:
+            cut = self.buf.find(b"\n")
+            if cut >= 0:
+                line, self.buf = self.buf[:cut + 1], self.buf[cut + 1:]
+            else:
+                line, self.buf = self.buf + self.handle.readline(), b""
+        else:
+            line = self.handle.readline()
+        if line:
+            self.number += 1
+            self._exact = max(0, self._exact - 1)
+        return line
+
+    def skip(self, rows: int) -> int:
+        """Pass up to `rows` plain rows; return how many were passed (at a record boundary only)."""
+        done = 0
+        while done < rows and not self._exact:
+            block = self.buf + self.handle.read(_BLOCK)
+            self.buf = b""
+            if not block:
+                break
+            cut = block.rfind(b"\n")
+            chunk = block[:cut + 1]
+            if cut < 0 or b'"' in chunk or chunk.startswith(_BLANK_START) or _MAYBE_BLANK_LINE.search(chunk):
+                self.buf = block
+                self._exact = chunk.count(b"\n") + 1
+                break
+            lines = chunk.count(b"\n")
+            if done + lines > rows:
+                at = -1
+                for _ in range(rows - done):
+                    at = chunk.find(b"\n", at + 1)
+                self.buf = block[at + 1:]
+                self.number += rows - done
+                return rows
+            done += lines
+            self.number += lines
+            self.buf = block[cut + 1:]
+        return done
+
+
+def _logical_rows(lines: _Lines) -> Iterator[Tuple[int, bytes]]:
     """(physical line number, bytes) of each CSV record, a quoted field's newlines included.
 
     Works on bytes and parses nothing: a record ends at a newline outside quotes (an even
-    number of '"' so far), which the csv module agrees with for RFC 4180 files. Memory is one
-    record; time is a count of '"' per line, so an array child skims a million-row file in
-    about a second instead of parsing every row."""
-    pending: List[bytes] = []
-    quotes = 0
-    start = 0
-    for number, line in enumerate(handle, start=1):
-        if not pending:
-            start = number
-        pending.append(line)
-        quotes += line.count(b'"')
-        if quotes % 2 == 0:
-            yield start, pending[0] if len(pending) == 1 else b"".join(pending)
-            pending, quotes = [], 0
-    if pending:
-        yield start, b"".join(pending)
+    number of '"' so far), which the csv module agrees with for RFC 4180 files. Reads no
+    further than the record it yields, so `lines.skip` may run between records."""
+    while True:
+        line = lines.readline()
+        if not line:
+            return
+        start, pending, quotes = lines.number, [line], line.count(b'"')
+        while quotes % 2:
+            more = lines.readline()
+            if not more:
+                break
+            pending.append(more)
+            quotes += more.count(b'"')
+        yield start, pending[0] if len(pending) == 1 else b"".join(pending)
 
 
 def _is_blank(record: bytes) -> bool:
@@ -134,24 +193,32 @@ def read_rows(path: Path, first: int = 1, last: Optional[int] = None, count_all:
     kept: List[List[str]] = []
     seen = 0
     finished = True
+    lines = _Lines(handle)
     with handle:
-        for line, record in _logical_rows(handle):
-            if header is None:
-                if record.startswith(codecs.BOM_UTF8):
-                    record = record[len(codecs.BOM_UTF8):]
-                if not record.strip():
-                    continue
+        records = _logical_rows(lines)
+        for line, record in records:
+            if record.startswith(codecs.BOM_UTF8):
+                record = record[len(codecs.BOM_UTF8):]
+            if record.strip():
                 header = _check_header(path, next(csv.reader([_decode(record, path, line)])))
-                continue
+                break
+        while header is not None:
+            if seen < first - 1:  # rows before this child's: skimmed, not parsed
+                seen += lines.skip(first - 1 - seen)
+            elif last is not None and seen >= last:
+                if not count_all:
+                    if next(records, None) is not None:
+                        finished = False  # there is more; it is another child's to read
+                    break
+                seen += lines.skip(1 << 62)
+            item = next(records, None)
+            if item is None:
+                break
+            line, record = item
             if _is_blank(record):
                 continue
             seen += 1
-            if seen < first:
-                continue
-            if last is not None and seen > last:
-                if not count_all:
-                    finished = False
-                    break
+            if seen < first or (last is not None and seen > last):
                 continue
             row = next(csv.reader([_decode(record, path, line)]), [])
             if len(row) != len(header):

@@ -68,9 +68,12 @@ def _cgroup_quota() -> Optional[int]:
         return None
 
 
-#: Memory one CellProfiler process may take, when CPB_PROCESS_MEMORY_MIB is not set. Measured
-#: (bench/bench_memory.py: peak RSS of one `cellprofiler -c -r` process and its JVM) on
-#: CellProfiler 4.2.8.1; see image/README.md for the figures and how to measure your pipeline.
+#: Memory one CellProfiler process may take, when CPB_PROCESS_MEMORY_MIB is not set. Measured with
+#: bench/bench_memory.py (peak RSS of one `cellprofiler -c -r` process, its JVM included) on
+#: CellProfiler 4.2.8.1: demo nuclei.cppipe 289 MiB, ExampleHuman 484 MiB, metadata_illum.cppipe
+#: at 1080x1080 499 MiB and at 2160x2160 1,176 MiB. 2048 MiB covers the largest with 1.7x to
+#: spare; a 5-channel Cell Painting pipeline on 2160x2160 sites needs more (~2.5 GB): set
+#: CPB_PROCESS_MEMORY_MIB (image/README.md).
 DEFAULT_PROCESS_MEMORY_MIB = 2048
 
 
