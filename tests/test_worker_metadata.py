@@ -180,3 +180,23 @@ def test_cellprofilers_count_agrees_with_the_file_rule_counter(plate, cellprofil
     assert counted == {"status": "counted", "count": 5, "grouped": False}
     assert count_image_sets(load_pipeline(METADATA_PIPELINE), images) == 5
     assert not (tmp_path / "o" / "Image.csv").exists()  # counting analysed nothing
+
+
+@pytest.mark.fault
+def test_a_cellprofiler_without_the_hooks_runs_one_process_with_the_same_results(plate, single, cellprofiler_env,
+                                                                                 tmp_path):
+    """A CellProfiler whose cellprofiler_core lacks what cpsets.py hooks (a future release): every part
+    says 'unsupported' without running; the worker runs one plain process and says why."""
+    import stat
+    from cpb_worker.local import run_local
+    fake = tmp_path / "python-without-hooks"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\nargs = sys.argv[1:]\n"
+                    "json.dump({'status': 'unsupported', 'reason': 'Pipeline.group changed'}, "
+                    "open(args[args.index('--report') + 1], 'w'))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    record = run_local(METADATA_PIPELINE, plate.images_dir, tmp_path / "out", workers=2,
+                       env=dict(cellprofiler_env, CPB_CELLPROFILER_PYTHON=str(fake)))
+    assert (record.processes, record.split, record.exit_codes) == (1, False, [0])
+    assert record.warnings[0] == ("this CellProfiler cannot split by its own count (Pipeline.group changed); one "
+                                  "process ran every image set")
+    assert compare_outputs(single, tmp_path / "out") > 1000

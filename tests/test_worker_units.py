@@ -475,3 +475,53 @@ def test_missing_images_say_when_the_csv_was_written_for_another_machine(tmp_pat
     (plate.images_dir / "SYN1_A01_s1_w1.tif").unlink()  # absent everywhere: the general advice
     with pytest.raises(BadInput, match=r"SYN1_A01_s1_w1\.tif; check the data file's paths and the input folder"):
         check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")
+
+
+# --- who counts the image sets of a pipeline without LoadData ----------------
+
+def test_cellprofilers_python_is_found_from_the_cellprofiler_script(tmp_path):
+    from cpb_worker.runner import cellprofiler_python
+    script = tmp_path / "cellprofiler"
+    script.write_text("#!/opt/venv/bin/python3.8\nfrom cellprofiler.__main__ import main\n")
+    assert cellprofiler_python({"CPB_CELLPROFILER": str(script)}) == ("/opt/venv/bin/python3.8", "")
+    script.write_text("#!/usr/bin/env python3\n")
+    found, _ = cellprofiler_python({"CPB_CELLPROFILER": str(script), "PATH": "/usr/bin:/bin"})
+    assert Path(found).name.startswith("python3")
+    script.write_text("#!/bin/sh\nexec real-cellprofiler \"$@\"\n")
+    assert cellprofiler_python({"CPB_CELLPROFILER": str(script)}) == (None, f"{script} runs /bin/sh, not Python")
+    assert cellprofiler_python({"CPB_CELLPROFILER": str(script), "CPB_CELLPROFILER_PYTHON": "/usr/local/bin/cpb-python"}) \
+        == ("/usr/local/bin/cpb-python", "")
+    assert cellprofiler_python({"CPB_CELLPROFILER": "no-such-cellprofiler", "PATH": str(tmp_path)})[0] is None
+
+
+def test_without_a_python_cellprofiler_a_names_and_types_pipeline_runs_as_one_process(tmp_path):
+    from cpb.demo.synthetic import METADATA_PIPELINE, make_metadata_plate
+    plate = make_metadata_plate(tmp_path / "plate", wells=("B03",), sites=2, seed=1, size=96, nuclei=(1, 1))
+    wrapper = tmp_path / "cellprofiler"
+    wrapper.write_text("#!/bin/sh\nexec cellprofiler \"$@\"\n")
+    plan = plan_job(JobSpec(pipeline=METADATA_PIPELINE, input_dir=plate.images_dir, workers=4,
+                            env={"CPB_CELLPROFILER": str(wrapper)}))
+    assert plan.ranges == [None] and plan.counting.startswith("nobody: CellProfiler cannot be asked to count")
+    assert plan.warnings == [f"one CellProfiler process over every image set: {plan.counting}"]
+    python_plan = plan_job(JobSpec(pipeline=METADATA_PIPELINE, input_dir=plate.images_dir, workers=4,
+                                   env={"CPB_CELLPROFILER_PYTHON": "/usr/bin/python3"}))
+    assert python_plan.counting == "CellProfiler"
+    assert [(p.part, p.parts) for p in python_plan.procs] == [(0, 2), (1, 2)]  # 2 sets: 2 parts, not 4
+    child = plan_job(JobSpec(pipeline=METADATA_PIPELINE, input_dir=plate.images_dir, workers=4, array_index=0,
+                             sets_per_job=1, expected_count=2, env={"CPB_CELLPROFILER_PYTHON": "/usr/bin/python3"}))
+    assert [(p.part, p.parts, p.window, p.expect) for p in child.procs] == [(0, 1, (1, 1), 2)]
+
+
+def test_cpsets_refuses_a_cellprofiler_whose_pipeline_lacks_the_hooks():
+    from cpb_worker.cpsets import _unsupported, split_range as cp_split
+
+    class Other:
+        def prepare_run(self, workspace):  # noqa: ANN001, ANN201
+            return True
+
+        def group(self, grouping, start, end):  # noqa: ANN001, ANN201 - renamed parameters
+            return []
+
+    assert "group" in _unsupported(Other) and _unsupported(type("Empty", (), {})) == \
+        "cellprofiler_core Pipeline has no prepare_run()"
+    assert cp_split(3, 9, 2) == split_range(3, 9, 2)  # cpsets cuts exactly as the worker

@@ -340,6 +340,7 @@ def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
     results = run_processes(plan.pipeline.path, input_dir, data_file, plan.procs, work, logs, env, plan.python)
     if plan.counting == "CellProfiler" and all(r.report and r.report.get("status") == "unsupported"
                                                for r in results):
+        plan.counting = f"nobody: this CellProfiler cannot split by its own count ({results[0].report['reason']})"
         record.warnings.append(f"this CellProfiler cannot split by its own count ({results[0].report['reason']}); "
                                "one process ran every image set")
         shutil.rmtree(work, ignore_errors=True)
