@@ -1,11 +1,18 @@
 """AWS mode: one Batch job (or array child) from its environment to a run record.
 
-Order matters for trust: inputs are staged (FSx or S3), CellProfiler runs,
-outputs are merged and verified locally, then uploaded; a stale record is
-removed before the upload and the new record is written only after every
-file is in place. A `_cpb/pending.json` manifest lists what an attempt is
-about to upload, so a retry after a kill mid-upload removes the previous
-attempt's leftovers instead of mixing them with its own results.
+Order matters for trust (docs/CONTRACTS.md, "Worker duties"):
+1. with CPB_RUN_ID, the output's lease (`_cpb/lease.json`) must name this run, else exit 5
+   and write nothing (a cancelled run too);
+2. the part's record of another run is retired first (its files listed in pending.json for
+   deletion, the record deleted), unless resume may reuse it: same range, same fingerprint
+   (pipeline, this job's data rows or the input listing, image, upstream records of
+   CPB_AFTER) and every listed file in the bucket at its size - then a record of this run
+   with `resumed_from` is written and CellProfiler never starts;
+3. pipeline and data file are read, images staged (FSx or S3; an array child only its
+   rows' images, and CellProfiler gets a CSV of just those rows), CellProfiler runs, outputs
+   are merged and verified locally, then uploaded with a `_cpb/pending.json` manifest, so a
+   retry after a kill mid-upload removes the previous attempt's leftovers;
+4. the lease is checked again, and the record is written last.
 """
 from __future__ import annotations
 

@@ -1,15 +1,20 @@
 """Count image sets of an Images/NamesAndTypes pipeline from file names alone.
 
-Why not ask CellProfiler? Its only ways to list image sets without running
-the pipeline (`--print-groups`, `--get-batch-commands`) read a Batch_data.h5
-that a CreateBatchFiles run must write first: one more CellProfiler start
-(~2-3 s) per job, and that module's settings differ between 4.2 and 5. File
-rules are evaluated in milliseconds, so the worker evaluates the common rule
-forms itself (file/directory/extension predicates, and/or, "Order" matching,
-"Metadata" matching on file-name regular expressions) and returns None for
-anything else; the caller then runs one unsplit process. Either way the
-count is checked afterwards against CellProfiler's own `Group_Length`, so a
-miscount fails loudly instead of dropping image sets.
+The worker does not rely on this count: CellProfiler counts its own image sets in every
+process (cpsets.py) and the worker checks CPB_IMAGE_SET_COUNT against that. This evaluator
+serves where CellProfiler cannot run: the ingress Lambda, which must know the count to cut
+`image_sets_per_job` without a data file (`count_image_sets_in_listing(pipeline, keys)` on
+the S3 listing), and the worker's choice of how many processes to START (never of what
+they run). It evaluates the common rule forms (file/directory/extension predicates, and/or,
+"Order" matching, "Metadata" matching on file/folder-name regular expressions, channels
+matched by "(None)" - one file for every image set, e.g. an illumination function) and
+returns None for anything else, so the Lambda refuses such a message with the fix (give a
+data file). Where it answers, tests compare it with CellProfiler's own count
+(tests/test_worker_metadata.py, tests/test_worker_units.py); a miscount can only fail a job
+loudly, never drop image sets (CellProfiler's count is checked against it).
+
+`isimage` follows this module's IMAGE_EXTENSIONS; CellProfiler 4.2 asks Bio-Formats, whose
+list is longer: the two agree on the microscope formats listed here.
 """
 from __future__ import annotations
 
