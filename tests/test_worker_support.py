@@ -7,6 +7,7 @@ what legitimately differs between runs (timings, paths of output folders).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import sys
@@ -35,6 +36,11 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
 def _same_value(a: str, b: str) -> bool:
     if a == b:
         return True
+    if a.startswith("[") and b.startswith("["):  # Metadata_Tags: CellProfiler 5 writes a set's order
+        try:
+            return sorted(json.loads(a)) == sorted(json.loads(b))
+        except (ValueError, TypeError):
+            return False
     try:
         x, y = float(a), float(b)
     except ValueError:

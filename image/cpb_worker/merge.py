@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import filecmp
 import io
+import json
 import os
 import shutil
 import sys
@@ -175,9 +176,19 @@ def _same_everywhere(rel: str, sources: List[RangeResult], what: str) -> None:
                                  "set (e.g. from the image file name or metadata), or set CPB_UNSPLITTABLE=1")
 
 
-def _key_values(path: Path) -> Dict[str, str]:
+def _key_values(path: Path) -> Dict[str, object]:
+    """Key -> value; a JSON list (Metadata_Tags) as a sorted list: CellProfiler 5 writes it in set order."""
     with open(path, newline="", encoding="utf-8") as handle:
-        return {row[0]: row[1] if len(row) > 1 else "" for row in csv.reader(handle) if row}
+        values: Dict[str, object] = {row[0]: row[1] if len(row) > 1 else "" for row in csv.reader(handle) if row}
+    for key, value in values.items():
+        if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(parsed, list) and all(isinstance(v, str) for v in parsed):
+                values[key] = sorted(parsed)
+    return values
 
 
 def _same_key_values(rel: str, sources: List[RangeResult]) -> None:

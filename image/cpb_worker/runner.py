@@ -181,9 +181,12 @@ def cpsets_script() -> str:
 
 
 def child_env(env: Mapping[str, str]) -> dict:
+    """One thread per process; and one hash seed for all, so that what CellProfiler derives from
+    set order (5.0 writes Experiment.csv's Metadata_Tags in set order) is the same in every range."""
     out = dict(env)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         out[name] = "1"
+    out.setdefault("PYTHONHASHSEED", "0")
     return out
 
 
