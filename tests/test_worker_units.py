@@ -525,3 +525,41 @@ def test_cpsets_refuses_a_cellprofiler_whose_pipeline_lacks_the_hooks():
     assert "group" in _unsupported(Other) and _unsupported(type("Empty", (), {})) == \
         "cellprofiler_core Pipeline has no prepare_run()"
     assert cp_split(3, 9, 2) == split_range(3, 9, 2)  # cpsets cuts exactly as the worker
+
+
+def test_cellprofiler_counted_parts_must_agree_and_tile_the_range(tmp_path):
+    from cpb_worker.errors import PipelineFailed
+    from cpb_worker.job import Plan, _check_reports
+    from cpb_worker.record import RunRecord
+    from cpb_worker.runner import Proc
+
+    def plan(window=None):
+        return Plan(pipeline=None, data=None, data_file=None, total=None, first=None, last=None,
+                    procs=[Proc(part=i, parts=3, window=window) for i in range(3)], unsplittable=[], grouped=False,
+                    counting="CellProfiler")
+
+    def result(report, first=None, last=None):
+        r = RangeResult(first=first, last=last, out_dir=tmp_path, log=tmp_path / "log", exit_code=0, seconds=1,
+                        report=report, counted=True)
+        return r
+
+    record = RunRecord()
+    ok = plan()
+    _check_reports(ok, [result({"status": "running", "count": 2}, 1, 1), result({"status": "running", "count": 2}, 2, 2),
+                        result({"status": "idle", "count": 2})], record)
+    assert (ok.first, ok.last, ok.total, record.processes) == (1, 2, 2, 2)
+    assert record.warnings == ["1 of 3 CellProfiler processes had no image set to run (CellProfiler made 2)"]
+    with pytest.raises(PipelineFailed, match=r"made different image-set lists \(\[5, 6\] sets\)"):
+        _check_reports(plan(), [result({"status": "running", "count": 5}, 1, 3),
+                                result({"status": "running", "count": 6}, 4, 6)], RunRecord())
+    with pytest.raises(BadInput, match="CPB_IMAGE_SET_COUNT is 5 but CellProfiler makes 6"):
+        _check_reports(plan(), [result({"status": "refused", "count": 6,
+                                        "reason": "CPB_IMAGE_SET_COUNT is 5 but CellProfiler makes 6 image sets"})],
+                       RunRecord())
+    with pytest.raises(PipelineFailed, match=r"do not tile image sets 3-6"):
+        _check_reports(plan(window=(3, 6)), [result({"status": "running", "count": 9}, 3, 4),
+                                             result({"status": "running", "count": 9}, 6, 6)], RunRecord())
+    with pytest.raises(PipelineFailed, match="CellProfiler found no image sets in the input folder"):
+        _check_reports(plan(), [result({"status": "no-image-sets"})], RunRecord())
+    with pytest.raises(PipelineFailed, match=r"stopped before making its image-set list \(exit 0\)"):
+        _check_reports(plan(), [result(None)], RunRecord())
