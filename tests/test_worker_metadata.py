@@ -7,7 +7,6 @@ row and column, loads .npy illumination functions through NamesAndTypes and divi
 the plate (cpb.demo.synthetic.make_metadata_plate) knows its nucleus count per site."""
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys

@@ -176,8 +176,8 @@ def _plan_loaddata(spec: JobSpec, pipeline: Pipeline, data_path: Path, reasons: 
         offset, cp_first, cp_total = first - 1, 1, size
     else:  # CellProfiler applies the row range to the whole CSV and numbers globally
         offset, cp_first, cp_total = 0, first, total
-    if reasons:
-        procs = [Proc(offset=offset, cp_total=cp_total)] if (first, last) == (1, total) else []
+    if reasons:  # the whole run (checked above), exactly as one CellProfiler process would run it
+        procs = [Proc(offset=offset, cp_total=cp_total)]
     else:
         workers = _processes(spec, warnings)
         procs = [Proc(first=a, last=b, offset=offset, cp_total=cp_total)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Tuple
 
 from .errors import PipelineFailed
-from .ranges import Range
 
 
 @dataclass
@@ -272,13 +271,6 @@ def _rename(old: Path, new: Path) -> Path:
         return old
     os.replace(old, new)
     return new
-
-
-def run_ranges(pipeline: Path, input_dir: Path, data_file: Optional[Path], ranges: List[Optional[Range]],
-               work_dir: Path, log_dir: Path, env: Mapping[str, str]) -> List[RangeResult]:
-    """Run one CellProfiler process per -f/-l range (None = all image sets) in parallel."""
-    procs = [Proc() if item is None else Proc(first=item[0], last=item[1]) for item in ranges]
-    return run_processes(pipeline, input_dir, data_file, procs, work_dir, log_dir, env)
 
 
 def _stop(procs: List[subprocess.Popen]) -> None:
