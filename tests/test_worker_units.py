@@ -563,3 +563,17 @@ def test_cellprofiler_counted_parts_must_agree_and_tile_the_range(tmp_path):
         _check_reports(plan(), [result({"status": "no-image-sets"})], RunRecord())
     with pytest.raises(PipelineFailed, match=r"stopped before making its image-set list \(exit 0\)"):
         _check_reports(plan(), [result(None)], RunRecord())
+
+
+def test_the_lambdas_listing_count_equals_the_folder_count(tmp_path):
+    """The ingress Lambda has S3 keys, not a folder: count_image_sets_in_listing on the keys (input
+    prefix removed) must equal count_image_sets on the same files, '(None)' illumination channels too."""
+    from cpb.demo.synthetic import METADATA_PIPELINE, make_metadata_plate
+    from cpb_worker.filerules import count_image_sets_in_listing
+    plate = make_metadata_plate(tmp_path / "plate", wells=("B03", "C04"), sites=3, seed=1, size=96, nuclei=(1, 1))
+    pipeline = load_pipeline(METADATA_PIPELINE)
+    keys = [p.relative_to(plate.images_dir).as_posix() for p in plate.images]
+    assert count_image_sets(pipeline, plate.images_dir) == count_image_sets_in_listing(pipeline, keys) == 6
+    assert count_image_sets_in_listing(pipeline, keys + ["illum/SYN2_IllumDNA_old.npy"]) == 6  # not "_IllumDNA.npy"
+    assert count_image_sets_in_listing(pipeline, keys + ["illum/other_IllumDNA.npy"]) is None  # 2 files for one
+    assert count_image_sets_in_listing(pipeline, [k for k in keys if "r03c04f03p01-ch2" not in k]) == 5
