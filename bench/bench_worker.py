@@ -172,7 +172,8 @@ def report(name: str, label: str, sets: int, vcpus: int, figures) -> float:
     print(f"  one CellProfiler process over {sets} sets (seed design): {single:7.1f} s wall, {single_cpu:6.1f} s CPU")
     print(f"  worker, {record['processes']} processes, S3 in/out (moto):     {wall:7.1f} s wall, "
           f"{worker_cpu:6.1f} s CPU (CellProfiler phase {cellprofiler:.1f} s)")
-    print(f"  speed-up: {single / wall:.2f}x  (target >= 1.7x; limit {vcpus}x)")
+    print(f"  speed-up: {single / wall:.2f}x  (target >= 1.7x; limit {vcpus}x); the worker kept "
+          f"{worker_cpu / wall:.2f} cores busy (less than {vcpus}: other users had the rest)")
     parts = ", ".join(f"{k} {t[k]:.2f} s" for k in ("stage", "plan", "merge", "verify", "upload") if k in t)
     print(f"  worker overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of its run (target < 10%); {parts}")
     return single / wall
