@@ -140,3 +140,25 @@ def test_fast_skimming_agrees_with_the_csv_module_at_every_block_boundary(tmp_pa
             sliced = df.read_rows(path, a, b, count_all=rng.random() < 0.5)
             assert sliced.rows == reference[a - 1:b], (trial, a, b)
             assert sliced.total in (None, total)
+
+
+@pytest.mark.parametrize("block", [5, 64, 1 << 20])
+def test_count_rows_from_a_stream_is_the_workers_count(tmp_path, monkeypatch, block):
+    """What the ingress Lambda can count an S3 body with (constant memory): the same number the
+    worker's reader finds, quoted newlines, blank lines and a byte-order mark included."""
+    import io
+    import random
+    monkeypatch.setattr(df, "_BLOCK", block)
+    rng = random.Random(7 + block)
+    for trial in range(10):
+        lines = ["Image_FileName_DNA,Metadata_Note"]
+        for n in range(rng.randint(0, 80)):
+            lines.append(rng.choice([f"a{n}.tif,x", f'b{n}.tif,"two\nlines"', "", ",", f"c{n}.tif," + "y" * 200]))
+        raw = ("\ufeff" if trial % 2 else "") + "\n".join(lines) + "\n"
+        path = tmp_path / f"c{trial}.csv"
+        path.write_text(raw)
+        expected = len([r for r in lines[1:] if r.strip(", ")])
+        assert df.count_rows(io.BytesIO(raw.encode())) == expected
+        if expected:
+            assert df.read_rows(path).total == expected
+    assert df.count_rows(io.BytesIO(b"")) == 0

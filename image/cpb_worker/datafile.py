@@ -71,7 +71,8 @@ _MAYBE_BLANK_LINE = re.compile(rb"\n[\n\r,\t ]")  # a line that could hold no va
 
 
 class _Lines:
-    """Lines of a file, with a fast way past rows a child does not keep.
+    """Lines of a binary stream (anything with `read(n)`: a file, an S3 object's body), with a
+    fast way past rows a child does not keep.
 
     `skip(n)` passes up to n rows a megabyte at a time, counting newlines at C speed, while
     the bytes are plain (no '"', so no quoted newline, and no line that could be blank); at
@@ -80,18 +81,27 @@ class _Lines:
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
         self.buf = b""
+        self.pos = 0  # start of the unread part of buf
         self.number = 0  # physical lines consumed
         self._exact = 0  # lines to read exactly before skipping fast again
 
+    def _more(self) -> bool:
+        block = self.handle.read(_BLOCK)
+        if not block:
+            return False
+        self.buf = self.buf[self.pos:] + block
+        self.pos = 0
+        return True
+
     def readline(self) -> bytes:
-        if self.buf:
-            cut = self.buf.find(b"\n")
+        while True:
+            cut = self.buf.find(b"\n", self.pos)
             if cut >= 0:
-                line, self.buf = self.buf[:cut + 1], self.buf[cut + 1:]
-            else:
-                line, self.buf = self.buf + self.handle.readline(), b""
-        else:
-            line = self.handle.readline()
+                line, self.pos = self.buf[self.pos:cut + 1], cut + 1
+                break
+            if not self._more():
+                line, self.buf, self.pos = self.buf[self.pos:], b"", 0
+                break
         if line:
             self.number += 1
             self._exact = max(0, self._exact - 1)
@@ -101,27 +111,27 @@ class _Lines:
         """Pass up to `rows` plain rows; return how many were passed (at a record boundary only)."""
         done = 0
         while done < rows and not self._exact:
-            block = self.buf + self.handle.read(_BLOCK)
-            self.buf = b""
-            if not block:
+            if self.buf.find(b"\n", self.pos) < 0 and not self._more():
                 break
-            cut = block.rfind(b"\n")
-            chunk = block[:cut + 1]
-            if cut < 0 or b'"' in chunk or chunk.startswith(_BLANK_START) or _MAYBE_BLANK_LINE.search(chunk):
-                self.buf = block
+            cut = self.buf.rfind(b"\n", self.pos)
+            if cut < 0:  # a line longer than a block: the exact path reads it
+                self._exact = 1
+                break
+            chunk = self.buf[self.pos:cut + 1]
+            if b'"' in chunk or chunk.startswith(_BLANK_START) or _MAYBE_BLANK_LINE.search(chunk):
                 self._exact = chunk.count(b"\n") + 1
                 break
             lines = chunk.count(b"\n")
             if done + lines > rows:
-                at = -1
+                at = self.pos - 1
                 for _ in range(rows - done):
-                    at = chunk.find(b"\n", at + 1)
-                self.buf = block[at + 1:]
+                    at = self.buf.find(b"\n", at + 1)
+                self.pos = at + 1
                 self.number += rows - done
                 return rows
             done += lines
             self.number += lines
-            self.buf = block[cut + 1:]
+            self.pos = cut + 1
         return done
 
 
@@ -231,6 +241,28 @@ def read_rows(path: Path, first: int = 1, last: Optional[int] = None, count_all:
         raise BadInput(f"data file {path.name} lists no image sets (only a header)")
     return DataFile(path=path, header=header, rows=kept, row_offset=first - 1,
                     total=seen if finished else None)
+
+
+def count_rows(stream: BinaryIO) -> int:
+    """Image sets (data rows) of a LoadData CSV read from a binary stream (a file, or an S3
+    object's body: anything with `read(n)`), counted exactly as `read_rows` counts them (blank
+    lines are not rows; quoted newlines stay inside their row), in constant memory. For the
+    ingress Lambda, which must agree with the worker's count (CPB_IMAGE_SET_COUNT)."""
+    lines = _Lines(stream)
+    records = _logical_rows(lines)
+    for _, record in records:
+        if record.replace(codecs.BOM_UTF8, b"", 1).strip():
+            break
+    else:
+        return 0
+    count = 0
+    while True:
+        count += lines.skip(1 << 62)
+        item = next(records, None)
+        if item is None:
+            return count
+        if not _is_blank(item[1]):
+            count += 1
 
 
 def read_data_file(path: Path) -> DataFile:
