@@ -1,7 +1,12 @@
 """Worker speed-up and overhead, measured in one run (`python bench/bench_worker.py`).
 
-Same data both ways (ExampleHuman's 3 images listed N times in a LoadData CSV,
-default 8 image sets; a generated plate when ../shared/examples is absent):
+Two pipelines, each run both ways on the same data:
+
+  LoadData   ExampleHuman's 3 images listed N times in a LoadData CSV (default 8 image
+             sets; a generated plate when ../shared/examples is absent)
+  metadata   cpb/pipelines/metadata_illum.cppipe (Images/Metadata/NamesAndTypes, .npy
+             illumination functions, no LoadData) on a generated plate of N sites, whose
+             image sets CellProfiler itself counts (cpb_worker/cpsets.py)
 
   seed design  one `cellprofiler -c -r` process over every image set
   worker       `python -m cpb_worker` in AWS mode with CPB_VCPUS=2 against a
@@ -26,9 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO.parent / "shared" / "examples" / "ExampleHuman"
+EXAMPLES = next((root / "ExampleHuman" for root in (REPO.parent / "shared" / "examples",
+                                                     REPO.parent.parent / "shared" / "examples")
+                 if (root / "ExampleHuman").is_dir()), REPO.parent / "shared" / "examples" / "ExampleHuman")
 BUCKET = "cpb-bench"
 
 
@@ -44,6 +52,7 @@ def cellprofiler_env() -> dict:
 
 def make_data(work: Path, sets: int):
     """(pipeline, images dir, data file, label) with `sets` image sets."""
+    work.mkdir(parents=True, exist_ok=True)
     if EXAMPLES.is_dir():
         row = (EXAMPLES / "loaddata" / "load_data.csv").read_text().splitlines()
         data = work / "load_data.csv"
@@ -57,15 +66,25 @@ def make_data(work: Path, sets: int):
     return PIPELINE, plate.images_dir, plate.data_file, f"synthetic plate, {plate.image_sets} sets of 768x768"
 
 
+def make_metadata_data(work: Path, sets: int, size: int):
+    """(pipeline, images dir, None, label): a metadata-matched plate of `sets` sites."""
+    sys.path.insert(0, str(REPO))
+    from cpb.demo.synthetic import METADATA_PIPELINE, make_metadata_plate
+    wells = [f"B{i:02d}" for i in range(1, (sets + 1) // 2 + 1)]
+    plate = make_metadata_plate(work / "mplate", wells=wells, sites=2, seed=1, size=size, nuclei=(40, 80))
+    return (METADATA_PIPELINE, plate.images_dir, None,
+            f"metadata_illum.cppipe on a generated plate, {plate.image_sets} sets of {size}x{size}")
+
+
 def child_cpu() -> float:
     """CPU seconds used by finished child processes (and the processes they waited for)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def run_single(env: dict, pipeline: Path, images: Path, data: Path, out: Path) -> float:
+def run_single(env: dict, pipeline: Path, images: Path, data: Optional[Path], out: Path) -> float:
     argv = [env["CPB_CELLPROFILER"], *env["CPB_CELLPROFILER_ARGS"].split(), "-c", "-r", "-p", str(pipeline),
-            "-i", str(images), "-o", str(out), "--data-file", str(data)]
+            "-i", str(images), "-o", str(out)] + (["--data-file", str(data)] if data else [])
     t0 = time.monotonic()
     proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.monotonic() - t0
@@ -74,7 +93,7 @@ def run_single(env: dict, pipeline: Path, images: Path, data: Path, out: Path) -
     return wall
 
 
-def run_worker(env: dict, pipeline: Path, images: Path, data: Path, work: Path, vcpus: int):
+def run_worker(env: dict, pipeline: Path, images: Path, data: Optional[Path], work: Path, vcpus: int):
     """Upload inputs to moto, run the worker as Batch would, return (wall seconds, run record)."""
     import boto3
     from moto.server import ThreadedMotoServer
@@ -89,14 +108,16 @@ def run_worker(env: dict, pipeline: Path, images: Path, data: Path, work: Path, 
         s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                           aws_access_key_id="bench", aws_secret_access_key="bench")
         s3.create_bucket(Bucket=BUCKET)
-        for image in images.iterdir():
+        for image in images.rglob("*"):
             if image.is_file():
-                s3.upload_file(str(image), BUCKET, f"in/{image.name}")
-        s3.upload_file(str(data), BUCKET, "in/load_data.csv")
+                s3.upload_file(str(image), BUCKET, f"in/{image.relative_to(images).as_posix()}")
         s3.upload_file(str(pipeline), BUCKET, "pipeline.cppipe")
         job = dict(env, **creds, AWS_ENDPOINT_URL=url, CPB_BUCKET=BUCKET, CPB_PIPELINE="pipeline.cppipe",
-                   CPB_INPUT="in", CPB_OUTPUT="out", CPB_DATA_FILE="in/load_data.csv", CPB_VCPUS=str(vcpus),
+                   CPB_INPUT="in", CPB_OUTPUT="out", CPB_VCPUS=str(vcpus),
                    CPB_WORK_DIR=str(work / "scratch"), PYTHONPATH=str(REPO / "image"))
+        if data is not None:
+            s3.upload_file(str(data), BUCKET, "data/load_data.csv")
+            job["CPB_DATA_FILE"] = "data/load_data.csv"
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "cpb_worker"], env=job, capture_output=True, text=True)
         wall = time.monotonic() - t0
@@ -108,46 +129,95 @@ def run_worker(env: dict, pipeline: Path, images: Path, data: Path, work: Path, 
         server.stop()
 
 
+def measure(env: dict, case, work: Path, vcpus: int, repeat: int):
+    """(single wall, single CPU, worker wall, worker CPU, record): each run `repeat` times, alternating,
+    keeping each one's fastest (noisy machines)."""
+    pipeline, images, data, _ = case
+    singles, workers = [], []
+    for attempt in range(repeat):
+        c0 = child_cpu()
+        singles.append((run_single(env, pipeline, images, data, work / f"single{attempt}"), child_cpu() - c0))
+        c0 = child_cpu()
+        wall, record = run_worker(env, pipeline, images, data, work / f"worker{attempt}", vcpus)
+        workers.append((wall, child_cpu() - c0, record))
+    single, single_cpu = min(singles)
+    wall, worker_cpu, record = min(workers, key=lambda w: w[0])
+    return single, single_cpu, wall, worker_cpu, record
+
+
+def count_only_seconds(env: dict, case, work: Path) -> float:
+    """Wall time of asking CellProfiler for the image-set count alone (cpsets.py --count-only): what
+    a separate counting start before the run would cost, which the worker's in-process count avoids."""
+    sys.path.insert(0, str(REPO / "image"))
+    from cpb_worker.cpsets import script_path
+    from cpb_worker.runner import cellprofiler_argv, cellprofiler_python
+    python, why = cellprofiler_python(env)
+    if python is None:
+        raise SystemExit(f"cannot ask CellProfiler to count: {why}")
+    pipeline, images, _, _ = case
+    t0 = time.monotonic()
+    subprocess.run([python, script_path(), "--report", str(work / "count.json"), "--count-only", "--"]
+                   + cellprofiler_argv(env)[1:] + ["-c", "-r", "-p", str(pipeline), "-i", str(images), "-o",
+                                                   str(work / "count-out")],
+                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.monotonic() - t0
+
+
+def report(name: str, label: str, sets: int, vcpus: int, figures) -> float:
+    single, single_cpu, wall, worker_cpu, record = figures
+    t = record["timings"]
+    cellprofiler = t["cellprofiler"]
+    overhead = wall - cellprofiler  # download, plan, merge, verify, upload, record, Python start-up
+    print(f"[{name}] {label}")
+    print(f"  one CellProfiler process over {sets} sets (seed design): {single:7.1f} s wall, {single_cpu:6.1f} s CPU")
+    print(f"  worker, {record['processes']} processes, S3 in/out (moto):     {wall:7.1f} s wall, "
+          f"{worker_cpu:6.1f} s CPU (CellProfiler phase {cellprofiler:.1f} s)")
+    print(f"  speed-up: {single / wall:.2f}x  (target >= 1.7x; limit {vcpus}x); the worker kept "
+          f"{worker_cpu / wall:.2f} cores busy (less than {vcpus}: other users had the rest)")
+    parts = ", ".join(f"{k} {t[k]:.2f} s" for k in ("stage", "plan", "merge", "verify", "upload") if k in t)
+    print(f"  worker overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of its run (target < 10%); {parts}")
+    return single / wall
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", type=int, default=8, help="image sets (default 8)")
     parser.add_argument("--vcpus", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--size", type=int, default=1024, help="metadata plate image size (default 1024)")
+    parser.add_argument("--metadata-sets", type=int, default=16,
+                        help="metadata plate sites (default 16: its sets take ~1.3 s each here, ExampleHuman's ~2.3 s, "
+                             "so twice as many keep CellProfiler's start-up (~4 s CPU per process) the same share)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate the two runs this many times and keep each one's fastest (noisy machines)")
+    parser.add_argument("--only", choices=("loaddata", "metadata"), help="run one of the two pipelines")
     args = parser.parse_args()
     env = cellprofiler_env()
     if not Path(env["CPB_CELLPROFILER"]).exists():
         print(f"CellProfiler not found at {env['CPB_CELLPROFILER']}: run `make cellprofiler`", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="bench-worker-"))
+    ratios = {}
     try:
-        pipeline, images, data, label = make_data(work, args.sets)
         load_before = os.getloadavg()
-        singles, workers = [], []
-        for attempt in range(args.repeat):
-            c0 = child_cpu()
-            singles.append((run_single(env, pipeline, images, data, work / f"single{attempt}"), child_cpu() - c0))
-            c0 = child_cpu()
-            wall, record = run_worker(env, pipeline, images, data, work / f"worker{attempt}", args.vcpus)
-            workers.append((wall, child_cpu() - c0, record))
+        cases = []
+        if args.only in (None, "loaddata"):
+            cases.append(("LoadData", make_data(work / "loaddata", args.sets)))
+        if args.only in (None, "metadata"):
+            cases.append(("metadata", make_metadata_data(work / "metadata", args.metadata_sets, args.size)))
+        results = [(name, case, measure(env, case, work / name, args.vcpus, args.repeat)) for name, case in cases]
+        counting = [count_only_seconds(env, case, work / name) for name, case in cases if name == "metadata"]
         load_after = os.getloadavg()
-        single, single_cpu = min(singles)
-        wall, worker_cpu, record = min(workers, key=lambda w: w[0])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    t = record["timings"]
-    cellprofiler = t["cellprofiler"]
-    overhead = wall - cellprofiler  # download, plan, merge, verify, upload, record, Python start-up
-    print(f"data: {label}; machine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f}, "
-          f"after {load_after[0]:.2f} (1 min)")
-    print(f"one CellProfiler process over {args.sets} sets (seed design): {single:7.1f} s wall, "
-          f"{single_cpu:6.1f} s CPU")
-    print(f"worker, {record['processes']} processes, S3 in/out (moto):     {wall:7.1f} s wall, "
-          f"{worker_cpu:6.1f} s CPU (CellProfiler phase {cellprofiler:.1f} s)")
-    print(f"speed-up: {single / wall:.2f}x  (target >= 1.7x; limit {args.vcpus}x)")
-    parts = ", ".join(f"{k} {t[k]:.2f} s" for k in ("stage", "plan", "merge", "verify", "upload") if k in t)
-    print(f"worker overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of its run (target < 10%); {parts}; "
-          f"rest (start-up, record, clean-up) {overhead - sum(t.get(k, 0) for k in ('stage', 'merge', 'verify', 'upload')):.2f} s")
+    print(f"machine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+          "(1 min; other users' work slows both runs)")
+    for name, case, figures in results:
+        sets = args.metadata_sets if name == "metadata" else args.sets
+        ratios[name] = report(name, case[3], sets, args.vcpus, figures)
+    if counting:
+        print(f"[metadata] a separate CellProfiler start that only counts the image sets (cpsets.py --count-only) "
+              f"takes {counting[0]:.1f} s; the worker counts inside the processes that run them instead")
+    print("speed-up, 2 processes vs 1: " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
     return 0
 
 

@@ -232,3 +232,31 @@ def test_names_and_types_pipeline_without_data_file_downloads_the_input_prefix(s
     assert (record["first"], record["last"], record["processes"]) == (1, 1, 1)
     (tmp_path / "Image.csv").write_bytes(get(s3, "results/human/Image.csv"))
     assert read_rows(tmp_path / "Image.csv")[0]["Count_Nuclei"] == f"{example_human_nuclei}.0"
+
+
+def test_loaddata_csv_named_by_the_pipeline_is_fetched_alone_when_no_data_file_is_sent(plate, s3, moto_url, tmp_path,
+                                                                                        monkeypatch):
+    """A LoadData pipeline whose CSV sits in the input prefix: only that CSV is read to plan (and to
+    decide about resume), not the whole prefix; a CSV named outside the input folder is refused."""
+    from cpb_worker.aws import JobEnv, Stager, plan_inputs
+    from cpb_worker.errors import BadInput
+    from cpb_worker.s3io import S3IO, make_client
+    env = job_env({}, moto_url, CPB_DATA_FILE=None)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, env[name])
+    s3.upload_file(str(plate.images_dir / "load_data.csv"), BUCKET, "plates/p1/images/load_data.csv")
+    job = JobEnv.from_env(env)
+    client = S3IO(make_client(env), BUCKET)
+    plan, listing = plan_inputs(job, Stager(job, client, tmp_path / "scratch"), client, env)
+    assert plan.data_file == tmp_path / "scratch" / "plates" / "p1" / "images" / "load_data.csv"
+    assert (plan.first, plan.last, listing) == (1, 3, None)
+    assert sorted(p.name for p in (tmp_path / "scratch" / "plates" / "p1" / "images").iterdir()) == ["load_data.csv"]
+    elsewhere = tmp_path / "elsewhere.cppipe"
+    elsewhere.write_text(NUCLEI.read_text().replace("Input data file location:Default Input Folder|",
+                                                    "Input data file location:Elsewhere...|/Users/me"))
+    s3.upload_file(str(elsewhere), BUCKET, "pipelines/elsewhere.cppipe")
+    env2 = dict(env, CPB_PIPELINE="pipelines/elsewhere.cppipe")
+    job2 = JobEnv.from_env(env2)
+    with pytest.raises(BadInput, match="has LoadData but the job has no data_file, and its CSV is not in the input "
+                                       r"folder \(Elsewhere...\): send the CSV as the message's data_file"):
+        plan_inputs(job2, Stager(job2, client, tmp_path / "s2"), client, env2)

@@ -7,6 +7,7 @@ what legitimately differs between runs (timings, paths of output folders).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import sys
@@ -18,8 +19,11 @@ NUCLEI = REPO / "cpb" / "pipelines" / "nuclei.cppipe"
 PY38 = REPO / ".venv-py38" / "bin" / "python"
 
 # Columns that differ between two correct runs: timings and where files were written.
-VOLATILE_PREFIXES = ("ExecutionTime_", "PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_")
-VOLATILE_EXPERIMENT_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline")
+# ImageSet_ImageSet: the image set compressed against ImageSet_Zip_Dictionary (absolute URLs), so it
+# differs between folders (a laptop's input folder, the container's staged S3 copy).
+VOLATILE_PREFIXES = ("ExecutionTime_", "PathName_", "URL_", "ObjectsPathName_", "ObjectsURL_", "ImageSet_")
+# ImageSet_Zip_Dictionary: CellProfiler's OME-XML of the image set, naming every image by its absolute URL.
+VOLATILE_EXPERIMENT_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline", "ImageSet_Zip_Dictionary")
 
 csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
 
@@ -32,6 +36,11 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
 def _same_value(a: str, b: str) -> bool:
     if a == b:
         return True
+    if a.startswith("[") and b.startswith("["):  # Metadata_Tags: CellProfiler 5 writes a set's order
+        try:
+            return sorted(json.loads(a)) == sorted(json.loads(b))
+        except (ValueError, TypeError):
+            return False
     try:
         x, y = float(a), float(b)
     except ValueError:

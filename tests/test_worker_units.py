@@ -280,7 +280,7 @@ def _range_dir(root: Path, first: int, last: int, numbers, objects_per_image: in
         for n in numbers:
             for o in range(1, objects_per_image + 1):
                 w.writerow([n, o, 10 * n + o])
-    (out / "Experiment.csv").write_text(f"Key,Value\nCellProfiler_Version,4.2.8\nRun,{first}\n")
+    (out / "Experiment.csv").write_text(f"Key,Value\nCellProfiler_Version,4.2.8\nRun_Timestamp,{first}\n")
     (out / f"overlay_{first}.png").write_bytes(b"png" * first)
     return RangeResult(first=first, last=last, out_dir=out, log=out / "log", exit_code=0, seconds=1.0)
 
@@ -295,7 +295,7 @@ def test_merge_makes_image_numbers_global_either_way(tmp_path, local_numbering):
     assert [int(r["ImageNumber"]) for r in image] == [1, 2, 3, 4, 5]
     assert [int(r["ImageNumber"]) for r in nuclei] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert all(r["PathName_Overlay"] == str(tmp_path / "out") for r in image)
-    assert (tmp_path / "out" / "Experiment.csv").read_text().endswith("Run,1\n")  # one, from the first range
+    assert (tmp_path / "out" / "Experiment.csv").read_text().endswith("Run_Timestamp,1\n")  # the first range's
     assert result.cellprofiler_version == "4.2.8" and result.renumbered == local_numbering
     assert sorted(result.files) == ["Experiment.csv", "Image.csv", "Nuclei.csv", "overlay_1.png", "overlay_3.png"]
 
@@ -314,18 +314,23 @@ def test_merge_copies_rows_exactly_even_without_a_final_newline(tmp_path):
 def test_merge_refuses_different_headers(tmp_path):
     a = _range_dir(tmp_path, 1, 1, [1])
     b = _range_dir(tmp_path, 2, 2, [2], header_extra="X")
-    with pytest.raises(PipelineFailed, match="Image.csv has different columns in range 2-2"):
+    with pytest.raises(PipelineFailed, match="Image.csv has different columns in image sets 2-2"):
         merge([a, b], tmp_path / "out")
 
 
 # --- the container ----------------------------------------------------------
 
 def test_worker_imports_only_stdlib_and_boto3():
-    """The container adds nothing but boto3 to CellProfiler's Python."""
+    """The container adds nothing but boto3 to CellProfiler's Python. cpsets.py runs IN CellProfiler's
+    interpreter (never imported by the worker) and may use what CellProfiler brings."""
     import ast
     import sys
     allowed = set(sys.stdlib_module_names) | {"boto3", "botocore", "cpb_worker"}
     for path in sorted((REPO / "image" / "cpb_worker").glob("*.py")):
+        if path.name == "cpsets.py":
+            allowed_here = allowed | {"numpy", "cellprofiler", "cellprofiler_core"}
+        else:
+            allowed_here = allowed
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
@@ -334,7 +339,7 @@ def test_worker_imports_only_stdlib_and_boto3():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             for name in names:
-                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+                assert name.split(".")[0] in allowed_here, f"{path.name} imports {name}"
         assert "from __future__ import annotations" in path.read_text(), path.name
 
 
@@ -470,3 +475,105 @@ def test_missing_images_say_when_the_csv_was_written_for_another_machine(tmp_pat
     (plate.images_dir / "SYN1_A01_s1_w1.tif").unlink()  # absent everywhere: the general advice
     with pytest.raises(BadInput, match=r"SYN1_A01_s1_w1\.tif; check the data file's paths and the input folder"):
         check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")
+
+
+# --- who counts the image sets of a pipeline without LoadData ----------------
+
+def test_cellprofilers_python_is_found_from_the_cellprofiler_script(tmp_path):
+    from cpb_worker.runner import cellprofiler_python
+    script = tmp_path / "cellprofiler"
+    script.write_text("#!/opt/venv/bin/python3.8\nfrom cellprofiler.__main__ import main\n")
+    assert cellprofiler_python({"CPB_CELLPROFILER": str(script)}) == ("/opt/venv/bin/python3.8", "")
+    script.write_text("#!/usr/bin/env python3\n")
+    found, _ = cellprofiler_python({"CPB_CELLPROFILER": str(script), "PATH": "/usr/bin:/bin"})
+    assert Path(found).name.startswith("python3")
+    script.write_text("#!/bin/sh\nexec real-cellprofiler \"$@\"\n")
+    assert cellprofiler_python({"CPB_CELLPROFILER": str(script)}) == (None, f"{script} runs /bin/sh, not Python")
+    assert cellprofiler_python({"CPB_CELLPROFILER": str(script), "CPB_CELLPROFILER_PYTHON": "/usr/local/bin/cpb-python"}) \
+        == ("/usr/local/bin/cpb-python", "")
+    assert cellprofiler_python({"CPB_CELLPROFILER": "no-such-cellprofiler", "PATH": str(tmp_path)})[0] is None
+
+
+def test_without_a_python_cellprofiler_a_names_and_types_pipeline_runs_as_one_process(tmp_path):
+    from cpb.demo.synthetic import METADATA_PIPELINE, make_metadata_plate
+    plate = make_metadata_plate(tmp_path / "plate", wells=("B03",), sites=2, seed=1, size=96, nuclei=(1, 1))
+    wrapper = tmp_path / "cellprofiler"
+    wrapper.write_text("#!/bin/sh\nexec cellprofiler \"$@\"\n")
+    plan = plan_job(JobSpec(pipeline=METADATA_PIPELINE, input_dir=plate.images_dir, workers=4,
+                            env={"CPB_CELLPROFILER": str(wrapper)}))
+    assert plan.ranges == [None] and plan.counting.startswith("nobody: CellProfiler cannot be asked to count")
+    assert plan.warnings == [f"one CellProfiler process over every image set: {plan.counting}"]
+    python_plan = plan_job(JobSpec(pipeline=METADATA_PIPELINE, input_dir=plate.images_dir, workers=4,
+                                   env={"CPB_CELLPROFILER_PYTHON": "/usr/bin/python3"}))
+    assert python_plan.counting == "CellProfiler"
+    assert [(p.part, p.parts) for p in python_plan.procs] == [(0, 2), (1, 2)]  # 2 sets: 2 parts, not 4
+    child = plan_job(JobSpec(pipeline=METADATA_PIPELINE, input_dir=plate.images_dir, workers=4, array_index=0,
+                             sets_per_job=1, expected_count=2, env={"CPB_CELLPROFILER_PYTHON": "/usr/bin/python3"}))
+    assert [(p.part, p.parts, p.window, p.expect) for p in child.procs] == [(0, 1, (1, 1), 2)]
+
+
+def test_cpsets_refuses_a_cellprofiler_whose_pipeline_lacks_the_hooks():
+    from cpb_worker.cpsets import _unsupported, split_range as cp_split
+
+    class Other:
+        def prepare_run(self, workspace):  # noqa: ANN001, ANN201
+            return True
+
+        def group(self, grouping, start, end):  # noqa: ANN001, ANN201 - renamed parameters
+            return []
+
+    assert "group" in _unsupported(Other) and _unsupported(type("Empty", (), {})) == \
+        "cellprofiler_core Pipeline has no prepare_run()"
+    assert cp_split(3, 9, 2) == split_range(3, 9, 2)  # cpsets cuts exactly as the worker
+
+
+def test_cellprofiler_counted_parts_must_agree_and_tile_the_range(tmp_path):
+    from cpb_worker.errors import PipelineFailed
+    from cpb_worker.job import Plan, _check_reports
+    from cpb_worker.record import RunRecord
+    from cpb_worker.runner import Proc
+
+    def plan(window=None):
+        return Plan(pipeline=None, data=None, data_file=None, total=None, first=None, last=None,
+                    procs=[Proc(part=i, parts=3, window=window) for i in range(3)], unsplittable=[], grouped=False,
+                    counting="CellProfiler")
+
+    def result(report, first=None, last=None):
+        r = RangeResult(first=first, last=last, out_dir=tmp_path, log=tmp_path / "log", exit_code=0, seconds=1,
+                        report=report, counted=True)
+        return r
+
+    record = RunRecord()
+    ok = plan()
+    _check_reports(ok, [result({"status": "running", "count": 2}, 1, 1), result({"status": "running", "count": 2}, 2, 2),
+                        result({"status": "idle", "count": 2})], record)
+    assert (ok.first, ok.last, ok.total, record.processes) == (1, 2, 2, 2)
+    assert record.warnings == ["1 of 3 CellProfiler processes had no image set to run (CellProfiler made 2)"]
+    with pytest.raises(PipelineFailed, match=r"made different image-set lists \(\[5, 6\] sets\)"):
+        _check_reports(plan(), [result({"status": "running", "count": 5}, 1, 3),
+                                result({"status": "running", "count": 6}, 4, 6)], RunRecord())
+    with pytest.raises(BadInput, match="CPB_IMAGE_SET_COUNT is 5 but CellProfiler makes 6"):
+        _check_reports(plan(), [result({"status": "refused", "count": 6,
+                                        "reason": "CPB_IMAGE_SET_COUNT is 5 but CellProfiler makes 6 image sets"})],
+                       RunRecord())
+    with pytest.raises(PipelineFailed, match=r"do not tile image sets 3-6"):
+        _check_reports(plan(window=(3, 6)), [result({"status": "running", "count": 9}, 3, 4),
+                                             result({"status": "running", "count": 9}, 6, 6)], RunRecord())
+    with pytest.raises(PipelineFailed, match="CellProfiler found no image sets in the input folder"):
+        _check_reports(plan(), [result({"status": "no-image-sets"})], RunRecord())
+    with pytest.raises(PipelineFailed, match=r"stopped before making its image-set list \(exit 0\)"):
+        _check_reports(plan(), [result(None)], RunRecord())
+
+
+def test_the_lambdas_listing_count_equals_the_folder_count(tmp_path):
+    """The ingress Lambda has S3 keys, not a folder: count_image_sets_in_listing on the keys (input
+    prefix removed) must equal count_image_sets on the same files, '(None)' illumination channels too."""
+    from cpb.demo.synthetic import METADATA_PIPELINE, make_metadata_plate
+    from cpb_worker.filerules import count_image_sets_in_listing
+    plate = make_metadata_plate(tmp_path / "plate", wells=("B03", "C04"), sites=3, seed=1, size=96, nuclei=(1, 1))
+    pipeline = load_pipeline(METADATA_PIPELINE)
+    keys = [p.relative_to(plate.images_dir).as_posix() for p in plate.images]
+    assert count_image_sets(pipeline, plate.images_dir) == count_image_sets_in_listing(pipeline, keys) == 6
+    assert count_image_sets_in_listing(pipeline, keys + ["illum/SYN2_IllumDNA_old.npy"]) == 6  # not "_IllumDNA.npy"
+    assert count_image_sets_in_listing(pipeline, keys + ["illum/other_IllumDNA.npy"]) is None  # 2 files for one
+    assert count_image_sets_in_listing(pipeline, [k for k in keys if "r03c04f03p01-ch2" not in k]) == 5

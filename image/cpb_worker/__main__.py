@@ -22,16 +22,20 @@ def _local(argv: List[str]) -> int:
     parser.add_argument("--first", type=int, help="first image set (1-based)")
     parser.add_argument("--last", type=int, help="last image set (inclusive)")
     parser.add_argument("--unsplittable", action="store_true", help="run one process (state across image sets)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="run CellProfiler even when the output folder holds this run's results already")
     args = parser.parse_args(argv)
     from .local import run_local
     try:
         record = run_local(args.pipeline, args.input, args.output, data_file=args.data_file, workers=args.workers,
-                           first=args.first, last=args.last, unsplittable=args.unsplittable)
+                           first=args.first, last=args.last, unsplittable=args.unsplittable,
+                           resume=False if args.no_resume else None)
     except WorkerError as error:
         print(f"cpb_worker: failed: {error.reason}", file=sys.stderr)
         return error.exit_code
-    print(f"cpb_worker: succeeded: image sets {record.first}-{record.last} with {record.processes} "
-          f"process(es) in {record.timings.get('total')} s -> {args.output}", file=sys.stderr)
+    how = f"resumed from {record.resumed_from}" if record.resumed_from else f"with {record.processes} process(es)"
+    print(f"cpb_worker: succeeded: image sets {record.first}-{record.last} {how} in {record.timings.get('total')} s "
+          f"-> {args.output}", file=sys.stderr)
     return 0
 
 

@@ -1,11 +1,18 @@
 """AWS mode: one Batch job (or array child) from its environment to a run record.
 
-Order matters for trust: inputs are staged (FSx or S3), CellProfiler runs,
-outputs are merged and verified locally, then uploaded; a stale record is
-removed before the upload and the new record is written only after every
-file is in place. A `_cpb/pending.json` manifest lists what an attempt is
-about to upload, so a retry after a kill mid-upload removes the previous
-attempt's leftovers instead of mixing them with its own results.
+Order matters for trust (docs/CONTRACTS.md, "Worker duties"):
+1. with CPB_RUN_ID, the output's lease (`_cpb/lease.json`) must name this run, else exit 5
+   and write nothing (a cancelled run too);
+2. the part's record of another run is retired first (its files listed in pending.json for
+   deletion, the record deleted), unless resume may reuse it: same range, same fingerprint
+   (pipeline, this job's data rows or the input listing, image, upstream records of
+   CPB_AFTER) and every listed file in the bucket at its size - then a record of this run
+   with `resumed_from` is written and CellProfiler never starts;
+3. pipeline and data file are read, images staged (FSx or S3; an array child only its
+   rows' images, and CellProfiler gets a CSV of just those rows), CellProfiler runs, outputs
+   are merged and verified locally, then uploaded with a `_cpb/pending.json` manifest, so a
+   retry after a kill mid-upload removes the previous attempt's leftovers;
+4. the lease is checked again, and the record is written last.
 """
 from __future__ import annotations
 
@@ -21,12 +28,15 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 from urllib.parse import urlparse
 
 from . import datafile as df
-from .errors import BadInput, Transient, WorkerError
+from .errors import BadInput, Superseded, Transient, WorkerError
 from .job import JobSpec, Plan, fail, loaddata_base, plan_job, run_plan
+from .pipeline import load_pipeline
 from .record import RECORD_KEY, RunRecord, utc_now
+from .resume import current_fingerprint, resumed_record, reuse_refusal, sizes_under
 from .s3io import S3IO, make_client, safe_key_path
 
 PENDING_KEY = "_cpb/pending.json"
+LEASE_KEY = "_cpb/lease.json"
 _ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
@@ -48,6 +58,11 @@ class JobEnv:
     message_id: Optional[str]
     job_id: Optional[str]
     attempt: Optional[int]
+    run_id: Optional[str] = None
+    array_offset: int = 0
+    resume: bool = True
+    after: Tuple[str, ...] = ()
+    oom_retry: Optional[int] = None
 
     @property
     def prefix(self) -> str:
@@ -72,9 +87,14 @@ class JobEnv:
             except ValueError:
                 raise BadInput(f"{name} must be a whole number, got {value!r}") from None
 
+        offset = integer("CPB_ARRAY_OFFSET") or 0
+        if offset < 0:
+            raise BadInput(f"CPB_ARRAY_OFFSET must be 0 or more, got {offset}")
         index = integer("AWS_BATCH_JOB_ARRAY_INDEX")
-        if index is None:
-            index = integer("CPB_ARRAY_INDEX")
+        if index is not None:
+            index += offset  # runs of more than 10,000 children are several array jobs
+        else:
+            index = integer("CPB_ARRAY_INDEX")  # cpb requeue / out-of-memory retry: already the part's index
         per_job = integer("CPB_IMAGE_SETS_PER_JOB")
         if index is not None and per_job is None:
             raise BadInput("array child without CPB_IMAGE_SETS_PER_JOB: cannot tell which image sets are mine")
@@ -87,7 +107,10 @@ class JobEnv:
                    fsx_root=Path(fsx) if fsx and Path(fsx).is_dir() else None,
                    unsplittable=env.get("CPB_UNSPLITTABLE", "").strip() == "1", image=env.get("CPB_IMAGE"),
                    message_id=env.get("CPB_MESSAGE_ID"), job_id=env.get("AWS_BATCH_JOB_ID"),
-                   attempt=integer("AWS_BATCH_JOB_ATTEMPT"))
+                   attempt=integer("AWS_BATCH_JOB_ATTEMPT"), run_id=(env.get("CPB_RUN_ID") or "").strip() or None,
+                   array_offset=offset, resume=(env.get("CPB_RESUME") or "1").strip() != "0",
+                   after=tuple(a.strip().strip("/") for a in (env.get("CPB_AFTER") or "").split(",") if a.strip()),
+                   oom_retry=integer("CPB_OOM_RETRY"))
 
 
 class Stager:
@@ -123,13 +146,14 @@ class Stager:
         self.s3.download_many([(k, p) for k, p in zip(keys, paths) if not p.is_file()])
         return paths
 
-    def input_dir(self, prefix: str) -> Path:
+    def input_dir(self, prefix: str, keys: Optional[List[str]] = None) -> Path:
         """The folder holding every object under `prefix` (no data file: the folder IS the image list).
 
         On FSx a folder missing any of S3's objects would silently drop image sets, so then the whole
-        prefix is staged from S3 instead.
+        prefix is staged from S3 instead. `keys`: the prefix's listing, when already made.
         """
-        keys = [k for k in self.s3.list_keys(prefix + "/") if not k.endswith("/")]
+        if keys is None:
+            keys = [k for k in self.s3.list_keys(prefix + "/") if not k.endswith("/")]
         if not keys:
             raise BadInput(f"input prefix s3://{self.job.bucket}/{prefix}/ holds no files")
         if self.job.fsx_root is not None and all(self.local(k).is_file() for k in keys):
@@ -173,29 +197,64 @@ def _base_key(plan: Plan, job: JobEnv) -> str:
                    "when images come from S3")
 
 
-def stage_inputs(job: JobEnv, stager: Stager, env: Mapping[str, str], work: Path) -> Tuple[Plan, Path, Optional[Path]]:
-    """Get pipeline, data file and the images this job needs; return (plan, input dir, data file)."""
-    paths = stager.fetch([job.pipeline] + ([job.data_file] if job.data_file else []))
-    pipeline_path = paths[0]
-    data_path = paths[1] if job.data_file else None
-    # No data file: the image sets are whatever the input prefix holds, so all of it is needed.
-    input_dir = stager.input_dir(job.input) if data_path is None else stager.local(job.input)
-    spec = JobSpec(pipeline=pipeline_path, input_dir=input_dir, data_file=data_path,
+def _loaddata_key(pipeline_path: Path, job: JobEnv) -> Optional[str]:
+    """Without a data_file, the key of the CSV the pipeline's LoadData names under the input
+    prefix (Default Input Folder, or a sub-folder of it); None without LoadData."""
+    pipeline = load_pipeline(pipeline_path)
+    modules = pipeline.enabled("LoadData")
+    if not modules:
+        return None
+    kind, _, sub = (modules[0].get("Input data file location") or "Default Input Folder|").partition("|")
+    name = modules[0].get("Name of the file") or ""
+    if not kind.startswith("Default Input Folder") or not name:
+        raise BadInput(f"pipeline {pipeline.path.name} has LoadData but the job has no data_file, and its CSV is "
+                       f"not in the input folder ({kind}): send the CSV as the message's data_file")
+    parts = [job.input] + ([sub.strip("/")] if kind.endswith("sub-folder") and sub.strip("/") else []) + [name]
+    return "/".join(parts)
+
+
+def plan_inputs(job: JobEnv, stager: Stager, s3: S3IO, env: Mapping[str, str]) -> Tuple[Plan, Optional[Dict[str, int]]]:
+    """Get the pipeline and data file (not the images) and plan the job; for a pipeline without
+    a data file also list the input prefix ({key: size}), which the plan's fingerprint hashes."""
+    data_key = job.data_file
+    pipeline_path = stager.fetch([job.pipeline])[0]
+    if data_key is None:
+        data_key = _loaddata_key(pipeline_path, job)
+    data_path = stager.fetch([data_key])[0] if data_key else None
+    listing: Optional[Dict[str, int]] = None
+    input_files = None
+    if data_path is None:
+        listing = {k: v for k, v in s3.sizes(job.input + "/").items() if not k.endswith("/")}
+        if not listing:
+            raise BadInput(f"input prefix s3://{job.bucket}/{job.input}/ holds no files")
+        input_files = [(k[len(job.input) + 1:], v) for k, v in listing.items()]
+    spec = JobSpec(pipeline=pipeline_path, input_dir=stager.local(job.input), data_file=data_path,
                    array_index=job.array_index, sets_per_job=job.sets_per_job,
-                   expected_count=job.image_set_count, force_unsplittable=job.unsplittable, env=env)
-    plan = plan_job(spec)
+                   expected_count=job.image_set_count, force_unsplittable=job.unsplittable, env=env,
+                   input_files=input_files)
+    return plan_job(spec), listing
+
+
+def stage_images(job: JobEnv, stager: Stager, plan: Plan, work: Path,
+                 listing: Optional[Dict[str, int]]) -> Tuple[Path, Optional[Path]]:
+    """Get the images this job needs; return (input dir, the LoadData CSV CellProfiler reads)."""
     if plan.data is None:
-        return plan, input_dir, None
+        # No data file: the image sets are whatever the input prefix holds, so all of it is needed.
+        return stager.input_dir(job.input, sorted(listing or {})), None
     base_key = _base_key(plan, job)
     data = plan.data
     wanted = [stager.key_for(loc, base_key) for _, _, loc in df.image_locations(data, plan.first, plan.last,
                                                                                     plan.rows_skipped)]
     stager.fetch(list(dict.fromkeys(wanted)))
-    # Every location becomes an absolute local path, whatever the CSV said (relative, s3://, /fsx/...).
-    (work / "data").mkdir(parents=True, exist_ok=True)
-    rewritten = df.rewrite(data, lambda loc: str(stager.local(stager.key_for(loc, base_key))),
-                           work / "data" / "load_data.rewritten.csv")
-    return plan, input_dir, rewritten
+    # Every location becomes an absolute local path, whatever the CSV said (relative, s3://, /fsx/...);
+    # CellProfiler gets only this job's rows unless LoadData picks its own row range.
+    resolve = lambda loc: str(stager.local(stager.key_for(loc, base_key)))  # noqa: E731
+    dest = work / "data" / "load_data.rewritten.csv"
+    if plan.sliced:
+        rewritten = df.rewrite(data, resolve, dest, plan.first, plan.last)
+    else:
+        rewritten = df.rewrite(data, resolve, dest)
+    return stager.local(job.input), rewritten
 
 
 def upload_outputs(s3: S3IO, prefix: str, out_dir: Path, record: RunRecord) -> None:
@@ -242,6 +301,59 @@ def _print_failure_log(out_dir: Path) -> None:
             return
 
 
+def check_lease(s3: S3IO, job: JobEnv) -> None:
+    """With a run id: the output's lease must name this run (docs/CONTRACTS.md, worker duty 1)."""
+    if not job.run_id:
+        return
+    lease = s3.get_json(f"{job.output}/{LEASE_KEY}")
+    if not isinstance(lease, dict):
+        return  # no lease (a stack from before leases): nothing says this run was replaced
+    other = lease.get("run_id")
+    if other and other != job.run_id:
+        raise Superseded(f"output s3://{job.bucket}/{job.output} now belongs to run {other} of message "
+                         f"{lease.get('message_id')}; this job's run {job.run_id} was replaced, so it writes nothing")
+    if lease.get("state") == "cancelled":
+        raise Superseded(f"run {job.run_id} of output s3://{job.bucket}/{job.output} was cancelled (its lease "
+                         "says so); this job writes nothing")
+
+
+def retire_record(s3: S3IO, prefix: str, old: dict) -> None:
+    """Delete a part's record of another run, first listing its files in pending.json so the
+    upload of this run deletes whatever of them it does not overwrite."""
+    pending = s3.get_json(f"{prefix}/{PENDING_KEY}") or {}
+    keys = {k for k in pending.get("keys", []) if isinstance(k, str) and k.startswith(prefix + "/")}
+    keys |= {f"{prefix}/{e['key']}" for e in old.get("files") or [] if isinstance(e, dict) and "key" in e}
+    if keys:
+        s3.put_json(f"{prefix}/{PENDING_KEY}", {"keys": sorted(keys), "started_at": utc_now()})
+    s3.delete_keys([f"{prefix}/{RECORD_KEY}"])
+
+
+def upstream_records(s3: S3IO, job: JobEnv) -> Tuple[List[dict], List[str]]:
+    """The current succeeded run records of the outputs in CPB_AFTER (their lease's run: the
+    plain record, or every part of an array run), and a warning per output lacking them."""
+    records: List[dict] = []
+    warnings: List[str] = []
+    for output in job.after:
+        lease = s3.get_json(f"{output}/{LEASE_KEY}")
+        run = lease.get("run_id") if isinstance(lease, dict) else None
+        size = lease.get("array_size") if isinstance(lease, dict) else None
+        if isinstance(size, int) and size > 0:
+            keys = [f"{output}/part-{i:05d}/{RECORD_KEY}" for i in range(size)]
+        elif isinstance(lease, dict):
+            keys = [f"{output}/{RECORD_KEY}"]
+        else:  # no lease: the plain record, else every part record there is
+            keys = [f"{output}/{RECORD_KEY}"] + sorted(k for k in s3.list_keys(f"{output}/part-")
+                                                         if k.endswith("/" + RECORD_KEY))
+        found = [r for r in s3.get_json_many(keys) if isinstance(r, dict) and r.get("status") == "succeeded"
+                 and (run is None or r.get("run_id") == run)]
+        wanted = len(keys) if isinstance(lease, dict) else 1
+        if len(found) < wanted:
+            warnings.append(f"the step this runs after, {output}, has {len(found)} of {wanted} succeeded "
+                            f"record(s) of its run {run}")
+        records.extend(found)
+    return records, warnings
+
+
 def main_aws(env: Dict[str, str]) -> int:
     """Run the job described by `env`; return the process exit code."""
     started = time.monotonic()
@@ -251,7 +363,7 @@ def main_aws(env: Dict[str, str]) -> int:
         print(f"cpb_worker: failed: {error.reason}", file=sys.stderr)
         return error.exit_code
     record = RunRecord(started_at=utc_now(), array_index=job.array_index, image=job.image,
-                       message_id=job.message_id, job_id=job.job_id, attempt=job.attempt)
+                       message_id=job.message_id, job_id=job.job_id, attempt=job.attempt, run_id=job.run_id)
     s3 = S3IO(client=make_client(env), bucket=job.bucket)
     scratch = env.get("CPB_WORK_DIR") or None
     if scratch:
@@ -263,30 +375,73 @@ def main_aws(env: Dict[str, str]) -> int:
         print(f"cpb_worker: CPB_FSX_ROOT={env['CPB_FSX_ROOT']} is not mounted; reading inputs from S3",
               file=sys.stderr)
     print(f"cpb_worker: job s3://{job.bucket}/{job.pipeline} on {job.input} -> {job.prefix}"
-          + (" (FSx)" if job.fsx_root else " (S3)"), file=sys.stderr)
+          + (" (FSx)" if job.fsx_root else " (S3)") + (f", run {job.run_id}" if job.run_id else ""), file=sys.stderr)
+    record_key = f"{job.prefix}/{RECORD_KEY}"
+    earlier: Optional[dict] = None  # this part's record of another run, while it may still be reused
     try:
+        check_lease(s3, job)
+        old = s3.get_json(record_key) if job.run_id else None
+        earlier = old if isinstance(old, dict) and old.get("run_id") != job.run_id else None
+        if earlier is not None and not (job.resume and earlier.get("status") == "succeeded"):
+            retire_record(s3, job.prefix, earlier)  # before anything else: never passes for this run's
+            earlier = None
         t0 = time.monotonic()
-        plan, input_dir, data_file = stage_inputs(job, Stager(job, s3, work / "s3"), env, work)
+        stager = Stager(job, s3, work / "s3")
+        plan, listing = plan_inputs(job, stager, s3, env)
+        record.timings["plan"] = round(time.monotonic() - t0, 3)
+        upstream = None
+        if job.after:
+            upstream, warnings = upstream_records(s3, job)
+            record.warnings.extend(warnings)
+        record.fingerprint = current_fingerprint(plan.pipeline.sha256, plan.data_sha256, job.image, None, upstream)
+        if earlier is not None:
+            present = sizes_under(s3.sizes(job.prefix + "/"), job.prefix)
+            why = reuse_refusal(earlier, plan.first, plan.last, job.array_index, record.fingerprint, present)
+            if why is None:
+                resumed_record(earlier, record)
+                record.run_id = job.run_id
+                record.finished_at = utc_now()
+                record.timings["total"] = round(time.monotonic() - started, 3)
+                check_lease(s3, job)
+                s3.put_json(record_key, record.to_dict())
+                print(f"cpb_worker: {record.warnings[0]}", file=sys.stderr)
+                print(f"cpb_worker: succeeded: image sets {record.first}-{record.last} resumed from run "
+                      f"{record.resumed_from}, {len(record.files)} files, {record.timings['total']} s", file=sys.stderr)
+                return 0
+            print(f"cpb_worker: not reusing the results of run {earlier.get('run_id')}: {why}", file=sys.stderr)
+            retire_record(s3, job.prefix, earlier)
+            earlier = None
+        t0 = time.monotonic()
+        input_dir, data_file = stage_images(job, stager, plan, work, listing)
         record.timings["stage"] = round(time.monotonic() - t0, 3)
         run_plan(plan, input_dir, out_dir, record, env, data_file=data_file)
+        record.fingerprint["cellprofiler_version"] = record.cellprofiler_version
         t0 = time.monotonic()
         upload_outputs(s3, job.prefix, out_dir, record)
         record.timings["upload"] = round(time.monotonic() - t0, 3)
         record.status = "succeeded"
         record.finished_at = utc_now()
         record.timings["total"] = round(time.monotonic() - started, 3)
-        s3.put_json(f"{job.prefix}/{RECORD_KEY}", record.to_dict())  # LAST: vouches for every file above
+        check_lease(s3, job)  # right before the record: a run replaced meanwhile must not claim the output
+        s3.put_json(record_key, record.to_dict())  # LAST: vouches for every file above
         s3.delete_keys([f"{job.prefix}/{PENDING_KEY}"])
+        for warning in record.warnings:
+            print(f"cpb_worker: warning: {warning}", file=sys.stderr)
         print(f"cpb_worker: succeeded: image sets {record.first}-{record.last}, {len(record.files)} files, "
               f"{record.processes} process(es), {record.timings['total']} s", file=sys.stderr)
         return 0
+    except Superseded as error:
+        print(f"cpb_worker: superseded: {error.reason}", file=sys.stderr)
+        return error.exit_code
     except WorkerError as error:
         fail(record, error)
         record.finished_at = utc_now()
         record.timings["total"] = round(time.monotonic() - started, 3)
         _print_failure_log(out_dir)
         try:
-            s3.put_json(f"{job.prefix}/{RECORD_KEY}", record.to_dict())  # says failed: consumers see why
+            if earlier is not None:  # failed before deciding about reuse: the old run's files must go too
+                retire_record(s3, job.prefix, earlier)
+            s3.put_json(record_key, record.to_dict())  # says failed: consumers see why
         except WorkerError:
             pass  # S3 is what failed; the log line below is all we can leave
         print(f"cpb_worker: failed: {error.reason}", file=sys.stderr)

@@ -48,3 +48,13 @@ class Killed(WorkerError):
     Exits 137 like a kernel kill so the job definition retries it once."""
 
     exit_code = EXIT_KILLED
+
+
+EXIT_SUPERSEDED = 5
+
+
+class Superseded(WorkerError):
+    """The output's lease names another run: this job's run was replaced. Nothing is
+    written (no record either: the output belongs to the other run now); no retry."""
+
+    exit_code = EXIT_SUPERSEDED

@@ -1,15 +1,20 @@
 """Count image sets of an Images/NamesAndTypes pipeline from file names alone.
 
-Why not ask CellProfiler? Its only ways to list image sets without running
-the pipeline (`--print-groups`, `--get-batch-commands`) read a Batch_data.h5
-that a CreateBatchFiles run must write first: one more CellProfiler start
-(~2-3 s) per job, and that module's settings differ between 4.2 and 5. File
-rules are evaluated in milliseconds, so the worker evaluates the common rule
-forms itself (file/directory/extension predicates, and/or, "Order" matching,
-"Metadata" matching on file-name regular expressions) and returns None for
-anything else; the caller then runs one unsplit process. Either way the
-count is checked afterwards against CellProfiler's own `Group_Length`, so a
-miscount fails loudly instead of dropping image sets.
+The worker does not rely on this count: CellProfiler counts its own image sets in every
+process (cpsets.py) and the worker checks CPB_IMAGE_SET_COUNT against that. This evaluator
+serves where CellProfiler cannot run: the ingress Lambda, which must know the count to cut
+`image_sets_per_job` without a data file (`count_image_sets_in_listing(pipeline, keys)` on
+the S3 listing), and the worker's choice of how many processes to START (never of what
+they run). It evaluates the common rule forms (file/directory/extension predicates, and/or,
+"Order" matching, "Metadata" matching on file/folder-name regular expressions, channels
+matched by "(None)" - one file for every image set, e.g. an illumination function) and
+returns None for anything else, so the Lambda refuses such a message with the fix (give a
+data file). Where it answers, tests compare it with CellProfiler's own count
+(tests/test_worker_metadata.py, tests/test_worker_units.py); a miscount can only fail a job
+loudly, never drop image sets (CellProfiler's count is checked against it).
+
+`isimage` follows this module's IMAGE_EXTENSIONS; CellProfiler 4.2 asks Bio-Formats, whose
+list is longer: the two agree on the microscope formats listed here.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import ast
 import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from .pipeline import Pipeline
 
@@ -154,18 +159,30 @@ def list_files(root: Path) -> List[Tuple[str, str]]:
 
 
 def count_image_sets(pipeline: Pipeline, root: Path) -> Optional[int]:
-    """Image sets the Images/Metadata/NamesAndTypes modules would make, or None."""
+    """Image sets the Images/Metadata/NamesAndTypes modules would make of the files under
+    `root`, or None when the rules are beyond this evaluator."""
+    return count_image_sets_in_listing(pipeline, [os.path.join(d, n).replace(os.sep, "/") if d else n
+                                                  for d, n in list_files(root)])
+
+
+def count_image_sets_in_listing(pipeline: Pipeline, paths: Iterable[str]) -> Optional[int]:
+    """The same count from a listing: paths relative to the input folder, '/'-separated (e.g.
+    the keys under an S3 input prefix with the prefix removed), as the ingress Lambda has them."""
+    files = []
+    for path in paths:
+        directory, _, name = str(path).rpartition("/")
+        files.append((directory, name))
+    files.sort(key=lambda item: item[0] + "/" + item[1] if item[0] else item[1])
     try:
-        return _count(pipeline, root)
+        return _count(pipeline, files)
     except (Unsupported, re.error, ValueError, SyntaxError):
         return None
 
 
-def _count(pipeline: Pipeline, root: Path) -> Optional[int]:
+def _count(pipeline: Pipeline, files: List[Tuple[str, str]]) -> Optional[int]:
     names = pipeline.enabled("NamesAndTypes")
     if len(names) != 1:
         return None
-    files = list_files(root)
     if any(name.lower().endswith(_MULTI_PLANE) for _, name in files):
         return None  # one file may hold many image sets
     for images in pipeline.enabled("Images"):
@@ -226,7 +243,15 @@ def _count_by_metadata(pipeline: Pipeline, names, channels: List[List[Tuple[str,
         if index >= len(image_names) or image_names[index] not in order:
             return None
         channel = image_names[index]
-        keys = [entry[channel] for entry in matching]
+        keys = [entry.get(channel) for entry in matching]
+        if all(key is None for key in keys):
+            # "(None)" in every matching row: one file (e.g. a plate's illumination function) that goes
+            # with every image set. More files than one would be CellProfiler's to reject.
+            if len(files) != 1:
+                return None
+            continue
+        if any(key is None for key in keys):
+            return None  # matched on some keys only: CellProfiler's broadcasting rules, not evaluated here
         seen = set()
         for directory, name in files:
             values: Dict[str, str] = {}

@@ -1,30 +1,41 @@
 """Plan and run one job on local folders: the part shared by AWS and local mode.
 
-plan_job() reads the pipeline and data file and decides which image sets
-this job runs and how they are split; run_plan() runs CellProfiler over the
-ranges, merges and verifies the outputs and fills in the run record. Getting
-files from S3/FSx and uploading results is aws.py's job; writing the record
-locally is local.py's.
+plan_job() reads the pipeline and data file and decides which image sets this job runs
+and how they are split; run_plan() runs CellProfiler over the ranges, merges and verifies
+the outputs and fills in the run record. Getting files from S3/FSx and uploading results
+is aws.py's job; writing the record locally is local.py's.
+
+Who counts the image sets:
+* a LoadData CSV: the worker, from the CSV's rows (honouring LoadData's row range). Unless
+  the pipeline uses "Process just a range of rows", CellProfiler is given a CSV of exactly
+  this job's rows (an array child streams the data file and keeps only its own), and runs
+  `-f/-l` ranges of it; image numbers are mapped back to the run's global ones in the merge;
+* Images/Metadata/NamesAndTypes (no LoadData): CellProfiler itself. Each process runs under
+  cpsets.py, which lets CellProfiler make its image-set list and keeps one part of it, so the
+  job is split over all its processes without the worker guessing at file rules;
+* a `cellprofiler` that is not a Python script cannot be asked: one process runs every image
+  set, as CellProfiler would (the record says why).
 """
 from __future__ import annotations
 
-import codecs
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import datafile as df
-from .errors import BadInput, WorkerError
-from .filerules import count_image_sets, list_files
+from . import fingerprint
+from .errors import BadInput, PipelineFailed, WorkerError
+from .filerules import count_image_sets_in_listing, list_files
 from .merge import merge
-from .pipeline import Pipeline, check_saved_images, export_module, is_grouped, load_pipeline, unsplittable_reasons
-from .ranges import Range, array_child_range, available_cpus, split_range
+from .pipeline import (Pipeline, check_saved_images, export_module, is_grouped, load_pipeline, table_objects,
+                       unsplittable_reasons)
+from .ranges import Range, array_child_range, available_cpus, process_count, split_range
 from .record import RunRecord, file_entry
-from .runner import exit_code_text, run_ranges
-from .verify import check_processes, verify_image_table
+from .runner import Proc, RangeResult, cellprofiler_python, exit_code_text, run_processes
+from .verify import check_exit_codes, check_group_length, check_processes, range_tables, verify_tables
 
 WORK_DIR = "_cpb/ranges"
 LOG_DIR = "_cpb/logs"
@@ -45,6 +56,9 @@ class JobSpec:
     expected_count: Optional[int] = None
     force_unsplittable: bool = False
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: (path relative to the input folder, size) of every input file, when the caller listed
+    #: them elsewhere (S3); None: the input folder is listed here.
+    input_files: Optional[Sequence[Tuple[str, int]]] = None
 
 
 @dataclass
@@ -54,13 +68,24 @@ class Plan:
     pipeline: Pipeline
     data: Optional[df.DataFile]
     data_file: Optional[Path]
-    total: Optional[int]
-    first: Optional[int]
+    total: Optional[int]  # image sets of the whole run (None: CellProfiler will say)
+    first: Optional[int]  # this job's global range (None: every image set, counted by CellProfiler)
     last: Optional[int]
-    ranges: List[Optional[Range]]
+    procs: List[Proc]
     unsplittable: List[str]
     grouped: bool
     rows_skipped: int = 0  # LoadData "Process just a range of rows": image set n is CSV row n + this
+    sliced: bool = False  # CellProfiler gets a CSV of only rows first..last
+    counting: str = "data file"  # who counts: "data file", "CellProfiler", or why nobody can
+    data_sha256: Optional[str] = None  # fingerprint of this job's rows / input listing
+    tables: Dict[str, List[str]] = field(default_factory=dict)  # table file -> objects (pipeline-named)
+    warnings: List[str] = field(default_factory=list)
+    python: Optional[str] = None  # CellProfiler's interpreter for CellProfiler-counted parts
+
+    @property
+    def ranges(self) -> List[Optional[Range]]:
+        """Global -f/-l ranges of the processes (None: CellProfiler's whole list or its own part)."""
+        return [None if p.first is None else (p.first + p.offset, p.last + p.offset) for p in self.procs]
 
 
 def _loaddata_csv(pipeline: Pipeline, spec: JobSpec) -> Optional[Path]:
@@ -107,50 +132,138 @@ def _select_range(spec: JobSpec, total: Optional[int]) -> Tuple[Optional[int], O
     return (1, total) if total is not None else (None, None)
 
 
+def _processes(spec: JobSpec, plan_warnings: List[str]) -> int:
+    cpus = spec.workers if spec.workers else available_cpus(spec.env)
+    count, warning = process_count(spec.env, cpus)
+    if warning:
+        plan_warnings.append(warning)
+    return count
+
+
+def _plan_loaddata(spec: JobSpec, pipeline: Pipeline, data_path: Path, reasons: List[str]) -> Plan:
+    settings = dict(pipeline.enabled("LoadData")[0].settings)
+    row_setting = settings.get("Process just a range of rows?") == "Yes"
+    expected = spec.expected_count
+    if spec.array_index is not None and not row_setting and expected is not None:
+        # Stream the data file; keep only this child's rows (memory flat in plate size). Without
+        # CPB_IMAGE_SET_COUNT (set by the Lambda on array jobs) the whole file is read below.
+        first, last = array_child_range(spec.array_index, spec.sets_per_job or 0, expected)
+        is_last_child = last == expected
+        data = df.read_rows(data_path, first, last, count_all=is_last_child)
+        have = len(data.rows)
+        if have < last - first + 1 or (is_last_child and data.total != expected):
+            found = data.total if data.total is not None else first - 1 + have
+            raise BadInput(f"CPB_IMAGE_SET_COUNT is {expected} but the data file gives {found} image sets: "
+                           "resubmit so the count is taken again")
+        skipped, total = 0, expected
+    else:
+        data = df.read_data_file(data_path)
+        skipped, total = df.row_range(data, settings)
+        if expected is not None and total != expected:
+            raise BadInput(f"CPB_IMAGE_SET_COUNT is {expected} but the data file gives {total} image sets: "
+                           "resubmit so the count is taken again")
+        if total < 1:
+            raise BadInput("no image sets to process: the data file or input folder is empty")
+        first, last = _select_range(spec, total)
+    assert first is not None and last is not None
+    if reasons and (first, last) != (1, total):
+        raise BadInput(f"pipeline {pipeline.path.name} cannot be split into image-set ranges "
+                       f"({'; '.join(reasons)}): submit it without image_sets_per_job")
+    sliced = not row_setting
+    warnings: List[str] = []
+    size = last - first + 1
+    if sliced:  # CellProfiler sees image sets 1..size; +offset makes them global
+        offset, cp_first, cp_total = first - 1, 1, size
+    else:  # CellProfiler applies the row range to the whole CSV and numbers globally
+        offset, cp_first, cp_total = 0, first, total
+    if reasons:  # the whole run (checked above), exactly as one CellProfiler process would run it
+        procs = [Proc(offset=offset, cp_total=cp_total)]
+    else:
+        workers = _processes(spec, warnings)
+        procs = [Proc(first=a, last=b, offset=offset, cp_total=cp_total)
+                 for a, b in split_range(cp_first, cp_first + size - 1, workers)]
+    rows = (data.row(n) for n in range(first + skipped, last + skipped + 1))
+    return Plan(pipeline=pipeline, data=data, data_file=data_path, total=total, first=first, last=last,
+                procs=procs, unsplittable=reasons, grouped=is_grouped(pipeline), rows_skipped=skipped,
+                sliced=sliced, counting="data file", data_sha256=fingerprint.data_rows_sha256(data.header, rows),
+                warnings=warnings)
+
+
+def _input_listing(spec: JobSpec) -> List[Tuple[str, int]]:
+    if spec.input_files is not None:
+        return list(spec.input_files)
+    out = []
+    for directory, name in list_files(spec.input_dir):
+        path = spec.input_dir / directory / name
+        try:
+            out.append((os.path.join(directory, name).replace(os.sep, "/"), path.stat().st_size))
+        except OSError:
+            continue
+    return out
+
+
+def _plan_cellprofiler_counts(spec: JobSpec, pipeline: Pipeline, reasons: List[str]) -> Plan:
+    listing = _input_listing(spec)
+    if not listing:  # else CellProfiler "wrote no Image.csv"
+        raise BadInput(f"input folder {spec.input_dir} has no files: point the input at the images "
+                       "(or give a LoadData data file)")
+    expected = spec.expected_count
+    # The job's image sets within CellProfiler's list: (first, last), last None = to its end.
+    window: Optional[Tuple[int, Optional[int]]] = None
+    if spec.array_index is not None or (expected is not None and (spec.first or spec.last)):
+        window = _select_range(spec, expected)
+    elif spec.first is not None or spec.last is not None:
+        window = (spec.first or 1, spec.last)  # CellProfiler's count checks it
+    whole = window is None or (expected is not None and window == (1, expected))
+    if reasons and not whole:
+        raise BadInput(f"pipeline {pipeline.path.name} cannot be split into image-set ranges "
+                       f"({'; '.join(reasons)}): submit it without image_sets_per_job")
+    python, why = cellprofiler_python(spec.env)
+    warnings: List[str] = []
+    first, last = window if window is not None and window[1] is not None else (None, None)
+    plan = Plan(pipeline=pipeline, data=None, data_file=None, total=expected, first=first, last=last, procs=[],
+                unsplittable=reasons, grouped=is_grouped(pipeline),
+                data_sha256=fingerprint.input_listing_sha256(listing), warnings=warnings, python=python)
+    if python is None:
+        plan.counting = f"nobody: CellProfiler cannot be asked to count ({why})"
+        if window is not None and window[1] is None:
+            raise BadInput(f"a --first/--last range without a data file needs CellProfiler to count the image "
+                           f"sets, and it cannot be asked ({why}): give a data file")
+        if window is not None:  # the Lambda's count gives the range; Group_Length checks it afterwards
+            plan.procs = [Proc(first=window[0], last=window[1], cp_total=expected)]
+        else:
+            plan.procs = [Proc(cp_total=expected)]
+        plan.warnings.append(f"one CellProfiler process over every image set: {plan.counting}")
+        return plan
+    plan.counting = "CellProfiler"
+    parts = 1 if reasons else _processes(spec, warnings)
+    if window is not None and window[1] is not None:
+        parts = min(parts, window[1] - window[0] + 1)
+    elif parts > 1:
+        # Only a hint, so that a 1-set folder does not start idle processes: the file-rule count
+        # decides how many processes start, CellProfiler's own count what each of them runs.
+        hint = count_image_sets_in_listing(pipeline, [path for path, _ in listing])
+        if hint is not None:
+            parts = max(1, min(parts, hint - (window[0] - 1 if window else 0)))
+    plan.procs = [Proc(part=i, parts=parts, window=window, expect=expected) for i in range(parts)]
+    return plan
+
+
 def plan_job(spec: JobSpec) -> Plan:
-    """Count image sets, pick this job's range and cut it for the processes."""
+    """Count image sets (or arrange for CellProfiler to), pick this job's range and cut it."""
     pipeline = load_pipeline(spec.pipeline)
     export_module(pipeline)
     check_saved_images(pipeline)
     reasons = unsplittable_reasons(pipeline)
     if spec.force_unsplittable:
         reasons.append("CPB_UNSPLITTABLE=1")
-    grouped = is_grouped(pipeline)
-    skipped = 0
     data_path = _loaddata_csv(pipeline, spec)
-    data = df.read_data_file(data_path) if data_path is not None else None
-    if data is not None:
-        skipped, total = df.row_range(data, dict(pipeline.enabled("LoadData")[0].settings))
-        counted: Optional[int] = total
+    if data_path is not None:
+        plan = _plan_loaddata(spec, pipeline, data_path, reasons)
     else:
-        counted = count_image_sets(pipeline, spec.input_dir)
-        if counted is None and not list_files(spec.input_dir):  # else CellProfiler "wrote no Image.csv"
-            raise BadInput(f"input folder {spec.input_dir} has no files: point the input at the images "
-                           "(or give a LoadData data file)")
-    total = counted
-    if spec.expected_count is not None:
-        if counted is not None and counted != spec.expected_count:
-            raise BadInput(f"CPB_IMAGE_SET_COUNT is {spec.expected_count} but the "
-                           f"{'data file' if data else 'input folder'} gives {counted} image sets: "
-                           "resubmit so the count is taken again")
-        total = spec.expected_count
-    if total is not None and total < 1:
-        raise BadInput("no image sets to process: the data file or input folder is empty")
-
-    first, last = _select_range(spec, total)
-    whole = total is not None and (first, last) == (1, total)
-    if reasons and total is not None and not whole:
-        raise BadInput(f"pipeline {pipeline.path.name} cannot be split into image-set ranges "
-                       f"({'; '.join(reasons)}): submit it without image_sets_per_job")
-    if total is None:
-        ranges: List[Optional[Range]] = [None]  # count unknown: one process over everything
-    elif reasons:
-        ranges = [None]  # the whole run in one process, exactly as CellProfiler would run it
-    else:
-        workers = spec.workers if spec.workers else available_cpus(spec.env)
-        ranges = list(split_range(first, last, workers))
-    return Plan(pipeline=pipeline, data=data, data_file=data_path, total=total, first=first, last=last,
-                ranges=ranges, unsplittable=reasons, grouped=grouped, rows_skipped=skipped)
+        plan = _plan_cellprofiler_counts(spec, pipeline, reasons)
+    plan.tables = table_objects(pipeline)
+    return plan
 
 
 def loaddata_base(plan: Plan, input_dir: Path, output_dir: Path) -> Path:
@@ -166,10 +279,14 @@ def loaddata_base(plan: Plan, input_dir: Path, output_dir: Path) -> Path:
 
 def check_images(plan: Plan, data_file: Path, input_dir: Path, output_dir: Path) -> None:
     """Every image of this job's rows exists before CellProfiler starts (a clear error
-    beats a traceback halfway through the run)."""
-    if plan.first is None:
+    beats a traceback halfway through the run). The rows are the plan's, or `data_file`'s when
+    that is another CSV."""
+    if plan.first is None or plan.data is None:
         return
-    data = df.read_data_file(data_file)
+    data = plan.data
+    if data_file is not None and Path(data_file) != plan.data_file:
+        data = df.read_rows(Path(data_file), plan.first + plan.rows_skipped, plan.last + plan.rows_skipped,
+                            count_all=False)
     base = loaddata_base(plan, input_dir, output_dir)
     missing = []
     found_in_base = False  # a CSV written on another machine: its folders are wrong, its file names right
@@ -188,42 +305,69 @@ def check_images(plan: Plan, data_file: Path, input_dir: Path, output_dir: Path)
         raise BadInput(f"image not found: {'; '.join(missing[:3])}{more}{fix}")
 
 
+def cellprofiler_data_file(plan: Plan, work: Path) -> Optional[Path]:
+    """The LoadData CSV CellProfiler reads in a local run: this job's rows only (no byte-order
+    mark) when sliced, else the data file (without a byte-order mark)."""
+    if plan.data is None or plan.data_file is None:
+        return None
+    if plan.sliced:
+        return df.rewrite(plan.data, None, work / "data" / "load_data.csv", plan.first, plan.last)
+    return without_bom(plan.data_file, work)
+
+
 def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
              env: Mapping[str, str], data_file: Optional[Path] = None) -> RunRecord:
     """Run CellProfiler for the plan, merge into output_dir, verify; fill `record`.
 
-    `data_file` overrides the plan's (S3 mode passes its rewritten copy).
+    `data_file` is the CSV CellProfiler reads (S3 mode passes its rewritten copy of this
+    job's rows); by default the local one of `cellprofiler_data_file`.
     Raises WorkerError on failure; the record then holds what is known."""
-    data_file = data_file or plan.data_file
     record.first, record.last = plan.first, plan.last
     record.image_set_count = None if plan.first is None else plan.last - plan.first + 1
     record.pipeline_sha256 = plan.pipeline.sha256
     record.unsplittable_reasons = list(plan.unsplittable)
-    record.processes = len(plan.ranges)
-    record.split = len(plan.ranges) > 1
-    if data_file is not None:
-        check_images(plan, data_file, input_dir, output_dir)
+    record.processes = len(plan.procs)
+    record.split = len(plan.procs) > 1
+    record.warnings.extend(w for w in plan.warnings if w not in record.warnings)
     work, logs = output_dir / WORK_DIR, output_dir / LOG_DIR
     for stale in (work, logs):
         shutil.rmtree(stale, ignore_errors=True)
-    if data_file is not None:
-        data_file = without_bom(data_file, work)
+    if plan.data is not None:
+        check_images(plan, plan.data_file, input_dir, output_dir)
+        if data_file is None:
+            data_file = cellprofiler_data_file(plan, work)
     t0 = time.monotonic()
-    results = run_ranges(plan.pipeline.path, input_dir, data_file, plan.ranges, work, logs, env)
+    results = run_processes(plan.pipeline.path, input_dir, data_file, plan.procs, work, logs, env, plan.python)
+    if plan.counting == "CellProfiler" and all(r.report and r.report.get("status") == "unsupported"
+                                               for r in results):
+        plan.counting = f"nobody: this CellProfiler cannot split by its own count ({results[0].report['reason']})"
+        record.warnings.append(f"this CellProfiler cannot split by its own count ({results[0].report['reason']}); "
+                               "one process ran every image set")
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+        plan.procs = [Proc(cp_total=plan.total)] if plan.first is None else [
+            Proc(first=plan.first, last=plan.last, cp_total=plan.total)]
+        record.processes, record.split = 1, False
+        results = run_processes(plan.pipeline.path, input_dir, data_file, plan.procs, work, logs, env)
     record.timings["cellprofiler"] = round(time.monotonic() - t0, 3)
     record.exit_codes = [exit_code_text(r.exit_code) for r in results]
     check_processes(results)
+    if plan.counting == "CellProfiler":
+        _check_reports(plan, results, record)
+    check_group_length(results, plan.grouped)
+    tables_before = {id(r): range_tables(r) for r in results}
     t0 = time.monotonic()
-    merged = merge([r for r in results], output_dir)
+    merged = merge(results, output_dir, total=plan.total)
     record.cellprofiler_version = merged.cellprofiler_version
     record.timings["merge"] = round(time.monotonic() - t0, 3)
     t0 = time.monotonic()
     expected = None if plan.first is None else (plan.first, plan.last)
-    first, last, count = verify_image_table(output_dir, expected, plan.grouped, plan.total, results)
+    first, last, count, rows = verify_tables(output_dir, merged, expected, results, plan.tables)
     record.first, record.last, record.image_set_count = first, last, count
-    if any(code != 0 for code in record.exit_codes):
-        record.warnings.append(f"CellProfiler exit codes {record.exit_codes} but every image set "
-                               f"{first}-{last} is in Image.csv; outputs verified")
+    record.tables = rows
+    warning = check_exit_codes(results, tables_before)  # after the tables: their reasons say more
+    if warning:
+        record.warnings.append(warning)
     shutil.rmtree(work, ignore_errors=True)
     rels = sorted(set(merged.files) | {os.path.relpath(p, output_dir) for p in logs.glob("*.log")})
     record.files = [file_entry(output_dir, rel) for rel in rels]
@@ -231,16 +375,63 @@ def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
     return record
 
 
+def _check_reports(plan: Plan, results: List[RangeResult], record: RunRecord) -> None:
+    """What the CellProfiler-counted parts said: one count, their parts tile the job's range."""
+    for result in results:
+        report = result.report or {}
+        status = report.get("status")
+        if status == "refused":
+            raise BadInput(report.get("reason") or "CellProfiler refused the range")
+        if status == "no-image-sets":
+            raise PipelineFailed("CellProfiler found no image sets in the input folder: check the pipeline's "
+                                 "Images/Metadata/NamesAndTypes rules against the file names"
+                                 + (f" ({result.error_line()})" if result.error_line() else ""))
+        if status not in ("running", "idle"):
+            line = result.error_line()
+            raise PipelineFailed(f"CellProfiler stopped before making its image-set list (exit "
+                                 f"{exit_code_text(result.exit_code)}" + (f": {line}" if line else "")
+                                 + f"); see _cpb/logs/{result.log.name}")
+    counts = {int(r.report["count"]) for r in results}
+    if len(counts) != 1:
+        raise PipelineFailed(f"CellProfiler's processes made different image-set lists ({sorted(counts)} sets) "
+                             "from the same input folder: set CPB_UNSPLITTABLE=1")
+    count = counts.pop()
+    if plan.total is None:
+        plan.total = count
+    window = plan.procs[0].window if plan.procs else None
+    first = plan.first if plan.first is not None else (window[0] if window else 1)
+    last = plan.last if plan.last is not None else (window[1] if window and window[1] is not None else count)
+    covered = sorted((r.first, r.last) for r in results if not r.idle)
+    expect_next = first
+    for a, b in covered:
+        if a != expect_next:
+            break
+        expect_next = b + 1
+    if expect_next != last + 1:
+        raise PipelineFailed(f"CellProfiler's processes ran {covered}, which do not tile image sets {first}-{last}")
+    plan.first, plan.last = first, last
+    record.first, record.last, record.image_set_count = first, last, last - first + 1
+    idle = sum(1 for r in results if r.idle)
+    record.processes = len(results) - idle
+    record.split = record.processes > 1
+    if idle:
+        record.warnings.append(f"{idle} of {len(results)} CellProfiler processes had no image set to run "
+                               f"(CellProfiler made {count})")
+
+
 def without_bom(data_file: Path, work: Path) -> Path:
     """The data file, or a copy without its UTF-8 byte-order mark. Excel's "CSV UTF-8" writes
     one; CellProfiler's LoadData reads it as part of the first column's name, so that channel
     vanishes ("The DNA image is missing from the pipeline"). The worker's own reader skips it."""
-    raw = data_file.read_bytes()
-    if not raw.startswith(codecs.BOM_UTF8):
+    with open(data_file, "rb") as handle:
+        start = handle.read(3)
+    if start != b"\xef\xbb\xbf":
         return data_file
     work.mkdir(parents=True, exist_ok=True)
     copy = work / data_file.name
-    copy.write_bytes(raw[len(codecs.BOM_UTF8):])
+    with open(data_file, "rb") as src, open(copy, "wb") as dst:
+        src.read(3)
+        shutil.copyfileobj(src, dst, 1 << 20)
     return copy
 
 

@@ -13,7 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .errors import BadInput
 
@@ -210,4 +210,33 @@ def export_module(pipeline: Pipeline) -> Module:
     if module.get("Output file location", "").split("|")[0] not in ("Default Output Folder", ""):
         raise BadInput(f"pipeline {pipeline.path.name}: ExportToSpreadsheet must write to the "
                        "Default Output Folder (set 'Output file location')")
+    if (module.get("Select the column delimiter") or "Comma").startswith("Tab"):
+        raise BadInput(f"pipeline {pipeline.path.name}: ExportToSpreadsheet writes tab-separated .txt files; "
+                       "set 'Select the column delimiter' to Comma (\",\") so the tables can be checked and merged")
     return module
+
+
+def table_objects(pipeline: Pipeline) -> Dict[str, List[str]]:
+    """{file name: objects it holds} for the object tables ExportToSpreadsheet names itself
+    (a custom 'File name', or several objects combined in one file). A table not listed
+    holds the object it is named after (`Nuclei.csv`: Nuclei)."""
+    out: Dict[str, List[str]] = {}
+    for module in pipeline.enabled("ExportToSpreadsheet"):
+        if module.get("Export all measurement types?") != "No":
+            continue
+        names = module.get_all("Data to export")
+        combine = module.get_all("Combine these object measurements with those of the previous object?")
+        files = module.get_all("File name")
+        use_object = module.get_all("Use the object name for the file name?")
+        current: Optional[str] = None
+        for index, name in enumerate(names):
+            if name in ("Image", "Experiment", "Object relationships", "Do not use"):
+                current = None
+                continue
+            if index < len(combine) and combine[index] == "Yes" and current is not None:
+                out[current].append(name)
+                continue
+            uses_object = index >= len(use_object) or use_object[index] == "Yes"
+            current = f"{name}.csv" if uses_object else (files[index] if index < len(files) else f"{name}.csv")
+            out.setdefault(current, []).append(name)
+    return out

@@ -66,3 +66,46 @@ def _cgroup_quota() -> Optional[int]:
         return max(1, int(int(quota) / int(period)))
     except (OSError, ValueError):
         return None
+
+
+#: Memory one CellProfiler process may take, when CPB_PROCESS_MEMORY_MIB is not set. Measured with
+#: bench/bench_memory.py (peak RSS of one `cellprofiler -c -r` process, its JVM included) on
+#: CellProfiler 4.2.8.1: demo nuclei.cppipe 289 MiB, ExampleHuman 484 MiB, metadata_illum.cppipe
+#: at 1080x1080 499 MiB and at 2160x2160 1,176 MiB. 2048 MiB covers the largest with 1.7x to
+#: spare; a 5-channel Cell Painting pipeline on 2160x2160 sites needs more (~2.5 GB): set
+#: CPB_PROCESS_MEMORY_MIB (image/README.md).
+DEFAULT_PROCESS_MEMORY_MIB = 2048
+
+
+def process_count(env: Mapping[str, str], cpus: int) -> Tuple[int, Optional[str]]:
+    """(CellProfiler processes to run, warning or None): min(cpus, CPB_MEMORY_MIB // per-process
+    memory), per-process memory from CPB_PROCESS_MEMORY_MIB or DEFAULT_PROCESS_MEMORY_MIB.
+    Without CPB_MEMORY_MIB (a laptop run) only the CPUs count."""
+    per_process = _positive(env, "CPB_PROCESS_MEMORY_MIB") or DEFAULT_PROCESS_MEMORY_MIB
+    memory = _positive(env, "CPB_MEMORY_MIB")
+    if memory is None:
+        return cpus, None
+    fits = memory // per_process
+    if fits >= cpus:
+        return cpus, None
+    count = max(1, fits)
+    warning = (f"memory limits the split: {count} CellProfiler process(es) for {cpus} vCPUs, because "
+               f"{memory} MiB holds {fits} of {per_process} MiB each (CPB_PROCESS_MEMORY_MIB); give the job "
+               f"{cpus * per_process} MiB (job_memory) to use every vCPU")
+    if fits < 1:
+        warning = (f"memory limits the split: {memory} MiB is less than one CellProfiler process needs "
+                   f"({per_process} MiB, CPB_PROCESS_MEMORY_MIB); running 1 process, which may run out of memory")
+    return count, warning
+
+
+def _positive(env: Mapping[str, str], name: str) -> Optional[int]:
+    value = (env.get(name) or "").strip()
+    if not value:
+        return None
+    try:
+        number = int(float(value))
+    except ValueError:
+        raise BadInput(f"{name} must be a whole number of MiB, got {value!r}") from None
+    if number < 1:
+        raise BadInput(f"{name} must be at least 1 MiB, got {value!r}")
+    return number

@@ -47,6 +47,11 @@ class RunRecord:
     message_id: Optional[str] = None
     job_id: Optional[str] = None
     attempt: Optional[int] = None
+    # Runs and resume (docs/CONTRACTS.md, "Run record additions").
+    run_id: Optional[str] = None
+    fingerprint: Optional[Dict[str, Any]] = None
+    resumed_from: Optional[str] = None
+    tables: Dict[str, int] = field(default_factory=dict)  # rows per merged table
 
     @property
     def succeeded(self) -> bool:

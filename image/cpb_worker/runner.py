@@ -4,25 +4,61 @@ One process per range, all started together, each with its own output
 folder and log, OMP_NUM_THREADS=1 so N processes use N cores rather than
 fighting over threads. If the worker is stopped (SIGTERM from Batch, Ctrl-C),
 the children are stopped too so no orphan keeps writing.
+
+A range is either given (`-f/-l`, when the worker knows the image sets: a LoadData CSV) or
+chosen by CellProfiler's own count: process `part` of `parts` runs under `cpsets.py`, which
+lets CellProfiler make its image-set list and keeps that part of it (see cpsets.py). The
+interpreter for that is CellProfiler's own: `$CPB_CELLPROFILER_PYTHON`, else the one named on
+the `cellprofiler` script's `#!` line (the container sets `/usr/local/bin/cpb-python`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import List, Mapping, Optional, Tuple
 
 from .errors import PipelineFailed
-from .ranges import Range
+
+
+@dataclass
+class Proc:
+    """One CellProfiler process to start: a given range, or a part of CellProfiler's own list.
+
+    Numbers are those CellProfiler sees (a child's sliced LoadData CSV starts at 1); `offset`
+    turns them into the run's global image numbers."""
+
+    first: Optional[int] = None  # -f (None with `last`: every image set)
+    last: Optional[int] = None
+    part: Optional[int] = None  # CellProfiler-counted split: this is part `part` of `parts`
+    parts: Optional[int] = None
+    window: Optional[Tuple[int, Optional[int]]] = None  # the job's image sets in CellProfiler's list (last None: its end)
+    expect: Optional[int] = None  # CellProfiler must make exactly this many image sets
+    offset: int = 0
+    cp_total: Optional[int] = None  # image sets CellProfiler is given (its Group_Length), when known
+
+    @property
+    def counted_by_cellprofiler(self) -> bool:
+        return self.part is not None
+
+    def label(self) -> str:
+        if self.part is not None:
+            return f"part{self.part + 1:03d}of{self.parts:03d}"
+        if self.first is None:
+            return "all"
+        return f"{self.first + self.offset:06d}-{self.last + self.offset:06d}"
 
 
 @dataclass
 class RangeResult:
-    """What one CellProfiler process did."""
+    """What one CellProfiler process did (first/last: the image numbers CellProfiler ran;
+    for a CellProfiler-counted part, from its report)."""
 
     first: Optional[int]
     last: Optional[int]
@@ -30,6 +66,28 @@ class RangeResult:
     log: Path
     exit_code: int
     seconds: float
+    offset: int = 0
+    report: Optional[dict] = None  # cpsets.py's report for a CellProfiler-counted part
+    counted: bool = False  # ran under cpsets.py
+    cp_total: Optional[int] = None  # image sets CellProfiler made (its Group_Length), when known
+
+    @property
+    def idle(self) -> bool:
+        """A CellProfiler-counted part beyond the image sets (more processes than sets)."""
+        return bool(self.report) and self.report.get("status") == "idle"
+
+    @property
+    def global_first(self) -> Optional[int]:
+        return None if self.first is None else self.first + self.offset
+
+    @property
+    def global_last(self) -> Optional[int]:
+        return None if self.last is None else self.last + self.offset
+
+    def describe(self) -> str:
+        if self.first is None:
+            return "all image sets"
+        return f"image sets {self.global_first}-{self.global_last}"
 
     def log_mentions(self, text: str) -> bool:
         try:
@@ -72,52 +130,147 @@ def venv_args(exe: str) -> str:
         return ""
 
 
+def cellprofiler_python(env: Mapping[str, str]) -> Tuple[Optional[str], str]:
+    """(CellProfiler's own Python, '') or (None, why not): what runs cpsets.py.
+
+    $CPB_CELLPROFILER_PYTHON when set; else the interpreter on the `#!` line of the
+    `cellprofiler` script (a pip console script names its virtualenv's python). A
+    `cellprofiler` that is not a Python script (a frozen build, a shell wrapper) cannot be
+    asked; the worker then runs one process over every image set, as CellProfiler would."""
+    explicit = (env.get("CPB_CELLPROFILER_PYTHON") or "").strip()
+    if explicit:
+        return explicit, ""
+    exe = env.get("CPB_CELLPROFILER") or "cellprofiler"
+    found = exe if os.sep in exe else shutil.which(exe, path=env.get("PATH"))
+    if not found:
+        return None, f"{exe} is not on PATH"
+    try:
+        with open(found, "rb") as handle:
+            first_line = handle.readline(512).decode("utf-8", "replace").strip()
+    except OSError as exc:
+        return None, f"cannot read {found}: {exc}"
+    if not first_line.startswith("#!"):
+        return None, f"{found} is not a Python script (no #! line)"
+    words = first_line[2:].split()
+    if words and os.path.basename(words[0]) == "env" and len(words) > 1:
+        words = [shutil.which(words[1], path=env.get("PATH")) or words[1]] + words[2:]
+    if not words or not os.path.basename(words[0]).startswith("python"):
+        return None, f"{found} runs {words[0] if words else 'nothing'}, not Python"
+    return words[0], ""
+
+
+def installed_cellprofiler_version(env: Mapping[str, str]) -> Optional[str]:
+    """The CellProfiler release installed beside CellProfiler's Python (its dist-info), without
+    starting it; None when it cannot be told. Used for a local run's resume fingerprint."""
+    python, _ = cellprofiler_python(env)
+    if not python:
+        return None
+    prefix = Path(python).parent.parent
+    for pattern in ("lib/python*/site-packages/cellprofiler-*.dist-info",
+                    "lib/python*/site-packages/cellprofiler_nightly-*.dist-info"):
+        found = sorted(prefix.glob(pattern))
+        if found:
+            return found[-1].name[:-len(".dist-info")].split("-", 1)[1]
+    return None
+
+
+def cpsets_script() -> str:
+    from . import cpsets
+    return cpsets.script_path()
+
+
 def child_env(env: Mapping[str, str]) -> dict:
+    """One thread per process; and one hash seed for all, so that what CellProfiler derives from
+    set order (5.0 writes Experiment.csv's Metadata_Tags in set order) is the same in every range."""
     out = dict(env)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         out[name] = "1"
+    out.setdefault("PYTHONHASHSEED", "0")
     return out
 
 
-def run_ranges(pipeline: Path, input_dir: Path, data_file: Optional[Path], ranges: List[Optional[Range]],
-               work_dir: Path, log_dir: Path, env: Mapping[str, str]) -> List[RangeResult]:
-    """Run one CellProfiler process per range (None = all image sets) in parallel."""
+def process_argv(proc: Proc, base: List[str], python: Optional[str], report: Path) -> List[str]:
+    """The command for one process: `cellprofiler ... [-f F -l L]`, or for a CellProfiler-counted
+    part `<python> cpsets.py --report R --part I --parts N [...] -- <cellprofiler arguments>`."""
+    if not proc.counted_by_cellprofiler:
+        argv = list(base)
+        if proc.first is not None:
+            argv += ["-f", str(proc.first), "-l", str(proc.last)]
+        return argv
+    if python is None:
+        raise PipelineFailed("internal: a CellProfiler-counted part needs CellProfiler's Python")
+    argv = [python, cpsets_script(), "--report", str(report), "--part", str(proc.part), "--parts", str(proc.parts)]
+    if proc.window is not None:
+        argv += ["--first", str(proc.window[0])]
+        if proc.window[1] is not None:
+            argv += ["--last", str(proc.window[1])]
+    if proc.expect is not None:
+        argv += ["--expect", str(proc.expect)]
+    return argv + ["--"] + base[1:]
+
+
+def run_processes(pipeline: Path, input_dir: Path, data_file: Optional[Path], procs: List[Proc],
+                  work_dir: Path, log_dir: Path, env: Mapping[str, str],
+                  python: Optional[str] = None) -> List[RangeResult]:
+    """Start one CellProfiler process per Proc, all at once, and wait for every one."""
     base = cellprofiler_argv(env) + ["-c", "-r", "-p", str(pipeline), "-i", str(input_dir)]
     if data_file is not None:
         base += ["--data-file", str(data_file)]
     log_dir.mkdir(parents=True, exist_ok=True)
     started = []
-    procs: List[subprocess.Popen] = []
+    popens: List[subprocess.Popen] = []
     try:
-        for item in ranges:
-            label = "all" if item is None else f"{item[0]:06d}-{item[1]:06d}"
+        for proc in procs:
+            label = proc.label()
             out_dir = work_dir / f"range-{label}"
             out_dir.mkdir(parents=True, exist_ok=True)
-            argv = base + ["-o", str(out_dir)]
-            if item is not None:
-                argv += ["-f", str(item[0]), "-l", str(item[1])]
+            report = work_dir / f"report-{label}.json"
+            argv = process_argv(proc, base + ["-o", str(out_dir)], python, report)
             log = log_dir / f"cellprofiler-{label}.log"
             with open(log, "wb") as handle:
                 handle.write((" ".join(shlex.quote(a) for a in argv) + "\n").encode())
                 handle.flush()
                 try:
-                    proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=child_env(env))
+                    popen = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=child_env(env))
                 except OSError as exc:
                     raise PipelineFailed(f"cannot start CellProfiler ({argv[0]}): {exc}; "
-                                   "set CPB_CELLPROFILER to the cellprofiler executable") from None
-            procs.append(proc)
-            started.append((item, out_dir, log, time.monotonic()))
+                                         "set CPB_CELLPROFILER to the cellprofiler executable") from None
+            popens.append(popen)
+            started.append((proc, out_dir, log, report, time.monotonic()))
         results = []
-        for proc, (item, out_dir, log, t0) in zip(procs, started):
-            code = proc.wait()
-            results.append(RangeResult(first=None if item is None else item[0],
-                                       last=None if item is None else item[1],
-                                       out_dir=out_dir, log=log, exit_code=code,
-                                       seconds=round(time.monotonic() - t0, 3)))
+        for popen, (proc, out_dir, log, report, t0) in zip(popens, started):
+            code = popen.wait()
+            result = RangeResult(first=proc.first, last=proc.last, out_dir=out_dir, log=log, exit_code=code,
+                                 seconds=round(time.monotonic() - t0, 3), offset=proc.offset,
+                                 counted=proc.counted_by_cellprofiler, cp_total=proc.cp_total)
+            if proc.counted_by_cellprofiler:
+                result.report = _read_report(report)
+                if result.report and isinstance(result.report.get("count"), int):
+                    result.cp_total = result.report["count"]
+                if result.report and result.report.get("status") == "running":
+                    result.first, result.last = int(result.report["first"]), int(result.report["last"])
+                    result.log = _rename(log, log_dir / f"cellprofiler-{result.global_first:06d}-"
+                                                        f"{result.global_last:06d}.log")
+            results.append(result)
         return results
     finally:
-        _stop(procs)
+        _stop(popens)
+
+
+def _read_report(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _rename(old: Path, new: Path) -> Path:
+    """Name a counted part's log after the image sets it ran, like the -f/-l logs."""
+    if new.exists():
+        return old
+    os.replace(old, new)
+    return new
 
 
 def _stop(procs: List[subprocess.Popen]) -> None:

@@ -172,6 +172,14 @@ class S3IO:
 
         return self._retry(f"read s3://{self.bucket}/{key}", action)
 
+    def get_json_many(self, keys: Iterable[str]) -> List[Optional[Dict]]:
+        """get_json of each key, concurrently, in order."""
+        keys = list(keys)
+        if not keys:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(keys))) as pool:
+            return list(pool.map(self.get_json, keys))
+
     def delete_keys(self, keys: Iterable[str]) -> None:
         keys = sorted(set(keys))
         for start in range(0, len(keys), 1000):
