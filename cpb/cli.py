@@ -457,8 +457,8 @@ def plate(stack: StackConfig, images: Path, illum_pipeline: Path, analysis_pipel
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("demo-output"),
               show_default=True, help="Where the demo writes the plate, results, report, profiles and the picture.")
-@click.option("--wells", type=click.IntRange(1, 96), default=4, show_default=True,
-              help="Wells on the plate (every other one a negative control).")
+@click.option("--wells", type=click.IntRange(2, 96), default=4, show_default=True,
+              help="Wells on the plate (every other one a negative control; profiles compare at least 2 wells).")
 @click.option("--sites", type=click.IntRange(1, 16), default=2, show_default=True, help="Sites per well.")
 @click.option("--sets-per-job", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Sites per analysis array child.")

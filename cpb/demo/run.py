@@ -339,15 +339,16 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
 
 def _describe_jobs(tasks: list) -> str:
-    """`CP1-illum-... (1 job), CP1-analysis-... (array of 2, dependsOn the illumination job)`."""
+    """`CP1-illum-... (1 job), CP1-analysis-... (array of 2, dependsOn CP1-illum-...)`."""
     groups: dict[str, list] = {}
+    names = {task.job_id: task.name for task in tasks}
     for task in tasks:
         groups.setdefault(task.name, []).append(task)
     parts = []
     for name, members in groups.items():
         shape = "1 job" if members[0].index is None else f"array of {len(members)}"
-        deps = " waiting for its dependency (dependsOn)" if any(t.deps for t in members) else ""
-        parts.append(f"{name} ({shape}{deps})")
+        deps = sorted({names.get(d, d) for t in members for d in t.deps})
+        parts.append(f"{name} ({shape}" + (f", dependsOn {', '.join(deps)})" if deps else ")"))
     return ", ".join(parts) or "nothing"
 
 
