@@ -266,8 +266,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             if not cloud.wait_idle(WAIT_SECONDS):  # the events Lambda may still be writing
                 result.failures.append(f"the jobs did not finish within {WAIT_SECONDS} s")
             failed_jobs = [o for o in cloud.batch.outcomes if o.status != "SUCCEEDED"]
-            show_logs = ["--logs", "3"] if failed_jobs else []  # a failed job: show the end of its log too
-            result.status_exit, result.status_output = cpb("status", illum_prefix, analysis_prefix, *show_logs)
+            if failed_jobs:  # ask again, with the end of each failed job's log
+                result.status_exit, result.status_output = cpb("status", illum_prefix, analysis_prefix, "--logs", "3")
+            else:  # the watch's last refresh is what the user's terminal shows at the end
+                result.status_exit = code
+                result.status_output = last_refresh(watched, f"s3://{cloud.stack.bucket}/{illum_prefix}/:")
+                cpb.show(result.status_output)
             result.jobs = progress.jobs()
             for outcome in failed_jobs:
                 result.failures.append(f"job {outcome.item.label} failed: {outcome.reason} (log {outcome.log})")
@@ -350,6 +354,14 @@ def _describe_jobs(tasks: list) -> str:
         deps = sorted({names.get(d, d) for t in members for d in t.deps})
         parts.append(f"{name} ({shape}" + (f", dependsOn {', '.join(deps)})" if deps else ")"))
     return ", ".join(parts) or "nothing"
+
+
+def last_refresh(watched: str, first_line: str) -> str:
+    """The last block `cpb status --watch` printed (each refresh starts with the first output's line),
+    with what it printed after the watch ended (the dead-letter queue)."""
+    lines = watched.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(first_line)]
+    return "\n".join(lines[starts[-1]:] if starts else lines)
 
 
 def _last_line(text: str) -> str:
