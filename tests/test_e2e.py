@@ -15,7 +15,8 @@ must send nothing. The oracle is the generator's known cells per site:
   illumination job's log, and leaves no results.
 
 The demo plate here is 4 wells x 1 site (2 of them negative controls, as pycytominer's normalization
-needs): about 30 s; the flat-illumination run adds about 8 s.
+needs): about 40 s on this 2-core machine while it is shared; the flat-illumination run adds about
+20 s (CellProfiler measures the hundreds of false "nuclei" it finds).
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ Cell Painting plate whose cells per site are known.
   the part that succeeded (CellProfiler does not start for it) and reruns the other, and the results
   equal a clean run's.
 
-Each test's plate is 2 wells x 1 site (2 image sets, one per analysis child) and takes about 15-30 s
-here (2 cores).
+Each test's plate is 2 wells x 1 site (2 image sets, one per analysis child); the file takes about
+40-60 s here (2 cores, shared).
 """
 from __future__ import annotations
 
