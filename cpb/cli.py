@@ -456,11 +456,12 @@ def plate(stack: StackConfig, images: Path, illum_pipeline: Path, analysis_pipel
 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("demo-output"),
-              show_default=True, help="Where the demo writes results and the plate picture.")
-@click.option("--wells", type=click.IntRange(1, 96), default=2, show_default=True, help="Wells on the plate.")
-@click.option("--sites", type=click.IntRange(1, 16), default=4, show_default=True, help="Sites per well.")
-@click.option("--sets-per-job", type=click.IntRange(1, 1000), default=2, show_default=True,
-              help="Image sets per array child.")
+              show_default=True, help="Where the demo writes the plate, results, report, profiles and the picture.")
+@click.option("--wells", type=click.IntRange(2, 96), default=4, show_default=True,
+              help="Wells on the plate (every other one a negative control; profiles compare at least 2 wells).")
+@click.option("--sites", type=click.IntRange(1, 16), default=2, show_default=True, help="Sites per well.")
+@click.option("--sets-per-job", type=click.IntRange(1, 1000), default=4, show_default=True,
+              help="Sites per analysis array child.")
 @click.option("--parallel", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Jobs the local Batch runs at once (it gets parallel x job-vcpus cores).")
 @click.option("--job-vcpus", type=click.IntRange(1, 8), default=1, show_default=True,
@@ -469,7 +470,8 @@ def plate(stack: StackConfig, images: Path, illum_pipeline: Path, analysis_pipel
               help="Largest relative error of a well's nuclei count.")
 def demo(out_dir: Path, wells: int, sites: int, sets_per_job: int, parallel: int, job_vcpus: int,
          tolerance: float) -> None:
-    """Run the whole system end to end on AWS emulated on 127.0.0.1 (no account)."""
+    """Run a plate end to end (illumination, then analysis, results, report, profiles) on AWS emulated on
+    127.0.0.1 (no account)."""
     from cpb.demo.run import DemoSettings, run_demo
     outcome = run_demo(DemoSettings(out_dir=out_dir, wells=wells, sites=sites, sets_per_job=sets_per_job,
                                     parallel=parallel, job_vcpus=job_vcpus, tolerance=tolerance))

@@ -26,6 +26,7 @@ import csv
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -151,7 +152,9 @@ def to_parquet(folder: "str | os.PathLike[str]", dest: "str | os.PathLike[str] |
                run_id: Optional[str] = None) -> Path:
     """Convert the CSVs in `folder` (a `cpb results` download) into one single-cell Parquet
     file (default `folder/single_cell.parquet`, replaced if present); return its path."""
-    import cytotable
+    with warnings.catch_warnings():  # google-api-core (via CytoTable's cloud paths) warns about Python 3.11's
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")  # end of life on import
+        import cytotable
     import pyarrow as pa
     import pyarrow.parquet as pq
 
