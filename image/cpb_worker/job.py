@@ -35,7 +35,8 @@ from .pipeline import (Pipeline, check_saved_images, export_module, is_grouped, 
 from .ranges import Range, array_child_range, available_cpus, process_count, split_range
 from .record import RunRecord, file_entry
 from .runner import Proc, RangeResult, cellprofiler_python, exit_code_text, run_processes
-from .verify import check_exit_codes, check_group_length, check_processes, range_tables, verify_tables
+from .verify import (check_exit_codes, check_group_length, check_processes, range_tables, tables_lacking,
+                     verify_tables)
 
 WORK_DIR = "_cpb/ranges"
 LOG_DIR = "_cpb/logs"
@@ -365,7 +366,9 @@ def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
     first, last, count, rows = verify_tables(output_dir, merged, expected, results, plan.tables)
     record.first, record.last, record.image_set_count = first, last, count
     record.tables = rows
-    warning = check_exit_codes(results, tables_before)  # after the tables: their reasons say more
+    exports_all = export_module(plan.pipeline).get("Export all measurement types?") != "No"
+    lacking = tables_lacking(output_dir, merged, exports_all, plan.tables)
+    warning = check_exit_codes(results, tables_before, lacking)  # after the tables: their reasons say more
     if warning:
         record.warnings.append(warning)
     shutil.rmtree(work, ignore_errors=True)
