@@ -383,3 +383,26 @@ def test_every_command_takes_the_url_cpb_submit_prints(aws, tmp_path):
         assert errors == [f"cpb: {next(a for a in command if a.startswith('s3://'))} is in "
                           f"bucket 'someone-elses-bucket', but this stack's bucket is '{BUCKET}' (from $CPB_BUCKET): "
                           f"give a prefix of s3://{BUCKET}/, or point cpb at the other stack (--stack / --bucket)"]
+
+
+@pytest.mark.race
+def test_parts_that_read_different_upstream_results_are_never_merged(aws, tmp_path):
+    """Adversary: an analysis array `after` an illumination step whose run was replaced while the
+    analysis ran: parts 0 read illumination run 1, part 1 (requeued later) run 2. Every part is of
+    the current run and succeeded, so `cpb results` merged one table computed from two different
+    illumination functions. The records' fingerprints say which upstream each part read."""
+    write_lease(aws, "results/an", RUN_B, 2, 4, after=["results/ill"])
+    write_record(aws, "results/an", RUN_B, 0, 1, 2, 4, fingerprint={"upstream": "1" * 64, "image": "i"})
+    write_record(aws, "results/an", RUN_B, 1, 3, 4, 4, fingerprint={"upstream": "2" * 64, "image": "i"})
+    refused = run("results", "results/an", "--to", str(tmp_path / "mixed"))
+    assert refused.exit_code == 1, refused.output
+    line = ("results/an: the parts ran on different results of the step they run after (part-00000: 111111111111, "
+            "part-00001: 222222222222); they cannot be merged: send the output again")
+    assert line in refused.output
+    assert not (tmp_path / "mixed" / "Image.csv").exists()
+    status = run("status", "results/an", "--no-dlq")
+    assert status.exit_code == 1 and line in status.output, status.output  # never "succeeded"
+    write_record(aws, "results/an", RUN_B, 1, 3, 4, 4, fingerprint={"upstream": "1" * 64, "image": "i"})
+    merged = run("results", "results/an", "--to", str(tmp_path / "ok"))
+    assert merged.exit_code == 0, merged.output
+    assert image_numbers(tmp_path / "ok") == [1, 2, 3, 4]
