@@ -317,7 +317,7 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
         click.echo(f"  {name}: {rows} rows")
     if parquet:
         from cpb.analysis.parquet import describe, to_parquet
-        click.echo(f"single-cell Parquet: {describe(to_parquet(dest, run_id=report.run_id))}")
+        click.echo(f"single-cell Parquet: {describe(to_parquet(dest, run_id=report.run_id, only=report.files))}")
 
 
 # --------------------------------------------------------------------------- requeue
