@@ -218,6 +218,49 @@ def test_streamed_data_digest_is_the_workers_fingerprint_of_the_same_rows(s3, tm
     assert ranged.data_sha256 == data_rows_sha256(local.header, local.rows[4:9])
 
 
+_QUIRK_HEADER = b"Image_FileName_DNA,Metadata_Site\n"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("nbsp-row", _QUIRK_HEADER + "a.tif,1\n\u00a0,\u00a0\nb.tif,2\n".encode()),
+    ("ideographic-space-row", _QUIRK_HEADER + "a.tif,1\n\u3000,\nb.tif,2\n".encode()),
+    ("vertical-tab-row", _QUIRK_HEADER + b"a.tif,1\n\x0b,\nb.tif,2\n"),
+    ("quoted-space-row", _QUIRK_HEADER + b'a.tif,1\n" "," "\nb.tif,2\n'),
+    ("tab-row", _QUIRK_HEADER + b"a.tif,1\n\t,\t\nb.tif,2\n"),
+])
+def test_the_lambda_counts_a_row_of_odd_whitespace_as_the_worker_does(s3, tmp_path, name, body):
+    """Adversary: the Lambda's blank-row rule (str.strip: any Unicode space) and the worker's (spaces,
+    tabs, commas) differed, so a row holding only a no-break space was no image set for the Lambda
+    and one for the worker (and LoadData): every job failed with 'CPB_IMAGE_SET_COUNT is 2 but the
+    data file gives 3 image sets: resubmit', which no resubmission can fix."""
+    from cpb_worker.datafile import read_data_file
+    from cpb_worker.fingerprint import data_rows_sha256
+    s3.put_object(Bucket=corpus.BUCKET, Key=f"{name}.csv", Body=body)
+    (tmp_path / "d.csv").write_bytes(body)
+    scan, local = s3checks.scan_data_file(s3, corpus.BUCKET, f"{name}.csv"), read_data_file(tmp_path / "d.csv")
+    assert scan.rows == local.count
+    assert scan.data_sha256 == data_rows_sha256(local.header, local.rows)
+
+
+def test_a_data_file_ending_lines_with_carriage_returns_alone_is_refused_by_lambda_and_worker(s3, tmp_path):
+    """Adversary: old Mac Excel's CSV ends lines with CR alone. The Lambda (universal newlines) counted
+    its rows and accepted it; the worker, which splits records at LF, crashed with a Python traceback
+    (`_csv.Error: new-line character seen in unquoted field`), leaving no run record to say why."""
+    from cpb_worker.datafile import read_data_file
+    from cpb_worker.errors import BadInput
+    body = b"Image_FileName_DNA,Metadata_Site\ra.tif,1\rb.tif,2\r"
+    s3.put_object(Bucket=corpus.BUCKET, Key="mac.csv", Body=body)
+    fix = "save it as CSV UTF-8"
+    with pytest.raises(MessageError, match=r"mac.csv ends its lines with a carriage return alone \(line 1;.*" + fix):
+        s3checks.scan_data_file(s3, corpus.BUCKET, "mac.csv")
+    (tmp_path / "mac.csv").write_bytes(body)
+    with pytest.raises(BadInput, match=r"data file mac.csv ends its lines with a carriage return alone .*" + fix):
+        read_data_file(tmp_path / "mac.csv")
+    (tmp_path / "late.csv").write_bytes(b"Image_FileName_DNA,Metadata_Site\na.tif,1\rb.tif,2\n")
+    with pytest.raises(BadInput, match=r"data file late.csv ends its lines with a carriage return alone \(line 2;"):
+        read_data_file(tmp_path / "late.csv")
+
+
 def test_a_data_file_line_longer_than_any_loaddata_row_is_refused(s3, monkeypatch):
     monkeypatch.setattr(s3checks, "MAX_LINE_CHARS", 1000)
     s3.put_object(Bucket=corpus.BUCKET, Key="long.csv", Body=b"Image_FileName_DNA\na.tif\n" + b"x" * 5000 + b"\n")
