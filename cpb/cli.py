@@ -164,6 +164,8 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
             raise UserError("give either --message-file or --pipeline/--input/--output, not both")
         entries = submit_mod.prepare(submit_mod.read_message_file(message_file), limits)
         clients = _clients(stack)
+        if not no_check:
+            _refuse_busy(stack, clients, [e.output for e in entries])
     else:
         missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
         if missing:
@@ -175,10 +177,12 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         # local files --upload will turn into keys standing in for those keys.
         def as_key(value: Optional[str]) -> Optional[str]:
             return f"uploads/{Path(value).name}" if upload_dir and value and Path(value).is_file() else value
-        submit_mod.prepare(json.dumps(submit_mod.message_from_flags(
+        valid = submit_mod.prepare(json.dumps(submit_mod.message_from_flags(
             as_key(pipeline), input_prefix, output, as_key(data_file), image_sets_per_job, memory, vcpus, job_name,
             unsplittable, list(after), resume)), limits)
         clients = _clients(stack)
+        if not no_check:  # before the upload: it would change the inputs under the run still going there
+            _refuse_busy(stack, clients, [e.output for e in valid])
         if upload_dir is not None:
             pipeline, data_file = submit_mod.upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
                                                            pipeline, data_file)
@@ -211,6 +215,12 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         say(f"follow with: cpb status   (or: cpb status {' '.join(outputs)})")
     if report.failed:
         raise UserError(f"{len(report.failed)} of {len(messages)} message(s) were not accepted by SQS")
+
+
+def _refuse_busy(stack: StackConfig, clients: Clients, outputs: list[str]) -> None:
+    busy = submit_mod.busy_outputs(clients.s3, clients.batch, stack.bucket, outputs)
+    if busy:
+        raise UserError("output: " + "; ".join(busy))
 
 
 # --------------------------------------------------------------------------- status

@@ -406,3 +406,32 @@ def test_parts_that_read_different_upstream_results_are_never_merged(aws, tmp_pa
     merged = run("results", "results/an", "--to", str(tmp_path / "ok"))
     assert merged.exit_code == 0, merged.output
     assert image_numbers(tmp_path / "ok") == [1, 2, 3, 4]
+
+
+@pytest.mark.race
+def test_submit_with_upload_never_replaces_the_inputs_of_a_run_still_using_the_output(aws, tmp_path):
+    """Adversary: a scientist fixes a typo in load_data.csv and sends `cpb submit --upload` again to
+    the same output while the first run's array children are still running. The Lambda refuses
+    the new message (output in use) - but the upload had already replaced the data file and images
+    under the running run, whose later children read the new rows: one 'succeeded' run made of
+    two versions of the data file. `cpb plate` checks first; `cpb submit` now does too."""
+    job = batch_job(aws, "results/busy", size=2, states={":0": ("RUNNING", None, None)})
+    write_lease(aws, "results/busy", RUN_A, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                         "array_offset": 0}], message_id="message-a")
+    put(aws, "plates/busy/load_data.csv", "Image_FileName_DNA\nold1.tif\nold2.tif\nold3.tif\nold4.tif\n")
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    (folder / "load_data.csv").write_text("Image_FileName_DNA\nnew1.tif\nnew2.tif\nnew3.tif\nnew4.tif\n")
+    for n in range(1, 5):
+        (folder / f"new{n}.tif").write_bytes(b"image")
+    pipeline = tmp_path / "nuclei.cppipe"
+    pipeline.write_text((Path(__file__).parent.parent / "cpb" / "pipelines" / "nuclei.cppipe").read_text())
+    refused = run("submit", "--upload", str(folder), "--pipeline", str(pipeline), "--input", "plates/busy",
+                  "--data-file", str(folder / "load_data.csv"), "--output", "results/busy",
+                  "--image-sets-per-job", "2")
+    assert refused.exit_code == 1, refused.output
+    assert (f"results/busy is in use by run {RUN_A[:8]} of message message-a (job {job} RUNNING); wait for it to "
+            "finish (cpb status results/busy) or choose another output") in refused.output
+    body = aws["s3"].get_object(Bucket=BUCKET, Key="plates/busy/load_data.csv")["Body"].read().decode()
+    assert body.startswith("Image_FileName_DNA\nold1.tif")  # the running run's data file, untouched
+    assert aws["sqs"].receive_message(QueueUrl=aws["queue"]).get("Messages") is None
