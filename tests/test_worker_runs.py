@@ -311,3 +311,28 @@ def test_a_job_whose_upstream_was_rerun_while_it_ran_fails(s3, cellprofiler_env,
     assert record["status"] == "failed"
     assert record["reason"].startswith("the step this runs after, res/illum-m, was rerun while this job ran "
                                        "(its current run is now ill-2, this job read run ill-1)")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an array child cannot tell that the data file changed after the Lambda counted it when the row count "
+    "is unchanged: it hashes only its own rows, and nothing pins the object the Lambda read. Fix (a contract "
+    "addition): the Lambda records the data file's ETag/VersionId in the lease and job environment (e.g. "
+    "CPB_DATA_ETAG) and the worker reads the data file with GetObject IfMatch (on FSx: compares a HEAD), "
+    "failing with exit 2 'the data file changed since the run was submitted: send the message again'"))
+def test_an_array_child_refuses_a_data_file_edited_after_the_run_was_submitted(s3, plate, cellprofiler_env, tmp_path):
+    """Adversary: child 0 ran on the data file the Lambda counted; the scientist then uploaded a
+    corrected CSV (same number of rows, image sets 3-4 changed) under the same key. Child 1 reads
+    the new rows and succeeds: one 'succeeded' run whose parts come from two versions of the data
+    file (each part's fingerprint only covers its own rows, so nothing downstream can tell)."""
+    rows = list(csv.reader(plate.data_file.open()))
+    s3.upload_file(str(plate.data_file), BUCKET, "in/edited.csv")
+    put_lease(s3, "res/edited", "run-A", array_size=2, image_set_count=4)
+    rows[3][-1], rows[4][-1] = "7", "8"  # Metadata_Site of image sets 3 and 4
+    changed = tmp_path / "edited.csv"
+    with open(changed, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    s3.upload_file(str(changed), BUCKET, "in/edited.csv")  # after the Lambda counted, before child 1 starts
+    env = child(cellprofiler_env, tmp_path, "res/edited", "run-A", 1, CPB_DATA_FILE="in/edited.csv",
+                CPB_CELLPROFILER=NO_CELLPROFILER)
+    assert worker_aws.main_aws(env) == 2
+    assert "data file changed since the run was submitted" in record_at(s3, "res/edited/part-00001")["reason"]
