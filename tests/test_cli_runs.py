@@ -435,3 +435,24 @@ def test_submit_with_upload_never_replaces_the_inputs_of_a_run_still_using_the_o
     body = aws["s3"].get_object(Bucket=BUCKET, Key="plates/busy/load_data.csv")["Body"].read().decode()
     assert body.startswith("Image_FileName_DNA\nold1.tif")  # the running run's data file, untouched
     assert aws["sqs"].receive_message(QueueUrl=aws["queue"]).get("Messages") is None
+
+
+@pytest.mark.race
+def test_a_refused_merge_leaves_the_folder_as_it_was(aws, tmp_path):
+    """Adversary: `cpb results` into a folder holding an earlier run's download; the new run's
+    parts then disagree on `summary.txt`. The refusal came after Image.csv had been rewritten with
+    the new run's rows, beside the earlier run's other tables and its `_cpb/runs.json` - a folder
+    that `cpb report`/`--parquet` read as the earlier run, half of it the new one's."""
+    dest = tmp_path / "d"
+    (dest / "_cpb").mkdir(parents=True)
+    (dest / "Image.csv").write_text(table([(1, 7), (2, 7)]))
+    (dest / "_cpb" / "runs.json").write_text(json.dumps([{"part": "", "run_id": RUN_A}]))
+    before = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    write_lease(aws, "results/half", RUN_B, 2, 4)
+    for index in (0, 1):
+        write_record(aws, "results/half", RUN_B, index, 2 * index + 1, 2 * index + 2, 4, files={
+            "Image.csv": table([(2 * index + 1, 1), (2 * index + 2, 1)]), "summary.txt": f"part {index}\n"})
+    refused = run("results", "results/half", "--to", str(dest))
+    assert refused.exit_code == 1 and "summary.txt differs between the parts" in refused.output
+    after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert after == before
