@@ -287,6 +287,13 @@ def test_the_only_range_exiting_1_without_an_object_table_is_a_failure(tmp_path)
     # a pipeline exporting only the tables it names needs only those
     assert tables_lacking(tmp_path / "out2", merged, False, {"Cells.csv": ["Cells"]}) == []
     assert tables_lacking(tmp_path / "out2", merged, False, {"Nuclei.csv": ["Nuclei"]}) == ["Nuclei.csv"]
+    # a full disk more often leaves the file empty than absent: 0 bytes is no table either
+    empty = _range(tmp_path / "e", 1, 4, [2, 1, 3, 2], exit_code=1, relationships=False)
+    (empty.out_dir / "Nuclei.csv").write_bytes(b"")
+    merged = merge([empty], tmp_path / "out3", total=4)
+    verify_tables(tmp_path / "out3", merged, (1, 4), [empty], {})
+    with pytest.raises(PipelineFailed, match=r"exited 1 and wrote no Nuclei.csv"):
+        check_exit_codes([empty], {id(empty): range_tables(empty)}, tables_lacking(tmp_path / "out3", merged, True, {}))
     # exit 0: CellProfiler finished, no table is demanded beyond what verify_tables checks
     assert check_exit_codes([_range(tmp_path / "c", 1, 4, [1, 1, 1, 1])], {}, ["Nuclei.csv"]) is None
 

@@ -225,14 +225,15 @@ def tables_lacking(output_dir: Path, merged: MergeResult, exports_all: bool,
     """The object tables the pipeline writes that are not among the merged tables: with "Export all
     measurement types", one `<Object>.csv` per `Count_<Object>` column of Image.csv (CellProfiler
     writes a table for every object it measured); otherwise each object table ExportToSpreadsheet
-    names. Only a CellProfiler that exited nonzero can have stopped before writing one."""
+    names; one without an image-numbered header (an empty file) counts as not written. Only a
+    CellProfiler that exited nonzero can have stopped before writing one."""
     if exports_all:
         with open(output_dir / "Image.csv", newline="", encoding="utf-8") as handle:
             columns = next(csv.reader(handle), [])
         wanted = [f"{c[len('Count_'):]}.csv" for c in columns if c.startswith("Count_")]
     else:
         wanted = list(table_objects)
-    return [name for name in wanted if name not in merged.tables]
+    return [name for name in wanted if name not in merged.tables or merged.tables[name].kind == "other"]
 
 
 def check_exit_codes(results: List[RangeResult], tables_before_merge: Mapping[int, List[str]],
