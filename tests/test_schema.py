@@ -294,3 +294,31 @@ def test_the_time_budget_is_checked_while_a_data_file_streams(s3):
     calls.clear()
     with pytest.raises(OutOfTime):
         s3checks.scan_data_file(s3, corpus.BUCKET, "big.csv", before_call=budget)
+
+
+@pytest.mark.race
+def test_a_list_entry_reading_an_earlier_entrys_output_must_wait_for_it(tmp_path):
+    """Adversary: a two-step list message without `after`: step 1 reads (as its input or data file)
+    the output step 0 is about to rewrite. Both were submitted at once, with no dependsOn, so step 1
+    ran on step 0's PREVIOUS results (or on half of the new ones) and succeeded."""
+    illum = corpus.good_message(output="results/p/illum")
+    reads_folder = corpus.good_message(input="results/p/illum", output="results/p/analysis")
+    with pytest.raises(MessageError) as caught:
+        parse_body(json.dumps([illum, reads_folder]), LIMITS)
+    assert (caught.value.field, caught.value.index) == ("after", 1)
+    assert str(caught.value) == ("entry 1: after: its input 'results/p/illum' is written by entry 0 (output "
+                                 "'results/p/illum'), which runs at the same time; add \"after\": "
+                                 "\"results/p/illum\" so it waits for it")
+    reads_csv = corpus.good_message(output="results/p/analysis", data_file="results/p/illum/load_data.csv")
+    with pytest.raises(MessageError, match=r"entry 1: after: its data_file 'results/p/illum/load_data.csv' is "
+                                           r"written by entry 0"):
+        parse_body(json.dumps([illum, reads_csv]), LIMITS)
+    reads_parent = corpus.good_message(input="results/p", output="results/q")  # a folder holding entry 0's output
+    with pytest.raises(MessageError, match=r"entry 1: after: its input 'results/p' is written by entry 0"):
+        parse_body(json.dumps([illum, reads_parent]), LIMITS)
+    waits = dict(reads_folder, after="results/p/illum")
+    assert [r.output for r in parse_body(json.dumps([illum, waits]), LIMITS)] == ["results/p/illum",
+                                                                                  "results/p/analysis"]
+    with pytest.raises(MessageError, match=r"entry 0: after: its input 'results/p/illum' is written by entry 1, "
+                                           r"which comes later"):
+        parse_body(json.dumps([dict(reads_folder), dict(illum)]), LIMITS)
