@@ -20,6 +20,7 @@ from cpb import results as results_mod
 from cpb import status as status_mod
 from cpb import submit as submit_mod
 from cpb.aws import Clients, make_clients
+from cpb.lease import read_lease
 from cpb.progress import LazyBar, say
 from cpb.render import explainer, render_dlq, render_logs, render_status
 from cpb.runrecords import run_state, short
@@ -203,6 +204,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
             click.echo(message.body())
         say(f"dry run: {len(entries)} job(s) in {len(messages)} message(s) valid, nothing sent")
         return
+    before = {e.output: (read_lease(clients.s3, stack.bucket, e.output)[0] or {}).get("run_id") for e in entries}
     report = submit_mod.send(clients.sqs, stack.queue_url, messages)
     for sent in report.sent:
         for output_, _identity, run_id in sent.runs():
@@ -210,7 +212,8 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
     for message, reason in report.failed:
         click.echo(f"NOT sent ({', '.join(e.output for e in message.entries)}): {reason}", err=True)
     if report.sent:
-        receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()])
+        receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()],
+                        leases=before)
         outputs = sorted({o for s in report.sent for o in s.outputs})
         say(f"follow with: cpb status   (or: cpb status {' '.join(outputs)})")
     if report.failed:

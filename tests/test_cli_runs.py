@@ -456,3 +456,24 @@ def test_a_refused_merge_leaves_the_folder_as_it_was(aws, tmp_path):
     assert refused.exit_code == 1 and "summary.txt differs between the parts" in refused.output
     after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
     assert after == before
+
+
+@pytest.mark.race
+def test_a_message_not_taken_is_waited_for_whatever_this_machines_clock_says(aws, tmp_path):
+    """Adversary: the receipt's `sent_at` (this laptop's clock) was compared with the lease's
+    `created_at` (the Lambda's). A laptop clock 10 minutes slow (WSL after sleep, a VM) made a message
+    just sent look older than the previous run's lease, so `cpb results` handed over the previous
+    run as the one just asked for, and `cpb status` said SUCCEEDED."""
+    import datetime as dt
+    for index in range(2):
+        write_record(aws, "results/skew", RUN_A, index, 4 * index + 1, 4 * index + 4, 8)
+    minutes_ahead = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)).isoformat(timespec="seconds")
+    write_lease(aws, "results/skew", RUN_A, 2, 8, message_id="message-a", created_at=minutes_ahead)
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/skew/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/skew", "--output", "results/skew")
+    assert sent.exit_code == 0, sent.output
+    status = run("status", "results/skew", "--no-dlq")
+    assert status.exit_code == 3 and "results/skew/: WAITING" in status.output, status.output
+    refused = run("results", "results/skew", "--to", str(tmp_path / "skew"))
+    assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output
