@@ -166,7 +166,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         entries = submit_mod.prepare(submit_mod.read_message_file(message_file), limits)
         clients = _clients(stack)
         if not no_check:
-            _refuse_busy(stack, clients, [e.output for e in entries])
+            _refuse_busy(stack, clients, entries)
     else:
         missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
         if missing:
@@ -183,7 +183,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
             unsplittable, list(after), resume)), limits)
         clients = _clients(stack)
         if not no_check:  # before the upload: it would change the inputs under the run still going there
-            _refuse_busy(stack, clients, [e.output for e in valid])
+            _refuse_busy(stack, clients, valid)
         if upload_dir is not None:
             pipeline, data_file = submit_mod.upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
                                                            pipeline, data_file)
@@ -220,8 +220,8 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         raise UserError(f"{len(report.failed)} of {len(messages)} message(s) were not accepted by SQS")
 
 
-def _refuse_busy(stack: StackConfig, clients: Clients, outputs: list[str]) -> None:
-    busy = submit_mod.busy_outputs(clients.s3, clients.batch, stack.bucket, outputs)
+def _refuse_busy(stack: StackConfig, clients: Clients, entries: list) -> None:
+    busy = submit_mod.busy_outputs(clients.s3, clients.batch, stack.bucket, entries)
     if busy:
         raise UserError("output: " + "; ".join(busy))
 

@@ -435,6 +435,17 @@ def test_submit_with_upload_never_replaces_the_inputs_of_a_run_still_using_the_o
     body = aws["s3"].get_object(Bucket=BUCKET, Key="plates/busy/load_data.csv")["Body"].read().decode()
     assert body.startswith("Image_FileName_DNA\nold1.tif")  # the running run's data file, untouched
     assert aws["sqs"].receive_message(QueueUrl=aws["queue"]).get("Messages") is None
+    # the message file that started the run, resent with its client_token: a repeat the Lambda adopts
+    write_lease(aws, "results/busy", RUN_A, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                         "array_offset": 0}], message_id="tok-repeat-1",
+                client_token="tok-repeat-1")
+    put(aws, "pipelines/nuclei.cppipe", pipeline.read_text())
+    repeat = tmp_path / "message.json"
+    repeat.write_text(json.dumps({"pipeline": "pipelines/nuclei.cppipe", "input": "plates/busy",
+                                  "data_file": "plates/busy/load_data.csv", "output": "results/busy",
+                                  "image_sets_per_job": 2, "client_token": "tok-repeat-1"}))
+    again = run("submit", "--message-file", str(repeat))
+    assert again.exit_code == 0, again.output
 
 
 @pytest.mark.race
