@@ -20,6 +20,7 @@ from cpb import results as results_mod
 from cpb import status as status_mod
 from cpb import submit as submit_mod
 from cpb.aws import Clients, make_clients
+from cpb.lease import read_lease
 from cpb.progress import LazyBar, say
 from cpb.render import explainer, render_dlq, render_logs, render_status
 from cpb.runrecords import run_state, short
@@ -164,6 +165,8 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
             raise UserError("give either --message-file or --pipeline/--input/--output, not both")
         entries = submit_mod.prepare(submit_mod.read_message_file(message_file), limits)
         clients = _clients(stack)
+        if not no_check:
+            _refuse_busy(stack, clients, entries)
     else:
         missing = [f"--{n}" for n, v in (("pipeline", pipeline), ("input", input_prefix), ("output", output)) if not v]
         if missing:
@@ -175,10 +178,12 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         # local files --upload will turn into keys standing in for those keys.
         def as_key(value: Optional[str]) -> Optional[str]:
             return f"uploads/{Path(value).name}" if upload_dir and value and Path(value).is_file() else value
-        submit_mod.prepare(json.dumps(submit_mod.message_from_flags(
+        valid = submit_mod.prepare(json.dumps(submit_mod.message_from_flags(
             as_key(pipeline), input_prefix, output, as_key(data_file), image_sets_per_job, memory, vcpus, job_name,
             unsplittable, list(after), resume)), limits)
         clients = _clients(stack)
+        if not no_check:  # before the upload: it would change the inputs under the run still going there
+            _refuse_busy(stack, clients, valid)
         if upload_dir is not None:
             pipeline, data_file = submit_mod.upload_inputs(clients.s3, stack.bucket, upload_dir, input_prefix,
                                                            pipeline, data_file)
@@ -199,6 +204,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
             click.echo(message.body())
         say(f"dry run: {len(entries)} job(s) in {len(messages)} message(s) valid, nothing sent")
         return
+    before = {e.output: (read_lease(clients.s3, stack.bucket, e.output)[0] or {}).get("run_id") for e in entries}
     report = submit_mod.send(clients.sqs, stack.queue_url, messages)
     for sent in report.sent:
         for output_, _identity, run_id in sent.runs():
@@ -206,11 +212,18 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
     for message, reason in report.failed:
         click.echo(f"NOT sent ({', '.join(e.output for e in message.entries)}): {reason}", err=True)
     if report.sent:
-        receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()])
+        receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()],
+                        leases=before)
         outputs = sorted({o for s in report.sent for o in s.outputs})
         say(f"follow with: cpb status   (or: cpb status {' '.join(outputs)})")
     if report.failed:
         raise UserError(f"{len(report.failed)} of {len(messages)} message(s) were not accepted by SQS")
+
+
+def _refuse_busy(stack: StackConfig, clients: Clients, entries: list) -> None:
+    busy = submit_mod.busy_outputs(clients.s3, clients.batch, stack.bucket, entries)
+    if busy:
+        raise UserError("output: " + "; ".join(busy))
 
 
 # --------------------------------------------------------------------------- status
@@ -317,7 +330,7 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
         click.echo(f"  {name}: {rows} rows")
     if parquet:
         from cpb.analysis.parquet import describe, to_parquet
-        click.echo(f"single-cell Parquet: {describe(to_parquet(dest, run_id=report.run_id))}")
+        click.echo(f"single-cell Parquet: {describe(to_parquet(dest, run_id=report.run_id, only=report.files))}")
 
 
 # --------------------------------------------------------------------------- requeue

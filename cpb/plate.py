@@ -34,6 +34,7 @@ from cpb import loaddata as loaddata_mod
 from cpb import receipts
 from cpb import submit as submit_mod
 from cpb import upload as upload_mod
+from cpb.lease import read_lease
 from cpb.progress import count_bar, say
 from cpb.resume import StepCheck, check_step, part_ranges, sha256_file, upstream_of
 from cpb.runrecords import short
@@ -295,6 +296,7 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
         report = submit_mod.upload_pairs(clients.s3, stack.bucket, pairs)
         outcome.uploaded = len(report.uploaded)
     submit_mod.check_in_bucket(clients.s3, entries, limits)
+    before = {s.output: (read_lease(clients.s3, stack.bucket, s.output)[0] or {}).get("run_id") for s in to_send}
     sent = submit_mod.send(clients.sqs, stack.queue_url, [submit_mod.Message(entries, as_list=True)])
     if sent.failed:
         raise PlateError(f"SQS did not accept the plate's message ({sent.failed[0][1]}); nothing was sent: run "
@@ -307,6 +309,6 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
     for output, why in skipped:
         outcome.lines.append(f"not sent: {output}: {why}")
     receipts.record(stack.bucket, [(s.message_id, o, i) for s in sent.sent for o, i, _ in s.runs()], skipped=skipped,
-                    order=[s.output for s in plan.steps])
+                    order=[s.output for s in plan.steps], leases=before)
     outcome.lines.append(f"follow with: cpb status {' '.join(s.output for s in plan.steps)}")
     return outcome

@@ -29,17 +29,20 @@ def _stamp() -> str:
 
 
 def record(bucket: str, sent: Iterable[Sequence[str]], environ: Mapping[str, str] = os.environ,
-           skipped: Iterable[tuple[str, str]] = (), order: Sequence[str] = ()) -> Optional[Path]:
+           skipped: Iterable[tuple[str, str]] = (), order: Sequence[str] = (),
+           leases: Optional[Mapping[str, Optional[str]]] = None) -> Optional[Path]:
     """Append one submit: `sent` holds (message id, output[, identity]); `skipped` holds (output, why)
-    for steps found up to date; `order` lists outputs in the order `cpb status` should show them.
-    None when nothing was written.
+    for steps found up to date; `order` lists outputs in the order `cpb status` should show them;
+    `leases` maps an output to the run its lease named just before sending (None: no lease), kept as
+    `lease_before`. None when nothing was written.
 
     A receipt that cannot be written (read-only home) never fails a submission that SQS already accepted.
     """
     batch = uuid.uuid4().hex[:12]
     stamp = _stamp()
     rows = [{"batch": batch, "sent_at": stamp, "bucket": bucket, "message_id": row[0], "output": row[1],
-             "identity": row[2] if len(row) > 2 else None, "kind": "sent"} for row in sent]
+             "identity": row[2] if len(row) > 2 else None, "kind": "sent",
+             **({"lease_before": leases[row[1]]} if leases is not None and row[1] in leases else {})} for row in sent]
     rows += [{"batch": batch, "sent_at": stamp, "bucket": bucket, "message_id": None, "output": output,
               "identity": None, "kind": "skipped", "note": note} for output, note in skipped]
     if not rows:
@@ -105,12 +108,22 @@ def latest(bucket: str, output: str, environ: Mapping[str, str] = os.environ) ->
 
 
 def not_taken(bucket: str, output: str, lease: Optional[dict], environ: Mapping[str, str] = os.environ) -> list[dict]:
-    """Messages sent from here for `output` that the Lambda has not taken: sent after the lease's run
-    began, with an identity the lease does not name. Only outputs with a lease are judged (an output
-    without one may be served by a Lambda from before leases)."""
+    """Messages sent from here for `output` that the Lambda has not taken: with an identity the lease
+    does not name, and either sent while the lease named the run it names now (`lease_before`: no
+    clock involved), or sent after the lease's run began. Only outputs with a lease are judged (an
+    output without one may be served by a Lambda from before leases).
+
+    The time test compares this machine's clock with the Lambda's; a slow laptop clock made a message
+    just sent look older than the lease, so the previous run passed for the one asked for."""
     if not lease or not lease.get("created_at"):
         return []
     since = str(lease["created_at"])[:19]  # UTC either way: "...Z" (here) or "...+00:00" (the Lambda)
+
+    def waiting(r: dict) -> bool:
+        if "lease_before" in r and r["lease_before"] is not None and r["lease_before"] == lease.get("run_id"):
+            return True  # the lease has not moved since it was sent
+        return str(r.get("sent_at"))[:19] >= since
+
     return [r for r in _read(environ)
             if r.get("bucket") == bucket and r.get("output") == output and r.get("kind", "sent") == "sent"
-            and r.get("identity") and r["identity"] != lease.get("message_id") and str(r.get("sent_at"))[:19] >= since]
+            and r.get("identity") and r["identity"] != lease.get("message_id") and waiting(r)]

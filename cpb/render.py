@@ -68,7 +68,9 @@ def _run_lines(state: OutputStatus) -> list[str]:
     if lease is not None:
         phase = {"pending": "being submitted by the Lambda", "cancelled": "cancelled (its message was rolled back)"}
         text = f"run {short(lease.get('run_id'))} of message {lease.get('message_id')}"
-        if lease.get("state") in phase:
+        if lease.get("state") == "pending" and state.dead_lettered_run:
+            text += ": not submitted (its message is in the dead-letter queue)"
+        elif lease.get("state") in phase:
             text += f": {phase[lease['state']]}"
         if lease.get("previous_run_id"):
             text += f" (replaced run {short(lease['previous_run_id'])})"

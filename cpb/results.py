@@ -294,9 +294,13 @@ def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = 
             for copies in staged.values():
                 for copy in copies:
                     copy.offset = offsets.get(copy.part.prefix)  # None: this part has no Image.csv
+        merged = Path(tmp) / "merged"  # every file merged before any reaches dest: a refusal leaves dest as it was
         for relative, copies in sorted(staged.items()):
-            merge_file(relative, sorted(copies, key=lambda c: c.first), dest, report)
+            merge_file(relative, sorted(copies, key=lambda c: c.first), merged, report)
             report.files.append(relative)
+        for relative in report.files:
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(merged / relative), str(dest / relative))
     _write_provenance(state, dest)
     return report
 

@@ -203,7 +203,21 @@ def run_state(s3, bucket: str, output: str, expected: Optional[int] = None,
     else:
         state = _without_lease(s3, bucket, output, keys, top, records, folders, expected)
     state.conflicts.extend(_tiling(state))
+    state.conflicts.extend(_mixed_upstream(state))
     return state
+
+
+def _mixed_upstream(state: RunState) -> list[str]:
+    """The parts of one run must have read the same results of the step they run after (their
+    fingerprints' `upstream`): an upstream rerun while they ran makes one table of two inputs."""
+    seen = {p.prefix: (p.record or {}).get("fingerprint") for p in state.parts if p.status == "succeeded"}
+    values = {prefix: fp.get("upstream") for prefix, fp in seen.items() if isinstance(fp, dict) and fp.get("upstream")}
+    if len(set(values.values())) < 2:
+        return []
+    names = sorted(values, key=lambda n: (values[n], n))
+    return [f"{state.output}: the parts ran on different results of the step they run after ({names[0]}: "
+            f"{str(values[names[0]])[:12]}, {names[-1]}: {str(values[names[-1]])[:12]}); they cannot be merged: "
+            "send the output again"]
 
 
 def _stale_reason(record: dict, run_id: Optional[str], index: Optional[int], prefix: str) -> Optional[str]:

@@ -61,6 +61,14 @@ class OutputStatus:
         return [o for o, verdict in self.upstream if verdict not in ("succeeded", "failed")]
 
     @property
+    def dead_lettered_run(self) -> bool:
+        """The message that claimed the current run (lease `pending`, no job in Batch) is in the DLQ:
+        the Lambda gave up submitting it, so no job will come."""
+        identity = str((self.lease or {}).get("message_id") or "")
+        return bool(identity) and any(d.identity and (identity == d.identity or identity.startswith(d.identity + "#"))
+                                      for d in self.dead_letters)
+
+    @property
     def verdict(self) -> str:
         """`succeeded`, `failed`, `running`, `waiting` (for the Lambda or an `after` output)."""
         if self.lease and self.lease.get("state") == "cancelled":
@@ -78,7 +86,7 @@ class OutputStatus:
         if any(p.status == "failed" for p in self.run.parts) or self.run.conflicts:
             return "failed"
         if self.lease and self.lease.get("state") == "pending" and not self.jobs:
-            return "waiting"
+            return "failed" if self.dead_lettered_run else "waiting"
         if self.jobs or self.dead_letters:  # Batch finished without records, or the message was dead-lettered
             return "failed"
         return "waiting"

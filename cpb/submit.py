@@ -304,6 +304,25 @@ def existing_outputs(s3, bucket: str, requests: list[JobRequest]) -> list[str]:
     return sorted({r.output for r in requests if has_prefix(s3, bucket, r.output)})
 
 
+def busy_outputs(s3, batch, bucket: str, entries: list[Outgoing]) -> list[str]:
+    """One line per entry's output whose current run still has jobs in Batch: the Lambda would refuse
+    a new message for it (docs/CONTRACTS.md, lease rule 3), and anything uploaded now would change the
+    inputs under that run. Checked before uploading, as `cpb plate` does. A message file resent with
+    the client_token its run was started by is a repeat the Lambda adopts, not refused here."""
+    from cpb.runrecords import short
+    from cpb.status import ACTIVE, output_status
+    lines = []
+    for output, token in {e.output: e.to_message().get("client_token") for e in entries}.items():
+        state = output_status(s3, batch, bucket, output, follow_after=False)
+        active = [j for j in state.jobs if j.status in ACTIVE]
+        if active and not (token and (state.lease or {}).get("client_token") == token):
+            message = (state.lease or {}).get("message_id") or ", ".join(state.message_ids) or "?"
+            lines.append(f"{output} is in use by run {short(state.run.run_id)} of message {message} (job "
+                         f"{active[0].job_id} {active[0].status}); wait for it to finish (cpb status {output}) or "
+                         "choose another output")
+    return lines
+
+
 def has_prefix(s3, bucket: str, prefix: str) -> bool:
     """True when at least one object lies under `prefix/`."""
     got = s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/", MaxKeys=1)

@@ -250,6 +250,7 @@ def scan_data_file(s3: Any, bucket: str, key: str, loaddata_settings: Optional[d
     raw = _Stream(obj["Body"], MAX_DATA_FILE_BYTES, lambda: before_call("read the data file"))
     text = io.TextIOWrapper(io.BufferedReader(raw, buffer_size=_READ_CHUNK), encoding="utf-8-sig", newline="")
     line_number = [0]
+    bare_cr = [None]  # the line number when the last line read ended with a carriage return alone
 
     def lines() -> Iterator[str]:
         while True:
@@ -260,12 +261,25 @@ def scan_data_file(s3: Any, bucket: str, key: str, loaddata_settings: Optional[d
             if len(line) > MAX_LINE_CHARS:
                 raise bad(f"line {line_number[0]} is longer than {MAX_LINE_CHARS} characters; it is not a "
                           "LoadData row (is this the right file?)")
+            bare_cr[0] = line_number[0] if line.endswith("\r") else None
             yield line
 
+    def records() -> Iterator[list]:
+        """The CSV records; one ended by a carriage return alone (old Mac Excel) and followed by more is
+        refused: the worker, like most CSV tools, ends records at line feeds only."""
+        ended_at = None
+        for record in reader:
+            if ended_at is not None:
+                raise bad(f"ends its lines with a carriage return alone (line {ended_at}; old Mac Excel \"CSV\"): "
+                          "save it as CSV UTF-8 (line feed or CR LF line endings)")
+            ended_at = bare_cr[0]
+            yield record
+
     reader = csv.reader(lines(), strict=True)
+    rows_read = records()
     counts = {"rows": 0}
     try:
-        header = next(reader, None)
+        header = next(rows_read, None)
         if not header or not any(column.strip() for column in header):
             raise bad("has no header row; the first line must name the LoadData columns")
         names = [column.strip() for column in header]
@@ -279,9 +293,9 @@ def scan_data_file(s3: Any, bucket: str, key: str, loaddata_settings: Optional[d
                       "would load no images")
 
         def image_set_rows() -> Iterator[list]:
-            for row in reader:
-                if not "".join(row).strip():
-                    continue  # blank lines (every cell blank) are skipped by LoadData too
+            for row in rows_read:
+                if not any(cell.strip(" \t\r\n") for cell in row):
+                    continue  # blank lines (no cell but spaces and tabs) are not image sets: the worker's rule
                 if len(row) != len(names):
                     raise bad(f"line {reader.line_num} has {len(row)} fields but the header has {len(names)}; "
                               "fix that row (a missing or extra comma?)")

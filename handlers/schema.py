@@ -467,6 +467,24 @@ def check_batch(requests: list) -> None:
                 if _under(key, requests[i].output):
                     raise MessageError("after", f"{key!r} is the output of entry {i}, which comes later; list the "
                                                 "step it waits for before it (no job can wait for a later one)", j)
+        for i, other in enumerate(requests):
+            if i == j:
+                continue
+            for what, key in _reads(later):
+                if not (_under(key, other.output) or (what == "input" and _under(other.output, key))):
+                    continue
+                if i > j:
+                    raise MessageError("after", f"its {what} {key!r} is written by entry {i}, which comes later; "
+                                                "list the step that writes it first, and wait for it with after", j)
+                if other.output not in later.after:
+                    raise MessageError("after", f"its {what} {key!r} is written by entry {i} (output "
+                                                f"{other.output!r}), which runs at the same time; add \"after\": "
+                                                f"\"{other.output}\" so it waits for it", j)
+
+
+def _reads(request: "JobRequest") -> list:
+    """(field, key) of what a job reads from the bucket besides its pipeline."""
+    return [("input", request.input)] + ([("data_file", request.data_file)] if request.data_file else [])
 
 
 _FIELD_HELP = {

@@ -401,6 +401,9 @@ class Submitter:
                 etag = self._write(key, record, etag)
                 if etag is None:
                     continue
+                found = self._submitted_then_replaced(job, record)
+                if found is not None:
+                    return self._record_replaced(key, record, etag, found)
             elif record.get("status") == "cancelled":
                 record = self._pending(job, int(record.get("generation", 0)) + 1)
                 etag = self._write(key, record, etag)
@@ -441,6 +444,30 @@ class Submitter:
             raise LostRecord(f"s3://{self.limits.bucket}/{key} changed while we held its lease; job(s) "
                              f"{', '.join(j['job_id'] for j in jobs)} are submitted but not recorded (a later "
                              "delivery will find them by name)")
+        return done
+
+    def _submitted_then_replaced(self, job: PlannedJob, record: dict) -> Optional[list]:
+        """The jobs of a run whose owner died after submitting them, when the output has since passed to
+        another run (which could only replace it once they were visible and finished, or not yet
+        visible): this run happened and was replaced, and must never take the output back. None
+        otherwise (nothing of it in Batch, or the lease is still its own)."""
+        lease, _ = self.leases.read(job.checked.request.output)
+        if lease is None or (lease.get("message_id") == job.message_id and lease.get("run_id") == record["run_id"]):
+            return None
+        found = [(planned, self._find_submitted(planned["job_queue"], planned["job_name"]))
+                 for planned in record.get("jobs") or []]
+        if not any(existing for _, existing in found):
+            return None
+        logger.warning("run %s of %s was submitted, then replaced by run %s; not taking the output back",
+                       record["run_id"], job.message_id, lease.get("run_id"))
+        return [dict(planned, job_id=existing["jobId"], job_arn=existing.get("jobArn"), adopted=True)
+                for planned, existing in found if existing]
+
+    def _record_replaced(self, key: str, record: dict, etag: str, jobs: list) -> dict:
+        done = dict(record, status="submitted", job_id=jobs[0]["job_id"], job_arn=jobs[0]["job_arn"], adopted=True,
+                    jobs=jobs, submitted_at=_now_iso(self.clock), lease_until=None, owner=None)
+        if self._write(key, done, etag, check_time=False) is None:
+            raise LostRecord(f"s3://{self.limits.bucket}/{key} changed while we recorded its replaced run")
         return done
 
     def find_or_submit(self, arguments: dict, release: Callable[[], None] = lambda: None) -> tuple:

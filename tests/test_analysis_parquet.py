@@ -152,3 +152,39 @@ def test_cpb_results_parquet_merges_parts_then_converts(plate_run, tmp_path, mon
         assert run_id == "3f2a00000000000000aa"
     assert per_site == plate_run.plate.truth
     assert sorted({image for _w, _s, image, _r in rows}) == list(range(1, 9))  # merged: global numbers
+
+
+@pytest.mark.race
+def test_cpb_results_parquet_reads_only_this_runs_tables(plate_run, tmp_path, monkeypatch):
+    """Adversary: `cpb results ... --to DIR --parquet` into a folder that holds an earlier run's
+    Cells.csv and Cytoplasm.csv, the new run's pipeline exporting Image and Nuclei only. The
+    results command warned about the foreign files, then CytoTable joined the earlier run's cells
+    to this run's images and nuclei: a single_cell.parquet of two runs, labelled with this run's id."""
+    for key in list(os.environ):
+        if key.startswith("CPB_") or key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-pulumi"))
+    monkeypatch.setenv("CPB_HOME", str(tmp_path / "cpb-home"))
+    monkeypatch.setenv("CPB_BUCKET", BUCKET)
+    dest = _copy_tables(plate_run.analysis, tmp_path / "downloaded")  # the earlier run, all four tables
+    nuclei_only = _copy_tables(plate_run.analysis, tmp_path / "new-run", ("Image", "Nuclei"))
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(Bucket=BUCKET)
+        files = []
+        for path in sorted(nuclei_only.glob("*.csv")):
+            body = path.read_bytes()
+            s3.put_object(Bucket=BUCKET, Key=f"results/CP2/{path.name}", Body=body)
+            files.append({"key": path.name, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+        record = {"status": "succeeded", "first": 1, "last": 8, "image_set_count": 8, "array_index": None,
+                  "run_id": "5e0b00000000000000bb", "files": files, "cellprofiler_version": "4.2.8",
+                  "pipeline_sha256": "cd" * 32}
+        s3.put_object(Bucket=BUCKET, Key="results/CP2/_cpb/run.json", Body=json.dumps(record))
+        result = CliRunner().invoke(cli, ["results", "results/CP2", "--to", str(dest), "--parquet"])
+    assert result.exit_code == 0, result.output
+    assert "are not from results/CP2" in result.output  # the warning stays
+    columns = pq.read_schema(dest / PARQUET_NAME).names
+    assert not [c for c in columns if c.startswith(("Cells_", "Cytoplasm_"))], "joined another run's tables"
+    assert any(c.startswith("Nuclei_") for c in columns)
+    assert pq.read_metadata(dest / PARQUET_NAME).num_rows == sum(plate_run.plate.truth.values())

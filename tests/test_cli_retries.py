@@ -206,3 +206,21 @@ def test_status_says_which_parts_were_reused_from_an_earlier_run(aws):
     assert (f"up to date, reused from run {RUN_A[:8]} (same pipeline, data rows, image and upstream results): "
             "part-00000, part-00002") in status.output
     assert f"(replaced run {RUN_A[:8]})" in status.output
+
+
+@pytest.mark.race
+def test_a_message_dead_lettered_after_claiming_the_output_is_failed_not_waiting(aws):
+    """Adversary: the Lambda claims the output (lease `pending`), then SubmitJob is refused for good
+    (a deregistered job definition, a 4xx): it releases the claim (lease_until 0) but the lease stays
+    `pending`, the message is retried and dead-lettered. `cpb status` said WAITING, exit 3, and
+    `--watch` waited for a job that can never come."""
+    token = "tok-deadbeef"
+    write_lease(aws, "results/stuck", run_id_for(token), None, 4, state="pending", message_id=token,
+                jobs=[{"job_id": None, "job_name": "stuck-1234", "job_queue": aws["job_queue"]}], lease_until=0)
+    body = json.dumps({"pipeline": "p.cppipe", "input": "in", "output": "results/stuck", "client_token": token})
+    aws["sqs"].send_message(QueueUrl=aws["dlq"], MessageBody=body)
+    status = run("status", "results/stuck")
+    assert status.exit_code == 1, status.output
+    assert "results/stuck/: FAILED" in status.output
+    assert f"run {run_id_for(token)[:8]} of message {token}: not submitted (its message is in the dead-letter queue)" \
+        in status.output

@@ -383,3 +383,108 @@ def test_every_command_takes_the_url_cpb_submit_prints(aws, tmp_path):
         assert errors == [f"cpb: {next(a for a in command if a.startswith('s3://'))} is in "
                           f"bucket 'someone-elses-bucket', but this stack's bucket is '{BUCKET}' (from $CPB_BUCKET): "
                           f"give a prefix of s3://{BUCKET}/, or point cpb at the other stack (--stack / --bucket)"]
+
+
+@pytest.mark.race
+def test_parts_that_read_different_upstream_results_are_never_merged(aws, tmp_path):
+    """Adversary: an analysis array `after` an illumination step whose run was replaced while the
+    analysis ran: parts 0 read illumination run 1, part 1 (requeued later) run 2. Every part is of
+    the current run and succeeded, so `cpb results` merged one table computed from two different
+    illumination functions. The records' fingerprints say which upstream each part read."""
+    write_lease(aws, "results/an", RUN_B, 2, 4, after=["results/ill"])
+    write_record(aws, "results/an", RUN_B, 0, 1, 2, 4, fingerprint={"upstream": "1" * 64, "image": "i"})
+    write_record(aws, "results/an", RUN_B, 1, 3, 4, 4, fingerprint={"upstream": "2" * 64, "image": "i"})
+    refused = run("results", "results/an", "--to", str(tmp_path / "mixed"))
+    assert refused.exit_code == 1, refused.output
+    line = ("results/an: the parts ran on different results of the step they run after (part-00000: 111111111111, "
+            "part-00001: 222222222222); they cannot be merged: send the output again")
+    assert line in refused.output
+    assert not (tmp_path / "mixed" / "Image.csv").exists()
+    status = run("status", "results/an", "--no-dlq")
+    assert status.exit_code == 1 and line in status.output, status.output  # never "succeeded"
+    write_record(aws, "results/an", RUN_B, 1, 3, 4, 4, fingerprint={"upstream": "1" * 64, "image": "i"})
+    merged = run("results", "results/an", "--to", str(tmp_path / "ok"))
+    assert merged.exit_code == 0, merged.output
+    assert image_numbers(tmp_path / "ok") == [1, 2, 3, 4]
+
+
+@pytest.mark.race
+def test_submit_with_upload_never_replaces_the_inputs_of_a_run_still_using_the_output(aws, tmp_path):
+    """Adversary: a scientist fixes a typo in load_data.csv and sends `cpb submit --upload` again to
+    the same output while the first run's array children are still running. The Lambda refuses
+    the new message (output in use) - but the upload had already replaced the data file and images
+    under the running run, whose later children read the new rows: one 'succeeded' run made of
+    two versions of the data file. `cpb plate` checks first; `cpb submit` now does too."""
+    job = batch_job(aws, "results/busy", size=2, states={":0": ("RUNNING", None, None)})
+    write_lease(aws, "results/busy", RUN_A, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                         "array_offset": 0}], message_id="message-a")
+    put(aws, "plates/busy/load_data.csv", "Image_FileName_DNA\nold1.tif\nold2.tif\nold3.tif\nold4.tif\n")
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    (folder / "load_data.csv").write_text("Image_FileName_DNA\nnew1.tif\nnew2.tif\nnew3.tif\nnew4.tif\n")
+    for n in range(1, 5):
+        (folder / f"new{n}.tif").write_bytes(b"image")
+    pipeline = tmp_path / "nuclei.cppipe"
+    pipeline.write_text((Path(__file__).parent.parent / "cpb" / "pipelines" / "nuclei.cppipe").read_text())
+    refused = run("submit", "--upload", str(folder), "--pipeline", str(pipeline), "--input", "plates/busy",
+                  "--data-file", str(folder / "load_data.csv"), "--output", "results/busy",
+                  "--image-sets-per-job", "2")
+    assert refused.exit_code == 1, refused.output
+    assert (f"results/busy is in use by run {RUN_A[:8]} of message message-a (job {job} RUNNING); wait for it to "
+            "finish (cpb status results/busy) or choose another output") in refused.output
+    body = aws["s3"].get_object(Bucket=BUCKET, Key="plates/busy/load_data.csv")["Body"].read().decode()
+    assert body.startswith("Image_FileName_DNA\nold1.tif")  # the running run's data file, untouched
+    assert aws["sqs"].receive_message(QueueUrl=aws["queue"]).get("Messages") is None
+    # the message file that started the run, resent with its client_token: a repeat the Lambda adopts
+    write_lease(aws, "results/busy", RUN_A, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                         "array_offset": 0}], message_id="tok-repeat-1",
+                client_token="tok-repeat-1")
+    put(aws, "pipelines/nuclei.cppipe", pipeline.read_text())
+    repeat = tmp_path / "message.json"
+    repeat.write_text(json.dumps({"pipeline": "pipelines/nuclei.cppipe", "input": "plates/busy",
+                                  "data_file": "plates/busy/load_data.csv", "output": "results/busy",
+                                  "image_sets_per_job": 2, "client_token": "tok-repeat-1"}))
+    again = run("submit", "--message-file", str(repeat))
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.race
+def test_a_refused_merge_leaves_the_folder_as_it_was(aws, tmp_path):
+    """Adversary: `cpb results` into a folder holding an earlier run's download; the new run's
+    parts then disagree on `summary.txt`. The refusal came after Image.csv had been rewritten with
+    the new run's rows, beside the earlier run's other tables and its `_cpb/runs.json` - a folder
+    that `cpb report`/`--parquet` read as the earlier run, half of it the new one's."""
+    dest = tmp_path / "d"
+    (dest / "_cpb").mkdir(parents=True)
+    (dest / "Image.csv").write_text(table([(1, 7), (2, 7)]))
+    (dest / "_cpb" / "runs.json").write_text(json.dumps([{"part": "", "run_id": RUN_A}]))
+    before = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    write_lease(aws, "results/half", RUN_B, 2, 4)
+    for index in (0, 1):
+        write_record(aws, "results/half", RUN_B, index, 2 * index + 1, 2 * index + 2, 4, files={
+            "Image.csv": table([(2 * index + 1, 1), (2 * index + 2, 1)]), "summary.txt": f"part {index}\n"})
+    refused = run("results", "results/half", "--to", str(dest))
+    assert refused.exit_code == 1 and "summary.txt differs between the parts" in refused.output
+    after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.race
+def test_a_message_not_taken_is_waited_for_whatever_this_machines_clock_says(aws, tmp_path):
+    """Adversary: the receipt's `sent_at` (this laptop's clock) was compared with the lease's
+    `created_at` (the Lambda's). A laptop clock 10 minutes slow (WSL after sleep, a VM) made a message
+    just sent look older than the previous run's lease, so `cpb results` handed over the previous
+    run as the one just asked for, and `cpb status` said SUCCEEDED."""
+    import datetime as dt
+    for index in range(2):
+        write_record(aws, "results/skew", RUN_A, index, 4 * index + 1, 4 * index + 4, 8)
+    minutes_ahead = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)).isoformat(timespec="seconds")
+    write_lease(aws, "results/skew", RUN_A, 2, 8, message_id="message-a", created_at=minutes_ahead)
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/skew/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/skew", "--output", "results/skew")
+    assert sent.exit_code == 0, sent.output
+    status = run("status", "results/skew", "--no-dlq")
+    assert status.exit_code == 3 and "results/skew/: WAITING" in status.output, status.output
+    refused = run("results", "results/skew", "--to", str(tmp_path / "skew"))
+    assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output

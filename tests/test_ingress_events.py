@@ -249,3 +249,36 @@ def test_out_of_memory_is_recognised_from_batch_reasons():
     assert events.retry_name("results-p1-0123456789ab", 1, 7) == "results-p1-0123456789ab-oom1-7"
     assert events.retry_name("results-p1-0123456789ab-oom1-7", 2, 7) == "results-p1-0123456789ab-oom2-7"
     assert len(events.retry_name("x" * 128, 2, 9999)) <= 128
+
+
+@pytest.mark.race
+@pytest.mark.xfail(strict=True, reason=(
+    "two invocations handling the same failed child at once (its own event and its parent's FAILED event, "
+    "which lists failed children; both arrive together when the out-of-memory child finishes last) each "
+    "look the retry's name up, find nothing, and both submit: two jobs run the same part of the same run "
+    "and race in its upload (a record can end up vouching for the other copy's files). A name lookup is not "
+    "a claim, and the events role may not TerminateJob the loser. Fix (a contract addition): claim before "
+    "submitting, e.g. create the child's _cpb/events/<job id>.json (IfNoneMatch) with the retry pending "
+    "before SubmitJob, or append a pending retry entry (job_id null, owner, until) to the lease first"))
+def test_a_child_handled_by_its_own_event_and_its_parents_at_once_is_retried_once(stack, monkeypatch):
+    from handlers.submission import Submitter
+    submit(output="results/twice", data_file=DATA_FILE, image_sets_per_job=5)
+    [parent] = stack.jobs()
+    child = job_event(stack, f"{parent['jobId']}:1", exit_code=137, container_reason=OOM_REASON)
+    set_job_state(f"{parent['jobId']}:0", "SUCCEEDED")
+    from ingress_moto import moto_job
+    moto_job(f"{parent['jobId']}:1").job_stopped_reason = OOM_REASON
+    parent_event = job_event(stack, parent["jobId"], status_reason="Array Child Job failed")
+    original = Submitter._find_submitted
+    interleaved = []
+
+    def meanwhile_the_parent_event(self, queue, name):
+        found = original(self, queue, name)
+        if not interleaved:  # the other invocation runs between this one's look-up and its SubmitJob
+            interleaved.append(parent_event)
+            handle(parent_event)
+        return found
+
+    monkeypatch.setattr(Submitter, "_find_submitted", meanwhile_the_parent_event)
+    handle(child)
+    assert len(jobs_named(stack, parent["jobName"] + "-oom1-1")) == 1

@@ -11,10 +11,10 @@ import time
 import pytest
 
 from handlers import ingress, submission
-from ingress_moto import (DATA_FILE, FaultInjector, LambdaContext, failed_ids, message, moto_stack, sqs_event,
-                          sqs_record)
+from ingress_moto import (DATA_FILE, FaultInjector, LambdaContext, failed_ids, jobs_keep_running, message, moto_stack,
+                          sqs_event, sqs_record)
 
-__all__ = ["moto_stack"]
+__all__ = ["moto_stack", "jobs_keep_running"]
 
 
 @pytest.fixture(autouse=True)
@@ -222,3 +222,38 @@ def test_no_bucket_check_starts_once_the_budget_is_spent(moto_stack):
     assert moto_stack.jobs() == []
     assert run(sqs_record(body, message_id=record["messageId"], receive_count=2)) == {"batchItemFailures": []}
     assert len(moto_stack.jobs()) == 3
+
+
+@pytest.mark.race
+def test_a_redelivery_after_its_run_was_replaced_never_takes_the_output_back(moto_stack, jobs_keep_running):
+    """Adversary: message 1's invocation dies right after SubmitJob (lease still `pending`). Its job
+    runs and succeeds; message 2 for the same output finds the abandoned lease, sees the job by name
+    finished, and replaces the run; its run succeeds too. Then SQS redelivers message 1: it took the
+    output back, adopting its old finished job by name, so the lease named a run whose records were
+    gone (replaced by run 2's): cpb status said FAILED and cpb results refused run 2's complete
+    results, with nothing left running to fix it."""
+    from ingress_moto import lease, set_job_state
+    stop = crash_when(ingress.services().s3, "PutObject", lambda body: b'"state": "submitted"' in body)
+    first = sqs_record(json.dumps(message(output="results/ghost")))
+    with pytest.raises(SimulatedTimeout):
+        run(first, remaining_s=60)
+    stop()
+    [job1] = moto_stack.jobs()
+    set_job_state(job1["jobId"], "SUCCEEDED")
+
+    def at(offset, *records):
+        moment = time.time() + offset
+        return ingress.process_event(sqs_event(*records), LambdaContext(300, clock=lambda: moment),
+                                     ingress.services(), clock=lambda: moment)
+
+    second = sqs_record(json.dumps(message(output="results/ghost")))
+    assert at(120, second) == {"batchItemFailures": []}
+    [job2] = [j for j in moto_stack.jobs() if j["jobId"] != job1["jobId"]]
+    set_job_state(job2["jobId"], "SUCCEEDED")
+    run2 = lease("results/ghost")["run_id"]
+    assert at(400, sqs_record(first["body"], message_id=first["messageId"], receive_count=2)) == {
+        "batchItemFailures": []}  # done with: its job ran, its run was replaced since
+    assert lease("results/ghost")["run_id"] == run2 and lease("results/ghost")["message_id"] == second["messageId"]
+    assert len(moto_stack.jobs()) == 2
+    saved = moto_stack.record("results/ghost", first["messageId"])
+    assert saved["status"] == "submitted" and saved["job_id"] == job1["jobId"] and saved["adopted"] is True

@@ -218,6 +218,49 @@ def test_streamed_data_digest_is_the_workers_fingerprint_of_the_same_rows(s3, tm
     assert ranged.data_sha256 == data_rows_sha256(local.header, local.rows[4:9])
 
 
+_QUIRK_HEADER = b"Image_FileName_DNA,Metadata_Site\n"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("nbsp-row", _QUIRK_HEADER + "a.tif,1\n\u00a0,\u00a0\nb.tif,2\n".encode()),
+    ("ideographic-space-row", _QUIRK_HEADER + "a.tif,1\n\u3000,\nb.tif,2\n".encode()),
+    ("vertical-tab-row", _QUIRK_HEADER + b"a.tif,1\n\x0b,\nb.tif,2\n"),
+    ("quoted-space-row", _QUIRK_HEADER + b'a.tif,1\n" "," "\nb.tif,2\n'),
+    ("tab-row", _QUIRK_HEADER + b"a.tif,1\n\t,\t\nb.tif,2\n"),
+])
+def test_the_lambda_counts_a_row_of_odd_whitespace_as_the_worker_does(s3, tmp_path, name, body):
+    """Adversary: the Lambda's blank-row rule (str.strip: any Unicode space) and the worker's (spaces,
+    tabs, commas) differed, so a row holding only a no-break space was no image set for the Lambda
+    and one for the worker (and LoadData): every job failed with 'CPB_IMAGE_SET_COUNT is 2 but the
+    data file gives 3 image sets: resubmit', which no resubmission can fix."""
+    from cpb_worker.datafile import read_data_file
+    from cpb_worker.fingerprint import data_rows_sha256
+    s3.put_object(Bucket=corpus.BUCKET, Key=f"{name}.csv", Body=body)
+    (tmp_path / "d.csv").write_bytes(body)
+    scan, local = s3checks.scan_data_file(s3, corpus.BUCKET, f"{name}.csv"), read_data_file(tmp_path / "d.csv")
+    assert scan.rows == local.count
+    assert scan.data_sha256 == data_rows_sha256(local.header, local.rows)
+
+
+def test_a_data_file_ending_lines_with_carriage_returns_alone_is_refused_by_lambda_and_worker(s3, tmp_path):
+    """Adversary: old Mac Excel's CSV ends lines with CR alone. The Lambda (universal newlines) counted
+    its rows and accepted it; the worker, which splits records at LF, crashed with a Python traceback
+    (`_csv.Error: new-line character seen in unquoted field`), leaving no run record to say why."""
+    from cpb_worker.datafile import read_data_file
+    from cpb_worker.errors import BadInput
+    body = b"Image_FileName_DNA,Metadata_Site\ra.tif,1\rb.tif,2\r"
+    s3.put_object(Bucket=corpus.BUCKET, Key="mac.csv", Body=body)
+    fix = "save it as CSV UTF-8"
+    with pytest.raises(MessageError, match=r"mac.csv ends its lines with a carriage return alone \(line 1;.*" + fix):
+        s3checks.scan_data_file(s3, corpus.BUCKET, "mac.csv")
+    (tmp_path / "mac.csv").write_bytes(body)
+    with pytest.raises(BadInput, match=r"data file mac.csv ends its lines with a carriage return alone .*" + fix):
+        read_data_file(tmp_path / "mac.csv")
+    (tmp_path / "late.csv").write_bytes(b"Image_FileName_DNA,Metadata_Site\na.tif,1\rb.tif,2\n")
+    with pytest.raises(BadInput, match=r"data file late.csv ends its lines with a carriage return alone \(line 2;"):
+        read_data_file(tmp_path / "late.csv")
+
+
 def test_a_data_file_line_longer_than_any_loaddata_row_is_refused(s3, monkeypatch):
     monkeypatch.setattr(s3checks, "MAX_LINE_CHARS", 1000)
     s3.put_object(Bucket=corpus.BUCKET, Key="long.csv", Body=b"Image_FileName_DNA\na.tif\n" + b"x" * 5000 + b"\n")
@@ -251,3 +294,31 @@ def test_the_time_budget_is_checked_while_a_data_file_streams(s3):
     calls.clear()
     with pytest.raises(OutOfTime):
         s3checks.scan_data_file(s3, corpus.BUCKET, "big.csv", before_call=budget)
+
+
+@pytest.mark.race
+def test_a_list_entry_reading_an_earlier_entrys_output_must_wait_for_it(tmp_path):
+    """Adversary: a two-step list message without `after`: step 1 reads (as its input or data file)
+    the output step 0 is about to rewrite. Both were submitted at once, with no dependsOn, so step 1
+    ran on step 0's PREVIOUS results (or on half of the new ones) and succeeded."""
+    illum = corpus.good_message(output="results/p/illum")
+    reads_folder = corpus.good_message(input="results/p/illum", output="results/p/analysis")
+    with pytest.raises(MessageError) as caught:
+        parse_body(json.dumps([illum, reads_folder]), LIMITS)
+    assert (caught.value.field, caught.value.index) == ("after", 1)
+    assert str(caught.value) == ("entry 1: after: its input 'results/p/illum' is written by entry 0 (output "
+                                 "'results/p/illum'), which runs at the same time; add \"after\": "
+                                 "\"results/p/illum\" so it waits for it")
+    reads_csv = corpus.good_message(output="results/p/analysis", data_file="results/p/illum/load_data.csv")
+    with pytest.raises(MessageError, match=r"entry 1: after: its data_file 'results/p/illum/load_data.csv' is "
+                                           r"written by entry 0"):
+        parse_body(json.dumps([illum, reads_csv]), LIMITS)
+    reads_parent = corpus.good_message(input="results/p", output="results/q")  # a folder holding entry 0's output
+    with pytest.raises(MessageError, match=r"entry 1: after: its input 'results/p' is written by entry 0"):
+        parse_body(json.dumps([illum, reads_parent]), LIMITS)
+    waits = dict(reads_folder, after="results/p/illum")
+    assert [r.output for r in parse_body(json.dumps([illum, waits]), LIMITS)] == ["results/p/illum",
+                                                                                  "results/p/analysis"]
+    with pytest.raises(MessageError, match=r"entry 0: after: its input 'results/p/illum' is written by entry 1, "
+                                           r"which comes later"):
+        parse_body(json.dumps([dict(reads_folder), dict(illum)]), LIMITS)

@@ -260,3 +260,79 @@ def test_local_rerun_into_the_same_folder_resumes_until_an_input_changes(plate, 
                   env=dict(cellprofiler_env, CPB_CELLPROFILER=NO_CELLPROFILER))
     assert read_local(out)["status"] == "failed"
     assert [r["ImageNumber"] for r in read_rows(out / "Image.csv")] == ["1", "2", "3", "4"]  # left, not vouched for
+
+
+def put_record(s3, prefix, run_id, files, **extra):
+    body = dict({"status": "succeeded", "run_id": run_id, "first": 1, "last": 1, "array_index": None,
+                 "files": files}, **extra)
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/_cpb/run.json", Body=json.dumps(body).encode())
+
+
+@pytest.mark.cellprofiler
+def test_a_job_whose_upstream_run_is_being_replaced_fails_instead_of_succeeding(s3, cellprofiler_env, tmp_path):
+    """Adversary: an analysis `after` res/illum-r started (no dependsOn: illum had succeeded) just
+    as a new illumination run took res/illum-r (a `cpb submit` of illum alone is accepted: its
+    output's run had finished). The new run has no record yet, its files are being replaced under
+    the analysis; the analysis ran anyway and was recorded `succeeded`, with only a warning
+    nobody sees (`cpb status` shows none), on whatever illumination files it happened to read."""
+    put_record(s3, "res/illum-r", "ill-1", [{"key": "IllumDNA.npy", "size": 8, "sha256": "a1"}])
+    put_lease(s3, "res/illum-r", "ill-2")  # the new illumination run: submitted, nothing written yet
+    put_lease(s3, "res/after-r", "run-A")
+    env = job(cellprofiler_env, tmp_path, "res/after-r", "run-A", CPB_AFTER="res/illum-r")
+    assert worker_aws.main_aws(env) == 2
+    record = record_at(s3, "res/after-r")
+    assert record["status"] == "failed"
+    assert record["reason"] == ("the step this runs after, res/illum-r, has 0 of 1 succeeded record(s) of its "
+                                "current run ill-2 (it is being rerun or did not finish): run this step again "
+                                "once that run has succeeded")
+    assert not [k for k in objects(s3, "res/after-r/") if k.endswith(".csv")]
+
+
+@pytest.mark.cellprofiler
+def test_a_job_whose_upstream_was_rerun_while_it_ran_fails(s3, cellprofiler_env, tmp_path, monkeypatch):
+    """Adversary: the upstream run is replaced (and its new run finishes, with other files) while
+    the analysis runs CellProfiler: what the analysis read is no longer the upstream's results,
+    and its record must not vouch for them."""
+    put_record(s3, "res/illum-m", "ill-1", [{"key": "IllumDNA.npy", "size": 8, "sha256": "a1"}])
+    put_lease(s3, "res/illum-m", "ill-1")
+    put_lease(s3, "res/after-m", "run-A")
+    original = worker_aws.run_plan
+
+    def rerun_upstream_meanwhile(*args, **kwargs):
+        out = original(*args, **kwargs)
+        put_lease(s3, "res/illum-m", "ill-2")
+        put_record(s3, "res/illum-m", "ill-2", [{"key": "IllumDNA.npy", "size": 8, "sha256": "b2"}])
+        return out
+
+    monkeypatch.setattr(worker_aws, "run_plan", rerun_upstream_meanwhile)
+    env = job(cellprofiler_env, tmp_path, "res/after-m", "run-A", CPB_AFTER="res/illum-m")
+    assert worker_aws.main_aws(env) == 2
+    record = record_at(s3, "res/after-m")
+    assert record["status"] == "failed"
+    assert record["reason"].startswith("the step this runs after, res/illum-m, was rerun while this job ran "
+                                       "(its current run is now ill-2, this job read run ill-1)")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an array child cannot tell that the data file changed after the Lambda counted it when the row count "
+    "is unchanged: it hashes only its own rows, and nothing pins the object the Lambda read. Fix (a contract "
+    "addition): the Lambda records the data file's ETag/VersionId in the lease and job environment (e.g. "
+    "CPB_DATA_ETAG) and the worker reads the data file with GetObject IfMatch (on FSx: compares a HEAD), "
+    "failing with exit 2 'the data file changed since the run was submitted: send the message again'"))
+def test_an_array_child_refuses_a_data_file_edited_after_the_run_was_submitted(s3, plate, cellprofiler_env, tmp_path):
+    """Adversary: child 0 ran on the data file the Lambda counted; the scientist then uploaded a
+    corrected CSV (same number of rows, image sets 3-4 changed) under the same key. Child 1 reads
+    the new rows and succeeds: one 'succeeded' run whose parts come from two versions of the data
+    file (each part's fingerprint only covers its own rows, so nothing downstream can tell)."""
+    rows = list(csv.reader(plate.data_file.open()))
+    s3.upload_file(str(plate.data_file), BUCKET, "in/edited.csv")
+    put_lease(s3, "res/edited", "run-A", array_size=2, image_set_count=4)
+    rows[3][-1], rows[4][-1] = "7", "8"  # Metadata_Site of image sets 3 and 4
+    changed = tmp_path / "edited.csv"
+    with open(changed, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    s3.upload_file(str(changed), BUCKET, "in/edited.csv")  # after the Lambda counted, before child 1 starts
+    env = child(cellprofiler_env, tmp_path, "res/edited", "run-A", 1, CPB_DATA_FILE="in/edited.csv",
+                CPB_CELLPROFILER=NO_CELLPROFILER)
+    assert worker_aws.main_aws(env) == 2
+    assert "data file changed since the run was submitted" in record_at(s3, "res/edited/part-00001")["reason"]

@@ -372,6 +372,28 @@ def test_loaddata_row_range_setting_shifts_image_sets_to_csv_rows(tmp_path):
         check_images(plan, plate.data_file, plate.images_dir, tmp_path / "out")
 
 
+@pytest.mark.cellprofiler
+def test_a_local_run_with_a_row_range_runs_the_rows_the_worker_planned(tmp_path, cellprofiler_env):
+    """Adversary: LoadData's "Process just a range of rows" counts a blank line as a row (it skips it
+    only after the range test); the worker does not. A local run handed CellProfiler the data file as
+    is, so with a blank line after the header, rows 2-3 were sites 1-2 for CellProfiler and sites 2-3
+    for the worker: sites 1-2 were processed, recorded as rows 2-3, checked, and succeeded (the cloud,
+    which gives CellProfiler the worker's rows, processes sites 2-3)."""
+    from cpb.demo.synthetic import make_plate
+    from cpb_worker.local import run_local
+    plate = make_plate(tmp_path / "plate", wells=("A01",), sites=4, seed=1, size=64, nuclei=(1, 1))
+    lines = plate.data_file.read_text().splitlines(keepends=True)
+    blank = tmp_path / "with_blank_line.csv"
+    blank.write_text(lines[0] + "\n" + "".join(lines[1:]))
+    pipeline = _variant(tmp_path, "Process just a range of rows?:No\n    Rows to process:1,100000",
+                        "Process just a range of rows?:Yes\n    Rows to process:2,3")
+    record = run_local(pipeline, plate.images_dir, tmp_path / "out", data_file=blank, workers=1, env=cellprofiler_env)
+    assert (record.first, record.last) == (1, 2)
+    with open(tmp_path / "out" / "Image.csv", newline="") as handle:
+        names = [row["FileName_DNA"] for row in csv.DictReader(handle)]
+    assert names == ["SYN1_A01_s2_w1.tif", "SYN1_A01_s3_w1.tif"]
+
+
 # --- AWS-mode environment and key mapping -----------------------------------
 
 def _job_env(**extra):

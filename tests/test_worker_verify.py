@@ -24,7 +24,7 @@ from cpb_worker.local import run_local
 from cpb_worker.merge import merge
 from cpb_worker.record import read_local
 from cpb_worker.runner import RangeResult
-from cpb_worker.verify import check_exit_codes, range_tables, verify_tables
+from cpb_worker.verify import check_exit_codes, range_tables, tables_lacking, verify_tables
 
 from test_worker_support import NUCLEI, read_rows
 
@@ -258,4 +258,68 @@ def test_same_partial_failure_in_a_local_run(plate, cellprofiler_env, tmp_path):
     env = dict(cellprofiler_env, CPB_CELLPROFILER=_disk_full_wrapper(tmp_path, cellprofiler_env["CPB_CELLPROFILER"]))
     with pytest.raises(PipelineFailed, match="Nuclei.csv is incomplete: image set 3"):
         run_local(NUCLEI, plate.images_dir, tmp_path / "out", data_file=plate.data_file, workers=2, env=env)
+    assert read_local(tmp_path / "out")["status"] == "failed"
+
+
+# --- one process, or every process, stopped before an object table ------------------------------
+
+def test_the_only_range_exiting_1_without_an_object_table_is_a_failure(tmp_path):
+    """Adversary: the 'every range wrote the same tables' rule proves nothing with ONE range (an
+    array child of image_sets_per_job 1 always runs one process): its Image.csv counts Nuclei,
+    no Nuclei.csv was written, it exited 1, and the job was recorded as succeeded with a warning."""
+    only = _range(tmp_path, 1, 4, [2, 1, 3, 2], exit_code=1, relationships=False)
+    (only.out_dir / "Nuclei.csv").unlink()
+    tables = {id(only): range_tables(only)}
+    merged = merge([only], tmp_path / "out", total=4)
+    verify_tables(tmp_path / "out", merged, (1, 4), [only], {})  # what is there is complete...
+    with pytest.raises(PipelineFailed, match=r"CellProfiler for image sets 1-4 exited 1 and wrote no Nuclei.csv, "
+                                             r"which the pipeline's ExportToSpreadsheet writes"):
+        check_exit_codes([only], tables, tables_lacking(tmp_path / "out", merged, True, {}))
+    # both ranges stopped the same way: 'the same tables' everywhere, still not complete
+    a = _range(tmp_path / "a", 1, 4, [2, 1, 3, 2], exit_code=1, relationships=False)
+    b = _range(tmp_path / "b", 5, 8, [1, 2, 2, 1], exit_code=1, relationships=False)
+    for r in (a, b):
+        (r.out_dir / "Nuclei.csv").unlink()
+    merged = merge([a, b], tmp_path / "out2", total=8)
+    with pytest.raises(PipelineFailed, match=r"wrote no Nuclei.csv"):
+        check_exit_codes([a, b], {id(r): range_tables(r) for r in (a, b)},
+                         tables_lacking(tmp_path / "out2", merged, True, {}))
+    # a pipeline exporting only the tables it names needs only those
+    assert tables_lacking(tmp_path / "out2", merged, False, {"Cells.csv": ["Cells"]}) == []
+    assert tables_lacking(tmp_path / "out2", merged, False, {"Nuclei.csv": ["Nuclei"]}) == ["Nuclei.csv"]
+    # a full disk more often leaves the file empty than absent: 0 bytes is no table either
+    empty = _range(tmp_path / "e", 1, 4, [2, 1, 3, 2], exit_code=1, relationships=False)
+    (empty.out_dir / "Nuclei.csv").write_bytes(b"")
+    merged = merge([empty], tmp_path / "out3", total=4)
+    verify_tables(tmp_path / "out3", merged, (1, 4), [empty], {})
+    with pytest.raises(PipelineFailed, match=r"exited 1 and wrote no Nuclei.csv"):
+        check_exit_codes([empty], {id(empty): range_tables(empty)}, tables_lacking(tmp_path / "out3", merged, True, {}))
+    # exit 0: CellProfiler finished, no table is demanded beyond what verify_tables checks
+    assert check_exit_codes([_range(tmp_path / "c", 1, 4, [1, 1, 1, 1])], {}, ["Nuclei.csv"]) is None
+
+
+def _disk_full_everywhere(tmp_path: Path, real: str) -> str:
+    """A `cellprofiler` that runs the real one, then loses Nuclei.csv and exits 1 (a full disk)."""
+    path = tmp_path / "cellprofiler-disk-full-everywhere"
+    path.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+args = sys.argv[1:]
+subprocess.call([{real!r}] + args)
+os.remove(os.path.join(args[args.index("-o") + 1], "Nuclei.csv"))
+print("OSError: [Errno 28] No space left on device: 'Nuclei.csv'", file=sys.stderr)
+sys.exit(1)
+""")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.cellprofiler
+@pytest.mark.fault
+def test_one_process_exiting_1_before_writing_nuclei_csv_is_a_failure(plate, cellprofiler_env, tmp_path):
+    """Issue 11.3 one level down: with one CellProfiler process (CPB_VCPUS=1, or any array child of
+    image_sets_per_job 1) the lost Nuclei.csv was recorded as `succeeded` with a warning."""
+    env = dict(cellprofiler_env, CPB_CELLPROFILER=_disk_full_everywhere(tmp_path, cellprofiler_env["CPB_CELLPROFILER"]))
+    with pytest.raises(PipelineFailed, match=r"exited 1 and wrote no Nuclei.csv, which the pipeline's ExportToSpreadsheet writes; "
+                                                   r"CellProfiler exited 1: OSError: \[Errno 28\] No space left"):
+        run_local(NUCLEI, plate.images_dir, tmp_path / "out", data_file=plate.data_file, workers=1, env=env)
     assert read_local(tmp_path / "out")["status"] == "failed"

@@ -28,7 +28,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from cpb.analysis import AnalysisError
 
@@ -40,17 +40,24 @@ KEY_METADATA = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
 IDENTIFYING = ("ImageNumber", "ObjectNumber", "TableNumber", *KEY_METADATA, "Parent_Cells", "Parent_Nuclei")
 
 
-def find_tables(folder: Path) -> Dict[str, List[Path]]:
+def find_tables(folder: Path, only: Optional[Iterable[str]] = None) -> Dict[str, List[Path]]:
     """{table: [csv, ...]} for Image and the object tables: the merged CSVs at the top of
-    the folder, else one per `part-NNNNN/` (array parts that were not merged)."""
+    the folder, else one per `part-NNNNN/` (array parts that were not merged). `only`: the files
+    (relative POSIX paths) that belong to the run, e.g. those `cpb results` just wrote; any other
+    table in the folder (an earlier download's) is never read."""
+    allowed = None if only is None else set(only)
+
+    def present(path: Path) -> bool:
+        return path.is_file() and (allowed is None or path.relative_to(folder).as_posix() in allowed)
+
     top = {name: folder / f"{name}.csv" for name in (IMAGE_TABLE, *COMPARTMENTS)}
-    if top[IMAGE_TABLE].is_file():
-        return {name: [path] for name, path in top.items() if path.is_file()}
+    if present(top[IMAGE_TABLE]):
+        return {name: [path] for name, path in top.items() if present(path)}
     parts = sorted(p for p in folder.glob("part-*") if p.is_dir())
     found: Dict[str, List[Path]] = {}
     for part in parts:
         for name in (IMAGE_TABLE, *COMPARTMENTS):
-            if (part / f"{name}.csv").is_file():
+            if present(part / f"{name}.csv"):
                 found.setdefault(name, []).append(part / f"{name}.csv")
     if IMAGE_TABLE not in found:
         raise AnalysisError(f"{folder} has no Image.csv (nor part-NNNNN/Image.csv): give the folder `cpb results "
@@ -149,9 +156,10 @@ def _parsl_config(run_dir: Path):
 
 
 def to_parquet(folder: "str | os.PathLike[str]", dest: "str | os.PathLike[str] | None" = None,
-               run_id: Optional[str] = None) -> Path:
+               run_id: Optional[str] = None, only: Optional[Iterable[str]] = None) -> Path:
     """Convert the CSVs in `folder` (a `cpb results` download) into one single-cell Parquet
-    file (default `folder/single_cell.parquet`, replaced if present); return its path."""
+    file (default `folder/single_cell.parquet`, replaced if present); return its path. `only`:
+    read just these files of the folder (relative paths: the run `cpb results` downloaded)."""
     with warnings.catch_warnings():  # google-api-core (via CytoTable's cloud paths) warns about Python 3.11's
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.")  # end of life on import
         import cytotable
@@ -161,7 +169,7 @@ def to_parquet(folder: "str | os.PathLike[str]", dest: "str | os.PathLike[str] |
     folder = Path(folder)
     if not folder.is_dir():
         raise AnalysisError(f"{folder} is not a folder: give the folder `cpb results OUTPUT --to DIR` wrote")
-    tables = find_tables(folder)
+    tables = find_tables(folder, only)
     compartments = _compartments(tables, folder)
     headers = {name: _header(paths[0]) for name, paths in tables.items()}
     for name, header in headers.items():

@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple
 from urllib.parse import urlparse
 
 from . import datafile as df
+from . import fingerprint
 from .errors import BadInput, Superseded, Transient, WorkerError
 from .job import JobSpec, Plan, fail, loaddata_base, plan_job, run_plan
 from .pipeline import load_pipeline
@@ -328,14 +329,20 @@ def retire_record(s3: S3IO, prefix: str, old: dict) -> None:
     s3.delete_keys([f"{prefix}/{RECORD_KEY}"])
 
 
-def upstream_records(s3: S3IO, job: JobEnv) -> Tuple[List[dict], List[str]]:
+def upstream_records(s3: S3IO, job: JobEnv, runs: Optional[Dict[str, Optional[str]]] = None
+                     ) -> Tuple[List[dict], List[str]]:
     """The current succeeded run records of the outputs in CPB_AFTER (their lease's run: the
-    plain record, or every part of an array run), and a warning per output lacking them."""
+    plain record, or every part of an array run), and a warning per output without a lease that
+    lacks them. An output whose lease names a run lacking any of them is BadInput: that run is
+    being rerun (or did not finish), so its files are not what this job should read. `runs`, when
+    given, gets each output's current run id."""
     records: List[dict] = []
     warnings: List[str] = []
     for output in job.after:
         lease = s3.get_json(f"{output}/{LEASE_KEY}")
         run = lease.get("run_id") if isinstance(lease, dict) else None
+        if runs is not None:
+            runs[output] = run
         size = lease.get("array_size") if isinstance(lease, dict) else None
         if isinstance(size, int) and size > 0:
             keys = [f"{output}/part-{i:05d}/{RECORD_KEY}" for i in range(size)]
@@ -347,11 +354,33 @@ def upstream_records(s3: S3IO, job: JobEnv) -> Tuple[List[dict], List[str]]:
         found = [r for r in s3.get_json_many(keys) if isinstance(r, dict) and r.get("status") == "succeeded"
                  and (run is None or r.get("run_id") == run)]
         wanted = len(keys) if isinstance(lease, dict) else 1
+        if len(found) < wanted and isinstance(lease, dict):
+            raise BadInput(f"the step this runs after, {output}, has {len(found)} of {wanted} succeeded "
+                           f"record(s) of its current run {run} (it is being rerun or did not finish): run this "
+                           "step again once that run has succeeded")
         if len(found) < wanted:
             warnings.append(f"the step this runs after, {output}, has {len(found)} of {wanted} succeeded "
                             f"record(s) of its run {run}")
         records.extend(found)
     return records, warnings
+
+
+def check_upstream_unchanged(s3: S3IO, job: JobEnv, runs: Dict[str, Optional[str]], digest: Optional[str]) -> None:
+    """Right before the record: the outputs in CPB_AFTER still hold the results this job read (the
+    same runs, the same files), else what it computed belongs to no current upstream run."""
+    now: Dict[str, Optional[str]] = {}
+    try:
+        records, _ = upstream_records(s3, job, now)
+    except BadInput:
+        records = None
+    for output in job.after:
+        if now.get(output) != runs.get(output):
+            raise BadInput(f"the step this runs after, {output}, was rerun while this job ran (its current run is "
+                           f"now {now.get(output)}, this job read run {runs.get(output)}): run this step again "
+                           "once that run has succeeded")
+    if records is None or fingerprint.upstream_sha256(records) != digest:
+        raise BadInput(f"the results of the step(s) this runs after ({', '.join(job.after)}) changed while this "
+                       "job ran: run this step again once they have succeeded")
 
 
 def main_aws(env: Dict[str, str]) -> int:
@@ -390,8 +419,9 @@ def main_aws(env: Dict[str, str]) -> int:
         plan, listing = plan_inputs(job, stager, s3, env)
         record.timings["plan"] = round(time.monotonic() - t0, 3)
         upstream = None
+        upstream_runs: Dict[str, Optional[str]] = {}
         if job.after:
-            upstream, warnings = upstream_records(s3, job)
+            upstream, warnings = upstream_records(s3, job, upstream_runs)
             record.warnings.extend(warnings)
         record.fingerprint = current_fingerprint(plan.pipeline.sha256, plan.data_sha256, job.image, None, upstream)
         if earlier is not None:
@@ -422,6 +452,8 @@ def main_aws(env: Dict[str, str]) -> int:
         record.status = "succeeded"
         record.finished_at = utc_now()
         record.timings["total"] = round(time.monotonic() - started, 3)
+        if job.after:
+            check_upstream_unchanged(s3, job, upstream_runs, record.fingerprint.get("upstream"))
         check_lease(s3, job)  # right before the record: a run replaced meanwhile must not claim the output
         s3.put_json(record_key, record.to_dict())  # LAST: vouches for every file above
         s3.delete_keys([f"{job.prefix}/{PENDING_KEY}"])

@@ -160,7 +160,10 @@ def _is_blank(record: bytes) -> bool:
     if record.strip(b" \t\r\n,"):
         if b'"' not in record or record.strip(b' \t\r\n,"'):
             return False
-        return not any(cell.strip() for row in csv.reader([record.decode("utf-8", "replace")]) for cell in row)
+        try:
+            return not any(cell.strip() for row in csv.reader([record.decode("utf-8", "replace")]) for cell in row)
+        except csv.Error:
+            return False  # not blank: reading it as a row names what is wrong with it
     return True
 
 
@@ -169,6 +172,19 @@ def _decode(record: bytes, path: Path, line: int) -> str:
         return record.decode("utf-8")
     except UnicodeDecodeError:
         raise BadInput(f"data file {path.name} line {line} is not UTF-8 text (save the CSV as UTF-8)") from None
+
+
+def _parse(record: bytes, path: Path, line: int) -> List[str]:
+    """One CSV record's cells; a record the csv module cannot read is BadInput naming its line (a
+    carriage return alone ending lines, as old Mac Excel writes them, is the usual cause)."""
+    try:
+        return next(csv.reader([_decode(record, path, line)]), [])
+    except csv.Error as exc:
+        if re.search(rb"\r(?!\n)", record.rstrip(b"\r\n")):
+            raise BadInput(f"data file {path.name} ends its lines with a carriage return alone (line {line}; old Mac "
+                           "Excel \"CSV\"): save it as CSV UTF-8 (line feed or CR LF line endings)") from None
+        raise BadInput(f"data file {path.name} line {line} is not a CSV row LoadData can read ({exc}): fix its "
+                       "quoting") from None
 
 
 def _check_header(path: Path, header: List[str]) -> List[str]:
@@ -210,7 +226,7 @@ def read_rows(path: Path, first: int = 1, last: Optional[int] = None, count_all:
             if record.startswith(codecs.BOM_UTF8):
                 record = record[len(codecs.BOM_UTF8):]
             if record.strip():
-                header = _check_header(path, next(csv.reader([_decode(record, path, line)])))
+                header = _check_header(path, _parse(record, path, line))
                 break
         while header is not None:
             if seen < first - 1:  # rows before this child's: skimmed, not parsed
@@ -230,7 +246,7 @@ def read_rows(path: Path, first: int = 1, last: Optional[int] = None, count_all:
             seen += 1
             if seen < first or (last is not None and seen > last):
                 continue
-            row = next(csv.reader([_decode(record, path, line)]), [])
+            row = _parse(record, path, line)
             if len(row) != len(header):
                 raise BadInput(f"data file {path.name} line {line} has {len(row)} fields, "
                                f"the header has {len(header)}: fix that row")

@@ -35,7 +35,8 @@ from .pipeline import (Pipeline, check_saved_images, export_module, is_grouped, 
 from .ranges import Range, array_child_range, available_cpus, process_count, split_range
 from .record import RunRecord, file_entry
 from .runner import Proc, RangeResult, cellprofiler_python, exit_code_text, run_processes
-from .verify import check_exit_codes, check_group_length, check_processes, range_tables, verify_tables
+from .verify import (check_exit_codes, check_group_length, check_processes, range_tables, tables_lacking,
+                     verify_tables)
 
 WORK_DIR = "_cpb/ranges"
 LOG_DIR = "_cpb/logs"
@@ -307,12 +308,14 @@ def check_images(plan: Plan, data_file: Path, input_dir: Path, output_dir: Path)
 
 def cellprofiler_data_file(plan: Plan, work: Path) -> Optional[Path]:
     """The LoadData CSV CellProfiler reads in a local run: this job's rows only (no byte-order
-    mark) when sliced, else the data file (without a byte-order mark)."""
+    mark) when sliced, else every row as the worker read them (no byte-order mark, no blank lines:
+    LoadData's own row range counts a blank line as a row, so the worker's image set n would not be
+    CellProfiler's), as S3 mode writes it."""
     if plan.data is None or plan.data_file is None:
         return None
     if plan.sliced:
         return df.rewrite(plan.data, None, work / "data" / "load_data.csv", plan.first, plan.last)
-    return without_bom(plan.data_file, work)
+    return df.rewrite(plan.data, None, work / "data" / "load_data.csv")
 
 
 def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
@@ -365,7 +368,9 @@ def run_plan(plan: Plan, input_dir: Path, output_dir: Path, record: RunRecord,
     first, last, count, rows = verify_tables(output_dir, merged, expected, results, plan.tables)
     record.first, record.last, record.image_set_count = first, last, count
     record.tables = rows
-    warning = check_exit_codes(results, tables_before)  # after the tables: their reasons say more
+    exports_all = export_module(plan.pipeline).get("Export all measurement types?") != "No"
+    lacking = tables_lacking(output_dir, merged, exports_all, plan.tables)
+    warning = check_exit_codes(results, tables_before, lacking)  # after the tables: their reasons say more
     if warning:
         record.warnings.append(warning)
     shutil.rmtree(work, ignore_errors=True)
@@ -417,22 +422,6 @@ def _check_reports(plan: Plan, results: List[RangeResult], record: RunRecord) ->
     if idle:
         record.warnings.append(f"{idle} of {len(results)} CellProfiler processes had no image set to run "
                                f"(CellProfiler made {count})")
-
-
-def without_bom(data_file: Path, work: Path) -> Path:
-    """The data file, or a copy without its UTF-8 byte-order mark. Excel's "CSV UTF-8" writes
-    one; CellProfiler's LoadData reads it as part of the first column's name, so that channel
-    vanishes ("The DNA image is missing from the pipeline"). The worker's own reader skips it."""
-    with open(data_file, "rb") as handle:
-        start = handle.read(3)
-    if start != b"\xef\xbb\xbf":
-        return data_file
-    work.mkdir(parents=True, exist_ok=True)
-    copy = work / data_file.name
-    with open(data_file, "rb") as src, open(copy, "wb") as dst:
-        src.read(3)
-        shutil.copyfileobj(src, dst, 1 << 20)
-    return copy
 
 
 def fail(record: RunRecord, error: WorkerError) -> RunRecord:

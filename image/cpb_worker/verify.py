@@ -220,13 +220,35 @@ def range_tables(result: RangeResult) -> List[str]:
                   if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
 
 
-def check_exit_codes(results: List[RangeResult], tables_before_merge: Mapping[int, List[str]]) -> Optional[str]:
+def tables_lacking(output_dir: Path, merged: MergeResult, exports_all: bool,
+                   table_objects: Mapping[str, List[str]]) -> List[str]:
+    """The object tables the pipeline writes that are not among the merged tables: with "Export all
+    measurement types", one `<Object>.csv` per `Count_<Object>` column of Image.csv (CellProfiler
+    writes a table for every object it measured); otherwise each object table ExportToSpreadsheet
+    names; one without an image-numbered header (an empty file) counts as not written. Only a
+    CellProfiler that exited nonzero can have stopped before writing one."""
+    if exports_all:
+        with open(output_dir / "Image.csv", newline="", encoding="utf-8") as handle:
+            columns = next(csv.reader(handle), [])
+        wanted = [f"{c[len('Count_'):]}.csv" for c in columns if c.startswith("Count_")]
+    else:
+        wanted = list(table_objects)
+    return [name for name in wanted if name not in merged.tables or merged.tables[name].kind == "other"]
+
+
+def check_exit_codes(results: List[RangeResult], tables_before_merge: Mapping[int, List[str]],
+                     lacking: Sequence[str] = ()) -> Optional[str]:
     """None when every process exited 0; a warning when some did not but every range wrote the
-    same tables (the tables were then verified complete); else the job fails naming what the
-    failing range did not write."""
+    same tables, none of the tables the pipeline writes is lacking (`tables_lacking`), and the
+    tables were verified complete; else the job fails naming what the failing range did not write.
+    (One range, or every range stopped alike, proves nothing by agreeing with itself.)"""
     failed = [r for r in results if r.exit_code != 0]
     if not failed:
         return None
+    if lacking:
+        raise PipelineFailed(f"CellProfiler for {failed[0].describe()} exited {exit_code_text(failed[0].exit_code)} "
+                             f"and wrote no {', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}, which "
+                             "the pipeline's ExportToSpreadsheet writes" + _hint(failed[:1]))
     active = [r for r in results if not r.idle]
     reference = max(active, key=lambda r: (r.exit_code == 0, len(tables_before_merge[id(r)])))
     want = set(tables_before_merge[id(reference)])
