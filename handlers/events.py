@@ -13,7 +13,11 @@ Entry point `handlers.events.handler(event, context)`, invoked by an EventBridge
    still names that run. The retry's name is deterministic
    (`<name>-oom<n>` / `<name>-oom<n>-<part>`) and looked up in Batch before submitting, and the
    retry is appended to the lease's `retries` with a conditional write, so a duplicate event
-   (EventBridge delivers at least once) adopts it instead of starting a second copy;
+   (EventBridge delivers at least once) adopts it instead of starting a second copy. Two
+   invocations handling the same failed job AT ONCE (the child's own event and its parent's) are
+   kept to one retry by a claim, `<output>/_cpb/events/oom-retry-<job id>.json`, created
+   (`IfNoneMatch`) before SubmitJob: the other invocation adopts the claimed retry or, while its
+   holder has not submitted yet, leaves the retry and the job's event file to it;
 2. `<output>/_cpb/events/<job id>.json` is written (create-only: a duplicate event finds it)
    = {"job_id", "job_name", "array_index", "status", "status_reason", "exit_code",
    "container_reason", "memory_mib", "run_id", "oom_retry", "retried_by", "at"};
@@ -45,12 +49,12 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
 from handlers.ingress import RETRY_CONFIG, SUBMIT_CONFIG, require_conditional_writes
-from handlers.lease import Leases, conditional_failed, lease_key
+from handlers.lease import Leases, conditional_failed, error_code, lease_key
 from handlers.schema import Limits
 from handlers.submission import NAME_LIMIT, Submitter
 
 __all__ = ["handler", "process_event", "Settings", "EventServices", "services", "reset_services", "out_of_memory",
-           "retry_name", "event_key", "metrics", "logger", "NAMESPACE", "DEFAULT_OOM_MAX_RETRIES"]
+           "retry_name", "event_key", "retry_claim_key", "metrics", "logger", "NAMESPACE", "DEFAULT_OOM_MAX_RETRIES"]
 
 logger = Logger(service="cpb-events")
 NAMESPACE = "CellPaintingBatch"
@@ -199,6 +203,18 @@ def event_key(output: str, job_id: str) -> str:
     return f"{output}/_cpb/events/{job_id}.json"
 
 
+def retry_claim_key(output: str, job_id: str) -> str:
+    """The claim on the out-of-memory retry of job (or child) `job_id`: created before submitting it."""
+    return f"{output}/_cpb/events/oom-retry-{job_id}.json"
+
+
+class _ClaimedElsewhere:
+    """`_retry`'s answer when another live invocation holds the retry's claim and has not submitted yet."""
+
+
+_CLAIMED_ELSEWHERE = _ClaimedElsewhere()
+
+
 @dataclasses.dataclass
 class _Handling:
     svc: EventServices
@@ -227,6 +243,12 @@ class _Handling:
         reason = out_of_memory(detail) if status == "FAILED" and not is_parent else None
         if reason:
             retried = self._retry(detail, env, part, memory, reason)
+            if retried is _CLAIMED_ELSEWHERE:
+                # The claim's holder submits the retry and writes this job's event file (with the retry
+                # in `retried_by`); written here it would say "not retried" and the holder could not fix it.
+                logger.info("job event left to the invocation retrying it", extra={"output": output, "job_id": job_id})
+                return {"job_id": job_id, "status": status, "output": output, "retried_by": None,
+                        "out_of_memory": True, "retry_claimed_elsewhere": True}
         container = detail.get("container") or {}
         record = {"job_id": job_id, "job_name": detail.get("jobName"), "array_index": part, "status": status,
                   "status_reason": detail.get("statusReason"), "exit_code": container.get("exitCode"),
@@ -267,7 +289,9 @@ class _Handling:
         return True
 
     # ---------------------------------------------------------------- out-of-memory retries
-    def _retry(self, detail: dict, env: dict, part: Optional[int], memory: Optional[int], reason: str) -> Optional[str]:
+    def _retry(self, detail: dict, env: dict, part: Optional[int], memory: Optional[int], reason: str) -> Any:
+        """The retry's job id; None when it is not retried; `_CLAIMED_ELSEWHERE` when another invocation
+        is submitting it right now."""
         settings, output, run_id = self.svc.settings, env["CPB_OUTPUT"], env.get("CPB_RUN_ID")
         attempt = int(env["CPB_OOM_RETRY"]) + 1 if (env.get("CPB_OOM_RETRY") or "").isdigit() else 1
         where = {"output": output, "job_id": detail["jobId"], "array_index": part, "run_id": run_id}
@@ -307,7 +331,10 @@ class _Handling:
                      "containerOverrides": {"environment": [{"name": k, "value": v} for k, v in new_env.items()],
                                             "resourceRequirements": requirements},
                      "tags": tags, "propagateTags": True}
-        job_id, _, adopted = self.submitter.find_or_submit(arguments)
+        claimed = self._claim_and_submit(output, replaces, arguments, run_id, attempt, where)
+        if claimed is _CLAIMED_ELSEWHERE:
+            return claimed
+        job_id, adopted = claimed
         entry = {"job_id": job_id, "job_name": arguments["jobName"], "replaces": replaces, "array_index": part,
                  "reason": reason, "memory_mib": new_memory, "previous_memory_mib": memory, "oom_retry": attempt,
                  "by": "events", "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
@@ -328,6 +355,79 @@ class _Handling:
                 return job_id
             lease, etag = self.leases.read(output, check_time=False)
         raise RuntimeError(f"s3://{settings.bucket}/{lease_key(output)} kept changing while recording retry {job_id}")
+
+    def _claim_and_submit(self, output: str, replaces: str, arguments: dict, run_id: str, attempt: int,
+                          where: dict) -> Any:
+        """`(job id, adopted)` of the out-of-memory retry of job `replaces`, submitted only while holding
+        its claim `<output>/_cpb/events/oom-retry-<job id>.json`; `_CLAIMED_ELSEWHERE` when another live
+        invocation holds it and has not submitted yet (it will, and records the retry itself).
+
+        The child's own FAILED event and its array parent's (which lists failed children) can arrive
+        together: a name look-up in each is not a claim (both find nothing and both submit), and the
+        events role may not stop the second copy. The claim is created with `IfNoneMatch: *`, so one
+        invocation wins; the other adopts the winner's job (named in the claim, or found under its
+        name) or stops. A claim whose holder died before submitting (its `until` has passed, or it was
+        released because SubmitJob certainly submitted nothing) is taken over with `IfMatch`."""
+        key, queue, name = retry_claim_key(output, replaces), arguments["jobQueue"], arguments["jobName"]
+        claim = {"replaces": replaces, "job_name": name, "run_id": run_id, "oom_retry": attempt, "owner": self.owner,
+                 "until": self.deadline, "job_id": None,
+                 "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
+        held_etag: Optional[str] = None
+        for _ in range(5):
+            etag = self._write_claim(key, claim, held_etag)
+            if etag is not None:
+                break
+            held, held_etag = self._read_claim(key)
+            if held is None:
+                held_etag = None  # it cannot vanish (no one may delete it), but if it did: create it again
+                continue
+            if held.get("job_id"):
+                return str(held["job_id"]), True
+            found = self.submitter.find_job(queue, name)
+            if found is not None:
+                return found["jobId"], True
+            until = held.get("until")
+            if held.get("owner") != self.owner and isinstance(until, (int, float)) and until > self.clock():
+                logger.info("another invocation is submitting this out-of-memory retry; left to it",
+                            extra={**where, "claim": key, "claimed_by": held.get("owner")})
+                return _CLAIMED_ELSEWHERE
+            # its holder died or released it before submitting: take it over (IfMatch) and submit
+        else:
+            raise RuntimeError(f"s3://{self.svc.settings.bucket}/{key} kept changing while claiming retry {name}")
+
+        def release() -> None:  # SubmitJob certainly submitted nothing: a redelivered event may claim at once
+            try:
+                self._write_claim(key, dict(claim, owner=None, until=0), etag)
+            except Exception:
+                logger.warning("could not release the out-of-memory retry claim %s", key, exc_info=True)
+
+        job_id, _, adopted = self.submitter.find_or_submit(arguments, release=release)
+        try:  # best effort: the lease's `retries` is the record; this only saves a loser a Batch look-up
+            self._write_claim(key, dict(claim, job_id=job_id, until=None), etag)
+        except Exception:
+            logger.warning("could not name the retry in its claim %s", key, exc_info=True)
+        return job_id, adopted
+
+    def _write_claim(self, key: str, claim: dict, etag: Optional[str]) -> Optional[str]:
+        """Create (etag None) or replace the claim; None when someone else's write got there first."""
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            response = self.svc.s3.put_object(Bucket=self.svc.settings.bucket, Key=key, ContentType="application/json",
+                                              Body=json.dumps(claim, indent=1, sort_keys=True).encode(), **condition)
+        except Exception as exc:
+            if conditional_failed(exc):
+                return None
+            raise
+        return response["ETag"]
+
+    def _read_claim(self, key: str) -> tuple:
+        try:
+            obj = self.svc.s3.get_object(Bucket=self.svc.settings.bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None, None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
 
     # ---------------------------------------------------------------- array parents
     def failed_children(self, array_job_id: str) -> list:

@@ -350,6 +350,10 @@ class Submitter:
         }
 
     # ---------------------------------------------------------------- batch
+    def find_job(self, queue: str, name: str) -> Optional[dict]:
+        """The job submitted under `name` in `queue` (its ListJobs summary), None when there is none."""
+        return self._find_submitted(queue, name)
+
     def _find_submitted(self, queue: str, name: str) -> Optional[dict]:
         """The job already submitted under `name` (an earlier attempt died before recording it)."""
         found = []
