@@ -107,6 +107,7 @@ def test_a_child_out_of_memory_is_retried_with_twice_the_memory_once_per_event(s
     env = environment(retry)
     assert env["CPB_RUN_ID"] == run_id and env["CPB_OOM_RETRY"] == "1" and env["CPB_ARRAY_INDEX"] == "1"
     assert env["CPB_IMAGE_SETS_PER_JOB"] == "5" and "CPB_ARRAY_OFFSET" not in env
+    assert env["CPB_DATA_FILE_ETAG"] and env["CPB_DATA_FILE_ETAG"] == environment(parent)["CPB_DATA_FILE_ETAG"]
     assert env["CPB_MEMORY_MIB"] == "8192" and resources(retry["jobId"]) == {"VCPU": "2", "MEMORY": "8192"}
     assert "arrayProperties" not in retry  # a plain job running part 1
     assert retry["tags"]["cpb:oom-retry"] == "1" and retry["tags"]["cpb:run-id"] == run_id
