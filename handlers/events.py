@@ -15,10 +15,11 @@ Entry point `handlers.events.handler(event, context)`, invoked by an EventBridge
    retry is appended to the lease's `retries` with a conditional write, so a duplicate event
    (EventBridge delivers at least once) adopts it instead of starting a second copy. Two
    invocations handling the same failed job AT ONCE (the child's own event and its parent's) are
-   kept to one retry by a claim, `<output>/_cpb/events/oom-retry-<job id>.json`, created
-   (`IfNoneMatch`) before SubmitJob: the other invocation adopts the claimed retry or, while its
-   holder has not submitted yet, leaves the retry and the job's event file to it;
-2. `<output>/_cpb/events/<job id>.json` is written (create-only: a duplicate event finds it)
+   kept to one retry by a claim: the job's event file (2), created (`IfNoneMatch`) with a
+   `retry_claim` before SubmitJob; the other invocation adopts the claimed retry or, while its
+   holder has not submitted yet, leaves it to the holder;
+2. `<output>/_cpb/events/<job id>.json` is written (create-only: a duplicate event finds it;
+   a memory failure's is created as its retry's claim and then names the retry)
    = {"job_id", "job_name", "array_index", "status", "status_reason", "exit_code",
    "container_reason", "memory_mib", "run_id", "oom_retry", "retried_by", "at"};
 3. CloudWatch metrics in EMF (Powertools Metrics), namespace `CellPaintingBatch`, one dimension
@@ -54,7 +55,7 @@ from handlers.schema import Limits
 from handlers.submission import NAME_LIMIT, Submitter
 
 __all__ = ["handler", "process_event", "Settings", "EventServices", "services", "reset_services", "out_of_memory",
-           "retry_name", "event_key", "retry_claim_key", "metrics", "logger", "NAMESPACE", "DEFAULT_OOM_MAX_RETRIES"]
+           "retry_name", "event_key", "metrics", "logger", "NAMESPACE", "DEFAULT_OOM_MAX_RETRIES"]
 
 logger = Logger(service="cpb-events")
 NAMESPACE = "CellPaintingBatch"
@@ -203,11 +204,6 @@ def event_key(output: str, job_id: str) -> str:
     return f"{output}/_cpb/events/{job_id}.json"
 
 
-def retry_claim_key(output: str, job_id: str) -> str:
-    """The claim on the out-of-memory retry of job (or child) `job_id`: created before submitting it."""
-    return f"{output}/_cpb/events/oom-retry-{job_id}.json"
-
-
 class _ClaimedElsewhere:
     """`_retry`'s answer when another live invocation holds the retry's claim and has not submitted yet."""
 
@@ -239,24 +235,25 @@ class _Handling:
         is_parent = "size" in arrays and arrays.get("index") is None and ":" not in job_id
         part = self._part(job_id, env, arrays)
         memory = _memory_mib(detail, env)
-        retried = None
-        reason = out_of_memory(detail) if status == "FAILED" and not is_parent else None
-        if reason:
-            retried = self._retry(detail, env, part, memory, reason)
-            if retried is _CLAIMED_ELSEWHERE:
-                # The claim's holder submits the retry and writes this job's event file (with the retry
-                # in `retried_by`); written here it would say "not retried" and the holder could not fix it.
-                logger.info("job event left to the invocation retrying it", extra={"output": output, "job_id": job_id})
-                return {"job_id": job_id, "status": status, "output": output, "retried_by": None,
-                        "out_of_memory": True, "retry_claimed_elsewhere": True}
         container = detail.get("container") or {}
         record = {"job_id": job_id, "job_name": detail.get("jobName"), "array_index": part, "status": status,
                   "status_reason": detail.get("statusReason"), "exit_code": container.get("exitCode"),
                   "container_reason": container.get("reason"), "memory_mib": memory, "run_id": env.get("CPB_RUN_ID"),
                   "oom_retry": int(env["CPB_OOM_RETRY"]) if (env.get("CPB_OOM_RETRY") or "").isdigit() else None,
-                  "retried_by": retried, "array_size": arrays.get("size") if is_parent else None,
+                  "retried_by": None, "array_size": arrays.get("size") if is_parent else None,
                   "at": self.at or dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
-        first = self._record(output, job_id, record)
+        reason = out_of_memory(detail) if status == "FAILED" and not is_parent else None
+        retried, first = None, None
+        if reason:
+            retried, first = self._retry(detail, env, part, memory, reason, record)
+            if retried is _CLAIMED_ELSEWHERE:
+                logger.info("out-of-memory retry left to the invocation holding its claim",
+                            extra={"output": output, "job_id": job_id})
+                return {"job_id": job_id, "status": status, "output": output, "retried_by": None,
+                        "out_of_memory": True, "retry_claimed_elsewhere": True}
+            record["retried_by"] = retried
+        if first is None:  # not written as a retry's claim: written now
+            first = self._record(output, job_id, record)
         if first and not is_parent and status in ("SUCCEEDED", "FAILED"):
             metrics.add_metric(name="JobsSucceeded" if status == "SUCCEEDED" else "JobsFailed", unit=MetricUnit.Count,
                                value=1)
@@ -278,40 +275,34 @@ class _Handling:
 
     def _record(self, output: str, job_id: str, record: dict) -> bool:
         """Create the event file; False when it already exists (a duplicate event)."""
-        try:
-            self.svc.s3.put_object(Bucket=self.svc.settings.bucket, Key=event_key(output, job_id), IfNoneMatch="*",
-                                   ContentType="application/json",
-                                   Body=json.dumps(record, indent=1, sort_keys=True).encode())
-        except Exception as exc:
-            if conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._write_event(event_key(output, job_id), record, None) is not None
 
     # ---------------------------------------------------------------- out-of-memory retries
-    def _retry(self, detail: dict, env: dict, part: Optional[int], memory: Optional[int], reason: str) -> Any:
-        """The retry's job id; None when it is not retried; `_CLAIMED_ELSEWHERE` when another invocation
-        is submitting it right now."""
+    def _retry(self, detail: dict, env: dict, part: Optional[int], memory: Optional[int], reason: str,
+               record: dict) -> tuple:
+        """`(retry, created)`: the retry's job id (None when it is not retried, `_CLAIMED_ELSEWHERE` when
+        another invocation holds its claim and is submitting it right now), and whether this invocation
+        created the job's event file `record` (None: it did not touch it, the caller writes it)."""
         settings, output, run_id = self.svc.settings, env["CPB_OUTPUT"], env.get("CPB_RUN_ID")
         attempt = int(env["CPB_OOM_RETRY"]) + 1 if (env.get("CPB_OOM_RETRY") or "").isdigit() else 1
         where = {"output": output, "job_id": detail["jobId"], "array_index": part, "run_id": run_id}
         if attempt > settings.oom_max_retries:
             logger.warning("out of memory again; no retries left", extra={**where, "retries": attempt - 1})
-            return None
+            return None, None
         if memory is None or memory >= settings.max_memory_mib:
             logger.warning("out of memory at the stack's largest memory; not retried",
                            extra={**where, "memory_mib": memory, "max_memory_mib": settings.max_memory_mib})
-            return None
+            return None, None
         new_memory = min(2 * memory, settings.max_memory_mib)
         lease, etag = self.leases.read(output)
         if not run_id or lease is None or lease.get("run_id") != run_id or lease.get("state") == "cancelled":
             logger.info("out of memory in a run the output no longer runs; not retried",
                         extra={**where, "current_run_id": (lease or {}).get("run_id")})
-            return None
+            return None, None
         replaces = detail["jobId"]
         known = next((r for r in lease.get("retries") or [] if r.get("replaces") == replaces), None)
         if known:
-            return known.get("job_id")  # a duplicate event: the retry exists and is recorded
+            return known.get("job_id"), None  # a duplicate event: the retry exists and is recorded
         new_env = {k: v for k, v in env.items() if k.startswith("CPB_")}
         new_env.update(CPB_MEMORY_MIB=str(new_memory), CPB_OOM_RETRY=str(attempt))
         if part is not None:
@@ -331,10 +322,9 @@ class _Handling:
                      "containerOverrides": {"environment": [{"name": k, "value": v} for k, v in new_env.items()],
                                             "resourceRequirements": requirements},
                      "tags": tags, "propagateTags": True}
-        claimed = self._claim_and_submit(output, replaces, arguments, run_id, attempt, where)
-        if claimed is _CLAIMED_ELSEWHERE:
-            return claimed
-        job_id, adopted = claimed
+        job_id, adopted, created = self._claim_and_submit(output, record, arguments, where)
+        if job_id is _CLAIMED_ELSEWHERE:
+            return job_id, created
         entry = {"job_id": job_id, "job_name": arguments["jobName"], "replaces": replaces, "array_index": part,
                  "reason": reason, "memory_mib": new_memory, "previous_memory_mib": memory, "oom_retry": attempt,
                  "by": "events", "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
@@ -344,83 +334,89 @@ class _Handling:
                 # lease first and exits 5 (superseded) without writing anything.
                 logger.warning("out-of-memory retry left to exit: the run was superseded meanwhile",
                                extra={**where, "retry": job_id})
-                return None
+                return None, created
             if any(r.get("replaces") == replaces for r in lease.get("retries") or []):
-                return job_id
+                return job_id, created
             updated = dict(lease, retries=list(lease.get("retries") or []) + [entry])
             if self.leases.write(output, updated, etag, check_time=False) is not None:
                 metrics.add_metric(name="OutOfMemoryRetries", unit=MetricUnit.Count, value=1)
                 logger.info("out-of-memory retry submitted", extra={**where, "retry": job_id, "adopted": adopted,
                                                                     "memory_mib": new_memory, "attempt": attempt})
-                return job_id
+                return job_id, created
             lease, etag = self.leases.read(output, check_time=False)
         raise RuntimeError(f"s3://{settings.bucket}/{lease_key(output)} kept changing while recording retry {job_id}")
 
-    def _claim_and_submit(self, output: str, replaces: str, arguments: dict, run_id: str, attempt: int,
-                          where: dict) -> Any:
-        """`(job id, adopted)` of the out-of-memory retry of job `replaces`, submitted only while holding
-        its claim `<output>/_cpb/events/oom-retry-<job id>.json`; `_CLAIMED_ELSEWHERE` when another live
-        invocation holds it and has not submitted yet (it will, and records the retry itself).
+    def _claim_and_submit(self, output: str, record: dict, arguments: dict, where: dict) -> tuple:
+        """`(job id, adopted, created)` of the out-of-memory retry of the job `record` describes, submitted
+        only while holding its claim; job id `_CLAIMED_ELSEWHERE` when another live invocation holds it and
+        has not submitted yet (it will, and records the retry). `created`: this invocation created the
+        job's event file.
 
         The child's own FAILED event and its array parent's (which lists failed children) can arrive
         together: a name look-up in each is not a claim (both find nothing and both submit), and the
-        events role may not stop the second copy. The claim is created with `IfNoneMatch: *`, so one
-        invocation wins; the other adopts the winner's job (named in the claim, or found under its
-        name) or stops. A claim whose holder died before submitting (its `until` has passed, or it was
-        released because SubmitJob certainly submitted nothing) is taken over with `IfMatch`."""
-        key, queue, name = retry_claim_key(output, replaces), arguments["jobQueue"], arguments["jobName"]
-        claim = {"replaces": replaces, "job_name": name, "run_id": run_id, "oom_retry": attempt, "owner": self.owner,
-                 "until": self.deadline, "job_id": None,
-                 "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
-        held_etag: Optional[str] = None
+        events role may not stop the second copy. The claim is the failed job's own event file, created
+        (`IfNoneMatch: *`) with `retried_by: null` and `retry_claim: {job_name, owner, until}` before
+        SubmitJob, and given `retried_by` (claim dropped) after it. Another invocation finding it adopts
+        the retry (`retried_by`, or a job under the claimed name) or, while the claim is live, stops; a
+        claim whose holder died (`until` passed) or released it (`until: 0`: SubmitJob certainly
+        submitted nothing), or an event file without one, is taken over with `IfMatch`."""
+        key, queue, name = event_key(output, record["job_id"]), arguments["jobQueue"], arguments["jobName"]
+        claim = {"job_name": name, "owner": self.owner, "until": self.deadline}
+        body = dict(record, retried_by=None, retry_claim=claim)
+        etag = self._write_event(key, body, None)
+        created = etag is not None
         for _ in range(5):
-            etag = self._write_claim(key, claim, held_etag)
             if etag is not None:
                 break
-            held, held_etag = self._read_claim(key)
-            if held is None:
-                held_etag = None  # it cannot vanish (no one may delete it), but if it did: create it again
+            held, held_etag = self._read_event(key)
+            if held is None:  # no one deletes event files; if it went anyway, create it again
+                etag = self._write_event(key, body, None)
+                created = created or etag is not None
                 continue
-            if held.get("job_id"):
-                return str(held["job_id"]), True
+            if held.get("retried_by"):
+                return str(held["retried_by"]), True, created
             found = self.submitter.find_job(queue, name)
             if found is not None:
-                return found["jobId"], True
-            until = held.get("until")
-            if held.get("owner") != self.owner and isinstance(until, (int, float)) and until > self.clock():
+                return found["jobId"], True, created
+            held_claim = held.get("retry_claim") or {}
+            until = held_claim.get("until")
+            if held_claim.get("owner") not in (None, self.owner) and isinstance(until, (int, float)) \
+                    and until > self.clock():
                 logger.info("another invocation is submitting this out-of-memory retry; left to it",
-                            extra={**where, "claim": key, "claimed_by": held.get("owner")})
-                return _CLAIMED_ELSEWHERE
-            # its holder died or released it before submitting: take it over (IfMatch) and submit
+                            extra={**where, "claimed_by": held_claim.get("owner")})
+                return _CLAIMED_ELSEWHERE, False, created
+            body = dict(held, retried_by=None, retry_claim=claim)  # its holder died or released it: take over
+            etag = self._write_event(key, body, held_etag)
         else:
             raise RuntimeError(f"s3://{self.svc.settings.bucket}/{key} kept changing while claiming retry {name}")
 
         def release() -> None:  # SubmitJob certainly submitted nothing: a redelivered event may claim at once
             try:
-                self._write_claim(key, dict(claim, owner=None, until=0), etag)
+                self._write_event(key, dict(body, retry_claim=dict(claim, owner=None, until=0)), etag)
             except Exception:
-                logger.warning("could not release the out-of-memory retry claim %s", key, exc_info=True)
+                logger.warning("could not release the out-of-memory retry claim in %s", key, exc_info=True)
 
         job_id, _, adopted = self.submitter.find_or_submit(arguments, release=release)
-        try:  # best effort: the lease's `retries` is the record; this only saves a loser a Batch look-up
-            self._write_claim(key, dict(claim, job_id=job_id, until=None), etag)
+        done = {k: v for k, v in body.items() if k != "retry_claim"}
+        try:  # best effort: the lease's `retries` is the record; this saves a loser a Batch look-up
+            self._write_event(key, dict(done, retried_by=job_id), etag)
         except Exception:
-            logger.warning("could not name the retry in its claim %s", key, exc_info=True)
-        return job_id, adopted
+            logger.warning("could not name the retry in the event file %s", key, exc_info=True)
+        return job_id, adopted, created
 
-    def _write_claim(self, key: str, claim: dict, etag: Optional[str]) -> Optional[str]:
-        """Create (etag None) or replace the claim; None when someone else's write got there first."""
+    def _write_event(self, key: str, body: dict, etag: Optional[str]) -> Optional[str]:
+        """Create (etag None) or replace an event file; None when someone else's write got there first."""
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         try:
             response = self.svc.s3.put_object(Bucket=self.svc.settings.bucket, Key=key, ContentType="application/json",
-                                              Body=json.dumps(claim, indent=1, sort_keys=True).encode(), **condition)
+                                              Body=json.dumps(body, indent=1, sort_keys=True).encode(), **condition)
         except Exception as exc:
             if conditional_failed(exc):
                 return None
             raise
         return response["ETag"]
 
-    def _read_claim(self, key: str) -> tuple:
+    def _read_event(self, key: str) -> tuple:
         try:
             obj = self.svc.s3.get_object(Bucket=self.svc.settings.bucket, Key=key)
         except Exception as exc:

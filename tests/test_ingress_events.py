@@ -80,12 +80,6 @@ def jobs_named(stack, name: str) -> list:
     return [j for j in stack.jobs() if j["jobName"] == name]
 
 
-def claim_file(output: str, job_id: str) -> dict:
-    import boto3
-    body = boto3.client("s3").get_object(Bucket=BUCKET, Key=events.retry_claim_key(output, job_id))["Body"].read()
-    return json.loads(body)
-
-
 def event_file(output: str, job_id: str) -> dict:
     import boto3
     body = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"{output}/_cpb/events/{job_id}.json")["Body"].read()
@@ -283,10 +277,10 @@ def test_a_child_handled_by_its_own_event_and_its_parents_at_once_is_retried_onc
     [retry] = jobs_named(stack, parent["jobName"] + "-oom1-1")
     assert done["jobs"][0]["retried_by"] == retry["jobId"]
     assert [r["job_id"] for r in lease("results/twice")["retries"]] == [retry["jobId"]]
-    # the loser left the child's event file to the winner, which names the retry
-    assert event_file("results/twice", f"{parent['jobId']}:1")["retried_by"] == retry["jobId"]
-    claim = claim_file("results/twice", f"{parent['jobId']}:1")
-    assert (claim["job_id"], claim["job_name"], claim["oom_retry"]) == (retry["jobId"], retry["jobName"], 1)
+    # the claim was the child's event file: it now names the retry, and the claim is gone from it
+    recorded = event_file("results/twice", f"{parent['jobId']}:1")
+    assert recorded["retried_by"] == retry["jobId"] and "retry_claim" not in recorded
+    assert recorded["status"] == "FAILED" and recorded["array_index"] == 1
 
 
 @pytest.mark.race
@@ -320,28 +314,28 @@ def test_an_invocation_that_finds_the_retry_claimed_and_submitted_adopts_it(stac
 
 @pytest.mark.fault
 def test_a_claim_whose_holder_died_before_submitting_is_taken_over(stack):
-    """An invocation claimed the retry and died (its Lambda timed out) before SubmitJob: once its claim
-    has run out, the redelivered event takes it over and submits; a live claim of another invocation
-    that has submitted nothing yet is left to it."""
+    """An invocation claimed the retry (the child's event file with `retry_claim`) and died (its Lambda
+    timed out) before SubmitJob: once its claim has run out, the redelivered event takes it over and
+    submits; a live claim of another invocation that has submitted nothing yet is left to it."""
     import boto3
     submit(output="results/dead", data_file=DATA_FILE, image_sets_per_job=5)
     [parent] = stack.jobs()
     child_id = f"{parent['jobId']}:1"
     event = job_event(stack, child_id, exit_code=137, container_reason=OOM_REASON)
-    key = events.retry_claim_key("results/dead", child_id)
+    key = events.event_key("results/dead", child_id)
     s3 = boto3.client("s3")
-    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({"replaces": child_id, "owner": "alive/1", "job_id": None,
-                                                           "until": 4102444800.0}).encode())  # year 2100
+    held = {"job_id": child_id, "status": "FAILED", "retried_by": None,
+            "retry_claim": {"job_name": parent["jobName"] + "-oom1-1", "owner": "alive/1", "until": 4102444800.0}}
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(held).encode())  # live until the year 2100
     done = handle(event)
     assert done["jobs"][0]["retry_claimed_elsewhere"] and not jobs_named(stack, parent["jobName"] + "-oom1-1")
-    with pytest.raises(s3.exceptions.NoSuchKey):  # left for the claim's holder to write
-        s3.get_object(Bucket=BUCKET, Key=f"results/dead/_cpb/events/{child_id}.json")
-    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({"replaces": child_id, "owner": "dead/1", "job_id": None,
-                                                           "until": 1.0}).encode())
+    assert event_file("results/dead", child_id) == held  # untouched: its holder finishes it
+    held["retry_claim"].update(owner="dead/1", until=1.0)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(held).encode())
     done = handle(event)
     [retry] = jobs_named(stack, parent["jobName"] + "-oom1-1")
     assert done["jobs"][0]["retried_by"] == retry["jobId"]
-    assert claim_file("results/dead", child_id)["job_id"] == retry["jobId"]
+    assert event_file("results/dead", child_id)["retried_by"] == retry["jobId"]
     assert [r["job_id"] for r in lease("results/dead")["retries"]] == [retry["jobId"]]
 
 
@@ -361,7 +355,7 @@ def test_a_refused_submit_releases_the_claim_so_the_redelivered_event_retries(st
     monkeypatch.setattr(Submitter, "find_or_submit", refused)
     with pytest.raises(RuntimeError):
         handle(event)
-    assert claim_file("results/refused", child_id)["until"] == 0
+    assert event_file("results/refused", child_id)["retry_claim"]["until"] == 0
     monkeypatch.setattr(Submitter, "find_or_submit", original)
     retry = handle(event)["jobs"][0]["retried_by"]
     assert retry and [j["jobId"] for j in jobs_named(stack, parent["jobName"] + "-oom1-1")] == [retry]
