@@ -223,10 +223,11 @@ def test_what_stops_it_from_starting_is_one_line(tmp_path, args, env, expected):
 
 
 TWO_STACKS = """
-import sys, time
+import logging, sys, time
 from pathlib import Path
 import boto3
 from cpb.local.up import LocalCloud
+logging.getLogger("elsewhere").addHandler(logging.lastResort)  # a handler reading sys.stderr each time, no setter
 out = Path(sys.argv[1])
 worker = out / "worker.py"
 worker.write_text("import sys; sys.exit(0)\\n")

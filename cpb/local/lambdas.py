@@ -149,11 +149,13 @@ class OutputCapture:
 
 
 def _stream_handlers() -> list:
-    """Every logging.StreamHandler of every logger (the root's included)."""
+    """Every logging.StreamHandler of every logger (the root's included) that holds its own stream
+    (logging's last-resort handler reads sys.stderr each time: nothing to re-point, and no setter)."""
     import logging
     loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
                                        if isinstance(v, logging.Logger)]
-    return [h for logger in loggers for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    return [h for logger in loggers for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and "stream" in vars(h)]
 
 
 CAPTURE = OutputCapture()
