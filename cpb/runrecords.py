@@ -13,6 +13,10 @@ The rules are docs/CONTRACTS.md's "Parts: which records count", applied identica
   `1..image_set_count` exactly once. Any other record (another run's, another index's, a part beyond
   the array) is named and never merged.
 - Complete = every expected part succeeded under those rules.
+
+A part without a record whose job (or array child) Batch failed because a job it depends on failed
+(its `_cpb/events/<job id>.json` says `Dependent Job failed`) is `not run`, and its reason names the
+step it runs after (the lease's `after`) that failed, and what to do.
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from botocore.exceptions import ClientError
 from cpb.lease import LEASE_KEY, read_lease
 
 RUN_RECORD = "_cpb/run.json"
+#: Batch's statusReason for a job (or array child) it failed without running because a job in its
+#: dependsOn failed.
+DEPENDENCY_FAILED = "Dependent Job failed"
 SUBMISSION_PREFIX = "_cpb/submission-"
 _PART = re.compile(r"^part-(\d{5})/")
 _PART_RECORD = re.compile(r"^part-(\d{5})/_cpb/run\.json$")
@@ -75,12 +82,14 @@ class PartState:
     index: Optional[int]        # array index, None for a single job
     record: Optional[dict]      # the run record, None when missing
     stale: Optional[str] = None  # why this record does not belong to the current run's part
+    not_run: Optional[str] = None  # no record because Batch never ran it: its dependency failed (why, what to do)
 
     @property
     def status(self) -> str:
-        """`succeeded`, `failed`, `missing` (no record yet) or `stale` (a record of another run or job)."""
+        """`succeeded`, `failed`, `missing` (no record yet), `not run` (Batch failed it by dependency)
+        or `stale` (a record of another run or job)."""
         if self.record is None:
-            return "missing"
+            return "not run" if self.not_run else "missing"
         if self.stale:
             return "stale"
         return "succeeded" if self.record.get("status") == "succeeded" else "failed"
@@ -89,7 +98,7 @@ class PartState:
     def reason(self) -> str:
         """Why this part is not done, in one line."""
         if self.record is None:
-            return "no run record (still running, never started, or the worker died)"
+            return self.not_run or "no run record (still running, never started, or the worker died)"
         if self.stale:
             return self.stale
         return str(self.record.get("reason") or self.record.get("status") or "unknown")
@@ -142,7 +151,12 @@ class RunState:
     def problems(self) -> list[str]:
         """One line per reason the run is not complete (parts first, then what ties them together)."""
         lines = [f"{p.prefix or self.output}: {p.status}: {p.reason}"
-                 for p in self.parts if p.status != "succeeded"]
+                 for p in self.parts if p.status not in ("succeeded", "not run")]
+        not_run: dict[str, list[str]] = {}  # one line per reason: a plate's thousands of parts share one
+        for part in self.parts:
+            if part.status == "not run":
+                not_run.setdefault(part.reason, []).append(part.prefix or self.output)
+        lines[:0] = [f"{_names(names)}: not run: {reason}" for reason, names in not_run.items()]
         if not self.parts:
             lines.append(f"{self.output}: no results and no run record yet")
         elif self.array and self.expected is None:
@@ -187,9 +201,23 @@ def load_submissions(s3, bucket: str, output: str, keys: Optional[dict[str, int]
     return records
 
 
+def dependency_failure(after: Iterable[str], failed: Iterable[str] = (), they: bool = False) -> str:
+    """Why a part was not run when Batch failed it by dependency, and what to do (one line): `failed`
+    are the `after` outputs whose run did not succeed (all of `after` when none is known)."""
+    ups = list(failed) or list(after)
+    runs = "they run" if they else "it runs"
+    if not ups:
+        return (f"Batch never started it ({DEPENDENCY_FAILED}): a job it waits for failed; find it with "
+                "cpb status, fix it and send both again")
+    steps = ", ".join(ups)
+    return (f"Batch never started it ({DEPENDENCY_FAILED}): the step {runs} after, {steps}, failed; fix that step "
+            f"(cpb status {ups[0]}) and send both again (a second cpb plate sends only what is not up to date)")
+
+
 def run_state(s3, bucket: str, output: str, expected: Optional[int] = None,
-              keys: Optional[dict[str, int]] = None) -> RunState:
-    """Read the lease and every run record under `output` and say what the current run has done."""
+              keys: Optional[dict[str, int]] = None, explain: bool = True) -> RunState:
+    """Read the lease and every run record under `output` and say what the current run has done
+    (`explain`: also why parts without a record were not run, from the job events and the upstream)."""
     output = output.strip("/")
     keys = list_keys(s3, bucket, output) if keys is None else keys
     part_keys = {int(m.group(1)): k for k in keys if (m := _PART_RECORD.match(k))}
@@ -204,7 +232,53 @@ def run_state(s3, bucket: str, output: str, expected: Optional[int] = None,
         state = _without_lease(s3, bucket, output, keys, top, records, folders, expected)
     state.conflicts.extend(_tiling(state))
     state.conflicts.extend(_mixed_upstream(state))
+    if explain and lease is not None:
+        _explain_not_run(s3, bucket, state, keys)
     return state
+
+
+def _last_jobs(lease: dict, array: bool, indices: Iterable[Optional[int]]) -> dict[Optional[int], str]:
+    """Part index (None for a plain run) -> Batch id of the job or child that ran it last (a retry's, if any)."""
+    wanted, ids = set(indices), {}
+    for job in lease.get("jobs") or []:
+        if not isinstance(job, dict) or not job.get("job_id"):
+            continue
+        if not array:
+            ids.setdefault(None, str(job["job_id"]))
+            continue
+        offset, size = _int(job.get("array_offset")) or 0, _int(job.get("array_size")) or 0
+        for index in wanted:
+            if index is not None and offset <= index < offset + size:
+                ids[index] = f"{job['job_id']}:{index - offset}"
+    for retry in lease.get("retries") or []:
+        if isinstance(retry, dict) and retry.get("job_id"):
+            index = _int(retry.get("array_index")) if array else None
+            if index in wanted:
+                ids[index] = str(retry["job_id"])
+    return ids
+
+
+def _explain_not_run(s3, bucket: str, state: RunState, keys: dict[str, int]) -> None:
+    """Mark the parts without a record whose job Batch failed by dependency (their job event says so)."""
+    missing = {p.index: p for p in state.parts if p.record is None}
+    if not missing or state.lease is None:
+        return
+    events = {index: f"_cpb/events/{job_id}.json"
+              for index, job_id in _last_jobs(state.lease, state.array, missing).items()}
+    events = {index: key for index, key in events.items() if key in keys}
+    if not events:
+        return
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = dict(zip(events, pool.map(lambda k: read_json(s3, bucket, f"{state.output}/{k}"), events.values())))
+    blocked = [index for index, event in found.items() if event and event.get("status") == "FAILED"
+               and str(event.get("status_reason") or "").startswith(DEPENDENCY_FAILED)]
+    if not blocked:
+        return
+    after = [str(a) for a in state.lease.get("after") or []]
+    failed = [a for a in after if not run_state(s3, bucket, a, explain=False).complete]
+    reason = dependency_failure(after, failed)
+    for index in blocked:
+        missing[index].not_run = reason
 
 
 def _mixed_upstream(state: RunState) -> list[str]:

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Optional
 
 from cpb import receipts
 from cpb.lease import lease_jobs, message_identity, read_lease
-from cpb.runrecords import RunState, list_keys, load_submissions, part_name, run_state, short
+from cpb.runrecords import (DEPENDENCY_FAILED, RunState, dependency_failure, list_keys, load_submissions,
+                             part_name, run_state, short)
 
 TERMINAL = {"SUCCEEDED", "FAILED"}
 ACTIVE = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING"}
@@ -102,17 +103,27 @@ class OutputStatus:
         explained: set = set()
         for job in self.jobs:
             if job.status == "FAILED" and not job.failed_children:
-                lines.append(f"job {job.name} ({job.job_id}) failed: {job.reason or 'no reason given'}"
-                             + (f" [log stream {job.log_stream}]" if job.log_stream else ""))
+                if job.reason.startswith(DEPENDENCY_FAILED):
+                    lines.append(f"job {job.name} ({job.job_id}) not run: {self._dependency_failure(False)}")
+                else:
+                    lines.append(f"job {job.name} ({job.job_id}) failed: {job.reason or 'no reason given'}"
+                                 + (f" [log stream {job.log_stream}]" if job.log_stream else ""))
                 explained.update(p.index for p in self.run.parts if job.array_index is None or p.index == job.array_index)
+            blocked = []  # children Batch failed by dependency: one line for all of them
             for index, reason, log in job.failed_children:
                 part = parts.get(index)
+                if (reason or "").startswith(DEPENDENCY_FAILED) or (part is not None and part.not_run):
+                    blocked.append(index)
+                    continue
                 worker = part.reason if part is not None and part.record is not None else ""
                 text = reason or "no reason given"
                 if worker and worker not in text:
                     text = f"{text}; worker: {worker}"
                 lines.append(f"job {job.name} child {index} failed: {text}" + (f" [log stream {log}]" if log else ""))
                 explained.add(index)
+            if blocked:
+                lines.append(f"job {job.name} {_child_span(blocked)} not run: {self._dependency_failure(len(blocked) > 1)}")
+                explained.update(blocked)
         if self.verdict not in ("running", "waiting"):
             lines.extend(f"run record {p.prefix or self.output}: {p.status}: {p.reason}"
                          for p in self.run.parts if p.status != "succeeded" and p.index not in explained)
@@ -121,6 +132,22 @@ class OutputStatus:
                              if "no results" in line or "cannot tell" in line)
             lines.extend(self.run.conflicts)
         return lines
+
+
+    def _dependency_failure(self, they: bool) -> str:
+        """Why Batch failed a job (or children) by dependency: the `after` steps that failed, and what to do."""
+        after = [str(a) for a in (self.lease or {}).get("after") or []]
+        return dependency_failure(after, [o for o, verdict in self.upstream if verdict == "failed"], they)
+
+
+def _child_span(indices: list[int]) -> str:
+    """`child 3`, `children 0-7` (contiguous), or `children 0, 2, 5 (+3 more)`."""
+    indices = sorted(indices)
+    if len(indices) == 1:
+        return f"child {indices[0]}"
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"children {indices[0]}-{indices[-1]}"
+    return "children " + ", ".join(map(str, indices[:6])) + (f" (+{len(indices) - 6} more)" if len(indices) > 6 else "")
 
 
 def _not_started(job: JobView) -> bool:

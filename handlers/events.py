@@ -13,8 +13,13 @@ Entry point `handlers.events.handler(event, context)`, invoked by an EventBridge
    still names that run. The retry's name is deterministic
    (`<name>-oom<n>` / `<name>-oom<n>-<part>`) and looked up in Batch before submitting, and the
    retry is appended to the lease's `retries` with a conditional write, so a duplicate event
-   (EventBridge delivers at least once) adopts it instead of starting a second copy;
-2. `<output>/_cpb/events/<job id>.json` is written (create-only: a duplicate event finds it)
+   (EventBridge delivers at least once) adopts it instead of starting a second copy. Two
+   invocations handling the same failed job AT ONCE (the child's own event and its parent's) are
+   kept to one retry by a claim: the job's event file (2), created (`IfNoneMatch`) with a
+   `retry_claim` before SubmitJob; the other invocation adopts the claimed retry or, while its
+   holder has not submitted yet, leaves it to the holder;
+2. `<output>/_cpb/events/<job id>.json` is written (create-only: a duplicate event finds it;
+   a memory failure's is created as its retry's claim and then names the retry)
    = {"job_id", "job_name", "array_index", "status", "status_reason", "exit_code",
    "container_reason", "memory_mib", "run_id", "oom_retry", "retried_by", "at"};
 3. CloudWatch metrics in EMF (Powertools Metrics), namespace `CellPaintingBatch`, one dimension
@@ -45,7 +50,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 
 from handlers.ingress import RETRY_CONFIG, SUBMIT_CONFIG, require_conditional_writes
-from handlers.lease import Leases, conditional_failed, lease_key
+from handlers.lease import Leases, conditional_failed, error_code, lease_key
 from handlers.schema import Limits
 from handlers.submission import NAME_LIMIT, Submitter
 
@@ -199,6 +204,13 @@ def event_key(output: str, job_id: str) -> str:
     return f"{output}/_cpb/events/{job_id}.json"
 
 
+class _ClaimedElsewhere:
+    """`_retry`'s answer when another live invocation holds the retry's claim and has not submitted yet."""
+
+
+_CLAIMED_ELSEWHERE = _ClaimedElsewhere()
+
+
 @dataclasses.dataclass
 class _Handling:
     svc: EventServices
@@ -223,18 +235,25 @@ class _Handling:
         is_parent = "size" in arrays and arrays.get("index") is None and ":" not in job_id
         part = self._part(job_id, env, arrays)
         memory = _memory_mib(detail, env)
-        retried = None
-        reason = out_of_memory(detail) if status == "FAILED" and not is_parent else None
-        if reason:
-            retried = self._retry(detail, env, part, memory, reason)
         container = detail.get("container") or {}
         record = {"job_id": job_id, "job_name": detail.get("jobName"), "array_index": part, "status": status,
                   "status_reason": detail.get("statusReason"), "exit_code": container.get("exitCode"),
                   "container_reason": container.get("reason"), "memory_mib": memory, "run_id": env.get("CPB_RUN_ID"),
                   "oom_retry": int(env["CPB_OOM_RETRY"]) if (env.get("CPB_OOM_RETRY") or "").isdigit() else None,
-                  "retried_by": retried, "array_size": arrays.get("size") if is_parent else None,
+                  "retried_by": None, "array_size": arrays.get("size") if is_parent else None,
                   "at": self.at or dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
-        first = self._record(output, job_id, record)
+        reason = out_of_memory(detail) if status == "FAILED" and not is_parent else None
+        retried, first = None, None
+        if reason:
+            retried, first = self._retry(detail, env, part, memory, reason, record)
+            if retried is _CLAIMED_ELSEWHERE:
+                logger.info("out-of-memory retry left to the invocation holding its claim",
+                            extra={"output": output, "job_id": job_id})
+                return {"job_id": job_id, "status": status, "output": output, "retried_by": None,
+                        "out_of_memory": True, "retry_claimed_elsewhere": True}
+            record["retried_by"] = retried
+        if first is None:  # not written as a retry's claim: written now
+            first = self._record(output, job_id, record)
         if first and not is_parent and status in ("SUCCEEDED", "FAILED"):
             metrics.add_metric(name="JobsSucceeded" if status == "SUCCEEDED" else "JobsFailed", unit=MetricUnit.Count,
                                value=1)
@@ -256,38 +275,34 @@ class _Handling:
 
     def _record(self, output: str, job_id: str, record: dict) -> bool:
         """Create the event file; False when it already exists (a duplicate event)."""
-        try:
-            self.svc.s3.put_object(Bucket=self.svc.settings.bucket, Key=event_key(output, job_id), IfNoneMatch="*",
-                                   ContentType="application/json",
-                                   Body=json.dumps(record, indent=1, sort_keys=True).encode())
-        except Exception as exc:
-            if conditional_failed(exc):
-                return False
-            raise
-        return True
+        return self._write_event(event_key(output, job_id), record, None) is not None
 
     # ---------------------------------------------------------------- out-of-memory retries
-    def _retry(self, detail: dict, env: dict, part: Optional[int], memory: Optional[int], reason: str) -> Optional[str]:
+    def _retry(self, detail: dict, env: dict, part: Optional[int], memory: Optional[int], reason: str,
+               record: dict) -> tuple:
+        """`(retry, created)`: the retry's job id (None when it is not retried, `_CLAIMED_ELSEWHERE` when
+        another invocation holds its claim and is submitting it right now), and whether this invocation
+        created the job's event file `record` (None: it did not touch it, the caller writes it)."""
         settings, output, run_id = self.svc.settings, env["CPB_OUTPUT"], env.get("CPB_RUN_ID")
         attempt = int(env["CPB_OOM_RETRY"]) + 1 if (env.get("CPB_OOM_RETRY") or "").isdigit() else 1
         where = {"output": output, "job_id": detail["jobId"], "array_index": part, "run_id": run_id}
         if attempt > settings.oom_max_retries:
             logger.warning("out of memory again; no retries left", extra={**where, "retries": attempt - 1})
-            return None
+            return None, None
         if memory is None or memory >= settings.max_memory_mib:
             logger.warning("out of memory at the stack's largest memory; not retried",
                            extra={**where, "memory_mib": memory, "max_memory_mib": settings.max_memory_mib})
-            return None
+            return None, None
         new_memory = min(2 * memory, settings.max_memory_mib)
         lease, etag = self.leases.read(output)
         if not run_id or lease is None or lease.get("run_id") != run_id or lease.get("state") == "cancelled":
             logger.info("out of memory in a run the output no longer runs; not retried",
                         extra={**where, "current_run_id": (lease or {}).get("run_id")})
-            return None
+            return None, None
         replaces = detail["jobId"]
         known = next((r for r in lease.get("retries") or [] if r.get("replaces") == replaces), None)
         if known:
-            return known.get("job_id")  # a duplicate event: the retry exists and is recorded
+            return known.get("job_id"), None  # a duplicate event: the retry exists and is recorded
         new_env = {k: v for k, v in env.items() if k.startswith("CPB_")}
         new_env.update(CPB_MEMORY_MIB=str(new_memory), CPB_OOM_RETRY=str(attempt))
         if part is not None:
@@ -307,7 +322,9 @@ class _Handling:
                      "containerOverrides": {"environment": [{"name": k, "value": v} for k, v in new_env.items()],
                                             "resourceRequirements": requirements},
                      "tags": tags, "propagateTags": True}
-        job_id, _, adopted = self.submitter.find_or_submit(arguments)
+        job_id, adopted, created = self._claim_and_submit(output, record, arguments, where)
+        if job_id is _CLAIMED_ELSEWHERE:
+            return job_id, created
         entry = {"job_id": job_id, "job_name": arguments["jobName"], "replaces": replaces, "array_index": part,
                  "reason": reason, "memory_mib": new_memory, "previous_memory_mib": memory, "oom_retry": attempt,
                  "by": "events", "at": dt.datetime.fromtimestamp(self.clock(), dt.timezone.utc).isoformat(timespec="seconds")}
@@ -317,17 +334,96 @@ class _Handling:
                 # lease first and exits 5 (superseded) without writing anything.
                 logger.warning("out-of-memory retry left to exit: the run was superseded meanwhile",
                                extra={**where, "retry": job_id})
-                return None
+                return None, created
             if any(r.get("replaces") == replaces for r in lease.get("retries") or []):
-                return job_id
+                return job_id, created
             updated = dict(lease, retries=list(lease.get("retries") or []) + [entry])
             if self.leases.write(output, updated, etag, check_time=False) is not None:
                 metrics.add_metric(name="OutOfMemoryRetries", unit=MetricUnit.Count, value=1)
                 logger.info("out-of-memory retry submitted", extra={**where, "retry": job_id, "adopted": adopted,
                                                                     "memory_mib": new_memory, "attempt": attempt})
-                return job_id
+                return job_id, created
             lease, etag = self.leases.read(output, check_time=False)
         raise RuntimeError(f"s3://{settings.bucket}/{lease_key(output)} kept changing while recording retry {job_id}")
+
+    def _claim_and_submit(self, output: str, record: dict, arguments: dict, where: dict) -> tuple:
+        """`(job id, adopted, created)` of the out-of-memory retry of the job `record` describes, submitted
+        only while holding its claim; job id `_CLAIMED_ELSEWHERE` when another live invocation holds it and
+        has not submitted yet (it will, and records the retry). `created`: this invocation created the
+        job's event file.
+
+        The child's own FAILED event and its array parent's (which lists failed children) can arrive
+        together: a name look-up in each is not a claim (both find nothing and both submit), and the
+        events role may not stop the second copy. The claim is the failed job's own event file, created
+        (`IfNoneMatch: *`) with `retried_by: null` and `retry_claim: {job_name, owner, until}` before
+        SubmitJob, and given `retried_by` (claim dropped) after it. Another invocation finding it adopts
+        the retry (`retried_by`, or a job under the claimed name) or, while the claim is live, stops; a
+        claim whose holder died (`until` passed) or released it (`until: 0`: SubmitJob certainly
+        submitted nothing), or an event file without one, is taken over with `IfMatch`."""
+        key, queue, name = event_key(output, record["job_id"]), arguments["jobQueue"], arguments["jobName"]
+        claim = {"job_name": name, "owner": self.owner, "until": self.deadline}
+        body = dict(record, retried_by=None, retry_claim=claim)
+        etag = self._write_event(key, body, None)
+        created = etag is not None
+        for _ in range(5):
+            if etag is not None:
+                break
+            held, held_etag = self._read_event(key)
+            if held is None:  # no one deletes event files; if it went anyway, create it again
+                etag = self._write_event(key, body, None)
+                created = created or etag is not None
+                continue
+            if held.get("retried_by"):
+                return str(held["retried_by"]), True, created
+            found = self.submitter.find_job(queue, name)
+            if found is not None:
+                return found["jobId"], True, created
+            held_claim = held.get("retry_claim") or {}
+            until = held_claim.get("until")
+            if held_claim.get("owner") not in (None, self.owner) and isinstance(until, (int, float)) \
+                    and until > self.clock():
+                logger.info("another invocation is submitting this out-of-memory retry; left to it",
+                            extra={**where, "claimed_by": held_claim.get("owner")})
+                return _CLAIMED_ELSEWHERE, False, created
+            body = dict(held, retried_by=None, retry_claim=claim)  # its holder died or released it: take over
+            etag = self._write_event(key, body, held_etag)
+        else:
+            raise RuntimeError(f"s3://{self.svc.settings.bucket}/{key} kept changing while claiming retry {name}")
+
+        def release() -> None:  # SubmitJob certainly submitted nothing: a redelivered event may claim at once
+            try:
+                self._write_event(key, dict(body, retry_claim=dict(claim, owner=None, until=0)), etag)
+            except Exception:
+                logger.warning("could not release the out-of-memory retry claim in %s", key, exc_info=True)
+
+        job_id, _, adopted = self.submitter.find_or_submit(arguments, release=release)
+        done = {k: v for k, v in body.items() if k != "retry_claim"}
+        try:  # best effort: the lease's `retries` is the record; this saves a loser a Batch look-up
+            self._write_event(key, dict(done, retried_by=job_id), etag)
+        except Exception:
+            logger.warning("could not name the retry in the event file %s", key, exc_info=True)
+        return job_id, adopted, created
+
+    def _write_event(self, key: str, body: dict, etag: Optional[str]) -> Optional[str]:
+        """Create (etag None) or replace an event file; None when someone else's write got there first."""
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            response = self.svc.s3.put_object(Bucket=self.svc.settings.bucket, Key=key, ContentType="application/json",
+                                              Body=json.dumps(body, indent=1, sort_keys=True).encode(), **condition)
+        except Exception as exc:
+            if conditional_failed(exc):
+                return None
+            raise
+        return response["ETag"]
+
+    def _read_event(self, key: str) -> tuple:
+        try:
+            obj = self.svc.s3.get_object(Bucket=self.svc.settings.bucket, Key=key)
+        except Exception as exc:
+            if error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None, None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
 
     # ---------------------------------------------------------------- array parents
     def failed_children(self, array_job_id: str) -> list:

@@ -83,7 +83,7 @@ class CheckedRequest:
     object read. `data_sha256`: `data_rows_sha256` of the data file's header and image-set rows,
     or `input_listing_sha256` of the input folder when the file rules counted it, else None.
     `data_rows`: rows in the data file (before LoadData's row range). `counted_by`: "data_file",
-    "file_rules" or None.
+    "file_rules" or None. `data_etag`: the ETag of the data file object read (what the jobs pin it to).
     """
 
     request: JobRequest
@@ -92,6 +92,7 @@ class CheckedRequest:
     data_sha256: Optional[str] = None
     data_rows: Optional[int] = None
     counted_by: Optional[str] = None
+    data_etag: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +107,14 @@ class PipelineObject:
 @dataclasses.dataclass(frozen=True)
 class DataFileScan:
     """One pass over a LoadData CSV: `rows` data rows; LoadData skips `skipped` and makes
-    `image_sets` image sets of the rest; `data_sha256` covers the header and those rows."""
+    `image_sets` image sets of the rest; `data_sha256` covers the header and those rows; `etag` is
+    the ETag of the object version read."""
 
     rows: int
     skipped: int
     image_sets: int
     data_sha256: str
+    etag: Optional[str] = None
 
 
 def _no_check(what: str) -> None:
@@ -322,7 +325,7 @@ def scan_data_file(s3: Any, bucket: str, key: str, loaddata_settings: Optional[d
         chosen = settings.get("Rows to process", "")
         raise bad(f"has {rows} rows but the pipeline's LoadData processes only rows {chosen}, so no image set "
                   "would run; widen 'Rows to process' or turn 'Process just a range of rows' off")
-    return DataFileScan(rows=rows, skipped=skipped, image_sets=image_sets, data_sha256=digest)
+    return DataFileScan(rows=rows, skipped=skipped, image_sets=image_sets, data_sha256=digest, etag=obj.get("ETag"))
 
 
 def check_input(s3: Any, bucket: str, prefix: str) -> None:
@@ -449,12 +452,13 @@ def check_request(s3: Any, request: JobRequest, limits: Limits,
     it is the check, counted as LoadData counts it (its "Process just a range of rows" included).
     """
     pipeline = read_pipeline(s3, limits.bucket, request.pipeline, before_call)
-    count = data_sha256 = rows = counted_by = None
+    count = data_sha256 = rows = counted_by = data_etag = None
     if request.data_file is not None:
         loaddata = pipeline.pipeline.enabled("LoadData") if pipeline.pipeline is not None else []
         scan = scan_data_file(s3, limits.bucket, request.data_file, dict(loaddata[0].settings) if loaddata else None,
                               before_call)
         count, data_sha256, rows, counted_by = scan.image_sets, scan.data_sha256, scan.rows, "data_file"
+        data_etag = scan.etag
     elif request.image_sets_per_job is not None:
         count, data_sha256 = count_input_image_sets(s3, limits.bucket, request.input, pipeline, before_call)
         counted_by = "file_rules"
@@ -472,4 +476,4 @@ def check_request(s3: Any, request: JobRequest, limits: Limits,
         if children > 1:
             _refuse_unsplittable(pipeline, limits.bucket)
     return CheckedRequest(request=request, image_set_count=count, pipeline_sha256=pipeline.sha256,
-                          data_sha256=data_sha256, data_rows=rows, counted_by=counted_by)
+                          data_sha256=data_sha256, data_rows=rows, counted_by=counted_by, data_etag=data_etag)

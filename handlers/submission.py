@@ -161,6 +161,8 @@ def container_environment(job: PlannedJob, limits: Limits, run_id: Optional[str]
         env["CPB_RUN_ID"] = run_id
     if request.data_file is not None:
         env["CPB_DATA_FILE"] = request.data_file
+        if job.checked.data_etag:  # the version the Lambda counted: the worker reads only that one
+            env["CPB_DATA_FILE_ETAG"] = job.checked.data_etag
     if count is not None:
         env["CPB_IMAGE_SET_COUNT"] = str(count)
     if job.array_size is not None:
@@ -345,11 +347,16 @@ class Submitter:
             "image_sets_per_job": request.image_sets_per_job, "after": list(request.after),
             "depends_on": list(job.depends_on), "pipeline": request.pipeline, "data_file": request.data_file,
             "input": request.input, "pipeline_sha256": checked.pipeline_sha256, "data_sha256": checked.data_sha256,
+            "data_etag": checked.data_etag,
             "resume": request.resume, "retries": [], "previous_run_id": None, "lease_until": self.lease_until,
             "owner": self.owner, "created_at": now,
         }
 
     # ---------------------------------------------------------------- batch
+    def find_job(self, queue: str, name: str) -> Optional[dict]:
+        """The job submitted under `name` in `queue` (its ListJobs summary), None when there is none."""
+        return self._find_submitted(queue, name)
+
     def _find_submitted(self, queue: str, name: str) -> Optional[dict]:
         """The job already submitted under `name` (an earlier attempt died before recording it)."""
         found = []

@@ -119,3 +119,48 @@ def test_a_missing_platemap_or_parquet_is_named(tmp_path):
     platemap = _platemap(tmp_path / "pm.csv", [("A01", "DMSO", "negcon")])
     with pytest.raises(AnalysisError, match="no single_cell.parquet and no Image.csv: run `cpb results OUTPUT"):
         make_profiles(tmp_path / "empty", platemap)
+
+
+def _one_well(results, tmp_path: Path, well: str = "A01") -> Path:
+    """The shared run's single-cell table cut down to one well: a plate of one well."""
+    _run, folder = results
+    if not (folder / "single_cell.parquet").is_file():
+        make_profiles(folder, _run.plate.platemap_file, out_dir=tmp_path / "first")
+    cells = pd.read_parquet(folder / "single_cell.parquet")
+    one = tmp_path / "one-well"
+    one.mkdir(parents=True)
+    cells[cells["Metadata_Well"] == well].to_parquet(one / "single_cell.parquet", index=False)
+    return one
+
+
+@pytest.mark.parametrize("normalize_to", ["plate", "negcon"])
+def test_a_plate_of_one_well_gets_one_line_naming_the_fix(results, tmp_path, normalize_to):
+    one = _one_well(results, tmp_path)
+    platemap = _platemap(tmp_path / "platemap.csv", [("A01", "DMSO", "negcon")])
+    with pytest.raises(AnalysisError) as error:
+        make_profiles(one, platemap, normalize_to=normalize_to, out_dir=tmp_path / "out")
+    message = ("plate CP1: profiles need at least 2 wells with cells to normalize and compare (found 1: A01): "
+               "image more wells of the plate")
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(cli, ["profile", str(one), "--platemap", str(platemap), "--normalize-to", normalize_to])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and message in result.output
+
+
+def test_no_negative_control_wells_get_one_line_naming_the_fix(results, tmp_path):
+    """Two wells, neither a negative control: normalizing to negcon names the fix (the whole plate
+    works, and is what the line suggests)."""
+    _run, folder = results
+    cells = pd.read_parquet(_one_well(results, tmp_path / "a", "A02") / "single_cell.parquet")
+    more = pd.read_parquet(_one_well(results, tmp_path / "b", "B02") / "single_cell.parquet")
+    two = tmp_path / "two-treated"
+    two.mkdir()
+    pd.concat([cells, more]).to_parquet(two / "single_cell.parquet", index=False)
+    platemap = _platemap(tmp_path / "platemap.csv", [("A02", "x", "trt"), ("B02", "x", "trt")])
+    result = CliRunner().invoke(cli, ["profile", str(two), "--platemap", str(platemap)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert ("plate CP1: normalizing to negative controls needs at least 2 wells with cells whose control is "
+            "'negcon' in the platemap (found 0: none): add controls to the platemap, or normalize to the whole "
+            "plate (--normalize-to plate)") in result.output
+    done = CliRunner().invoke(cli, ["profile", str(two), "--platemap", str(platemap), "--normalize-to", "plate"])
+    assert done.exit_code == 0, done.output

@@ -84,7 +84,8 @@ def test_a_retried_requeue_starts_one_job_and_records_it_in_the_lease(aws, fault
     """SubmitJob answered 500 after creating the job: botocore's retry started a second copy. Now the
     requeue submits without botocore retries and looks its deterministic name up first: one job, with
     the run's CPB_RUN_ID, recorded in the lease's retries (`by: requeue`)."""
-    job = batch_job(aws, "results/rq", 3, {":1": ("FAILED", "Essential container in task exited", 3)})
+    job = batch_job(aws, "results/rq", 3, {":1": ("FAILED", "Essential container in task exited", 3)},
+                    env={"CPB_DATA_FILE_ETAG": '"5d41402abc4b2a76b9719d911017c592"'})
     write_lease(aws, "results/rq", RUN_B, 3, 6, jobs=[{"job_id": job, "job_name": "plate", "array_size": 3,
                                                        "array_offset": 0, "memory_mib": 2048}])
     submission(aws, "results/rq", "message-b", job, 3, 6)
@@ -101,6 +102,7 @@ def test_a_retried_requeue_starts_one_job_and_records_it_in_the_lease(aws, fault
     assert "resubmit child 1 of plate" in result.output and "found already submitted job" in result.output
     env = {e["name"]: e["value"] for e in aws["batch"].describe_jobs(jobs=[new[0]["jobId"]])["jobs"][0]["container"]["environment"]}
     assert env["CPB_RUN_ID"] == RUN_B and env["CPB_ARRAY_INDEX"] == "1" and env["CPB_OUTPUT"] == "results/rq"
+    assert env["CPB_DATA_FILE_ETAG"] == '"5d41402abc4b2a76b9719d911017c592"'  # the same data file version as the run
     tags = aws["batch"].describe_jobs(jobs=[new[0]["jobId"]])["jobs"][0].get("tags", {})
     assert tags.get("cpb:stack") == "test"  # the stack's IAM lets its Lambdas terminate only jobs tagged so
     lease = json.loads(aws["s3"].get_object(Bucket=BUCKET, Key="results/rq/_cpb/lease.json")["Body"].read())

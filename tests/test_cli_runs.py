@@ -77,11 +77,13 @@ def submission(aws, output: str, message_id: str, job_id: Optional[str], array_s
          "image_set_count": count}))
 
 
-def batch_job(aws, output: str, size: Optional[int] = None, states: Optional[dict] = None, name: str = "plate") -> str:
-    """A job in moto's Batch (moto marks it SUCCEEDED; `states` sets children's states)."""
+def batch_job(aws, output: str, size: Optional[int] = None, states: Optional[dict] = None, name: str = "plate",
+              env: Optional[dict] = None) -> str:
+    """A job in moto's Batch (moto marks it SUCCEEDED; `states` sets children's states; `env` adds variables)."""
     kwargs = {"arrayProperties": {"size": size}} if size else {}
+    variables = [{"name": "CPB_OUTPUT", "value": output}] + [{"name": k, "value": v} for k, v in (env or {}).items()]
     job = aws["batch"].submit_job(jobName=name, jobQueue=aws["job_queue"], jobDefinition=aws["definition"],
-                                  containerOverrides={"environment": [{"name": "CPB_OUTPUT", "value": output}]},
+                                  containerOverrides={"environment": variables},
                                   tags={"cpb:stack": "test"}, **kwargs)["jobId"]
     for suffix, (status, reason, code) in (states or {}).items():
         MotoJobStates(REGION).set(f"{job}{suffix}", status, reason, code)

@@ -2,7 +2,10 @@
 
 In-process fakes prove the order of steps and that the stack is destroyed after every failure; a
 real subprocess with a fake `pulumi` executable proves the signal handling: Ctrl-C (SIGINT) or SIGTERM
-during `pulumi up` stops the up, then destroys, and an interrupt during the destroy is ignored."""
+during `pulumi up` stops the up, then destroys, and an interrupt during the destroy is ignored. The
+smoke's own cpb steps (`CpbClient`: cpb plate, cpb status --watch, cpb results, the checks) run once
+for real against the local stack, with real CellProfiler, Pulumi still faked: the plate `make demo`
+runs, through the chain."""
 from __future__ import annotations
 
 import os
@@ -63,33 +66,43 @@ class FakePulumi:
 
 
 class FakeClient:
-    def __init__(self, verdict: int = 0, counts: dict | None = None, fail_submit: Exception | None = None) -> None:
+    def __init__(self, verdict: int = 0, counts: dict | None = None, fail_submit: Exception | None = None,
+                 illum: tuple = ("IllumAGP.npy", "IllumDNA.npy", "IllumMito.npy")) -> None:
         self.calls: list[tuple] = []
-        self.verdict, self.counts, self.fail_submit = verdict, counts or TRUTH, fail_submit
+        self.verdict, self.counts, self.fail_submit, self.illum = verdict, counts or TRUTH, fail_submit, illum
 
     def check(self, region: str) -> str:
         self.calls.append(("check", region))
         return "123456789012"
 
-    def submit(self, stack, plate, output) -> None:
-        self.calls.append(("submit", stack, output))
+    def submit(self, stack, plate, root) -> None:
+        self.calls.append(("submit", stack, root))
         if self.fail_submit:
             raise self.fail_submit
 
-    def wait(self, stack, output, timeout_seconds) -> int:
-        self.calls.append(("wait", stack, output, timeout_seconds))
+    def wait(self, stack, outputs, timeout_seconds) -> int:
+        self.calls.append(("wait", stack, tuple(outputs), timeout_seconds))
         return self.verdict
 
     def results(self, stack, output, dest: Path) -> Path:
         self.calls.append(("results", stack, output))
         dest.mkdir(parents=True, exist_ok=True)
+        if output.endswith("/illum"):
+            for name in self.illum:
+                (dest / name).write_bytes(b"\x93NUMPY")
+            return dest
         rows = ["Metadata_Well,Metadata_Site,Count_Nuclei"] + [f"{w},{s},{n}" for (w, s), n in self.counts.items()]
         (dest / "Image.csv").write_text("\n".join(rows) + "\n")
-        return dest / "Image.csv"
+        return dest
+
+
+ILLUM_FILES = ("IllumAGP.npy", "IllumDNA.npy", "IllumMito.npy")
 
 
 def fake_plate(dest: Path, settings) -> smoke.Plate:
-    return smoke.Plate(images_dir=dest, data_file=dest / "load_data.csv", truth=TRUTH, pipeline=Path("p.cppipe"))
+    return smoke.Plate(name="SMOKE1", images_dir=dest, truth=TRUTH, illum_pipeline=Path("illum.cppipe"),
+                       analysis_pipeline=Path("analysis.cppipe"), channels={"DNA": 1, "AGP": 2, "Mito": 3},
+                       illum_files=ILLUM_FILES)
 
 
 def run(tmp_path: Path, pulumi: FakePulumi, client: FakeClient, **overrides) -> tuple[int, list[str]]:
@@ -104,11 +117,14 @@ def test_success_deploys_runs_checks_and_destroys_in_order(tmp_path: Path) -> No
     code, said = run(tmp_path, pulumi, client)
     assert code == 0
     assert pulumi.names() == ["check", "exists", "create", "up", "outputs", "destroy", "remove"]
-    assert [c[0] for c in client.calls] == ["check", "submit", "wait", "results"]
+    assert [c[0] for c in client.calls] == ["check", "submit", "wait", "results", "results"]
     settings = pulumi.calls[2][2]
     assert settings["aws:region"] == "eu-west-1"  # Pulumi.dev.yaml's
     assert settings["cellpainting-batch:forceDestroy"] == "true" and settings["cellpainting-batch:fsxEnabled"] == "false"
-    assert client.calls[2][3] == 45 * 60
+    root = client.calls[1][2]
+    # both steps of the chain are waited for, and both are downloaded: the illumination first
+    assert client.calls[2][2:] == ((f"{root}/SMOKE1/illum", f"{root}/SMOKE1/analysis"), 45 * 60)
+    assert [c[2] for c in client.calls[3:]] == [f"{root}/SMOKE1/illum", f"{root}/SMOKE1/analysis"]
     assert said[-1].startswith("cloud-smoke succeeded")
 
 
@@ -117,7 +133,9 @@ def test_cost_and_duration_are_stated_before_anything_is_created(tmp_path: Path)
     code, said = run(tmp_path, pulumi, FakeClient(), region="us-east-1")
     expected = next(i for i, line in enumerate(said) if "cost      under US$1" in line)
     created = next(i for i, line in enumerate(said) if "pulumi stack init" in line)
-    assert expected < created and "duration  about 30-50 minutes" in said[expected]
+    assert expected < created and "duration  about 35-55 minutes" in said[expected]
+    assert "the illumination job over all 8 image sets, then the analysis array job after it" in " ".join(
+        said[expected].split())
     assert "in us-east-1" in said[expected] and "account   123456789012" in said[expected]
     assert pulumi.calls[2][2]["aws:region"] == "us-east-1"
 
@@ -143,6 +161,7 @@ def test_a_failing_pulumi_step_still_destroys(tmp_path: Path, fail_at: str) -> N
     (FakeClient(verdict=1), "the jobs failed"),
     (FakeClient(verdict=3), "did not finish within 45 min"),
     (FakeClient(counts={**TRUTH, ("A02", 2): 9}), "well A02: counted 15, true 10"),
+    (FakeClient(illum=("IllumDNA.npy",)), "the illumination step saved no IllumAGP.npy"),
     (FakeClient(fail_submit=RuntimeError("network down")), "unexpected RuntimeError: network down"),
 ])
 def test_a_failing_plate_still_destroys(tmp_path: Path, client: FakeClient, words: str) -> None:
@@ -295,3 +314,47 @@ def test_the_make_target_needs_a_stack_name() -> None:
     dry = subprocess.run(["make", "-n", "cloud-smoke", "STACK=smoke-x", "YES=1"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert "-m tools.cloud_smoke --stack \"smoke-x\"" in dry.stdout and "--yes" in dry.stdout
+
+
+# ------------------------------------------------------------ the smoke's cpb steps, for real, on the local stack
+
+@pytest.mark.cellprofiler
+def test_the_smokes_cpb_steps_run_the_demo_plate_through_the_chain_on_the_local_stack(cellprofiler_env, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """What `make cloud-smoke` does between `pulumi up` and `pulumi destroy`, with its real CpbClient and
+    plate: `cpb plate` (illumination, then the analysis array after it), `cpb status --watch` of both,
+    `cpb results` of both, the illumination and count checks; against `cpb local up`'s stack (real
+    Lambda handlers, real worker, CellProfiler 4.2.8.1) instead of AWS."""
+    from cpb.local.emulator import environment
+    from cpb.local.settings import LocalSettings
+    from cpb.local.up import LocalCloud
+
+    for key in ("CPB_CELLPROFILER", "CPB_CELLPROFILER_ARGS"):
+        monkeypatch.setenv(key, cellprofiler_env[key])
+
+    class LocalClient(smoke.CpbClient):
+        def check(self, region: str) -> str:  # Docker and STS: what pulumi up needs, not the local stack
+            return "000000000000"
+
+    with environment({"CPB_HOME": str(tmp_path / "home")}), \
+            LocalCloud(LocalSettings(stack="smoke"), log_dir=tmp_path / "logs", cores=2) as cloud:
+
+        class LocalPulumi(FakePulumi):
+            def outputs(self, stack: str) -> dict:
+                self._call("outputs", stack)
+                return cloud.outputs()
+
+        pulumi, said = LocalPulumi(), []
+        settings = smoke.SmokeSettings(stack="local", yes=True, work_dir=tmp_path, sites=2, wait_minutes=10)
+        code = smoke.run_smoke(settings, pulumi, LocalClient(poll_seconds=1), say=said.append)
+        tasks = sorted((o.item.name.rsplit("-", 1)[0], o.item.index, o.status) for o in cloud.batch.outcomes)
+        illum_job, analysis_job = (min(o.item.job_id for o in cloud.batch.outcomes if o.item.name.startswith(n))
+                                   for n in ("SMOKE1-illum", "SMOKE1-analysis"))
+        import boto3
+        depends = boto3.client("batch").describe_jobs(jobs=[analysis_job])["jobs"][0]["dependsOn"]
+    assert code == 0, "\n".join(said)
+    assert said[-1].startswith("cloud-smoke succeeded: deployed, ran the demo plate through the chain")
+    assert pulumi.names()[-2:] == ["destroy", "remove"]
+    assert tasks == [("SMOKE1-analysis", 0, "SUCCEEDED"), ("SMOKE1-analysis", 1, "SUCCEEDED"),
+                     ("SMOKE1-illum", None, "SUCCEEDED")]
+    assert [d["jobId"] for d in depends] == [illum_job]  # the analysis ran after the illumination, as Batch was told

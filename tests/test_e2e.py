@@ -197,7 +197,8 @@ def test_a_broken_illumination_pipeline_fails_the_demo_by_dependency_and_leaves_
     assert result.status_exit == 1
     assert "plates/CP1/illum/: FAILED" in result.status_output and "plates/CP1/analysis/: FAILED" in result.status_output
     assert "runs after plates/CP1/illum: FAILED" in result.status_output
-    assert result.status_output.count("failed: Dependent Job failed") == 2
+    assert result.status_output.count("children 0-1 not run: Batch never started it (Dependent Job failed): the "
+                                      "step they run after, plates/CP1/illum, failed") == 1
     assert "exit code 3" in result.status_output
     assert "logs of CP1-illum" in result.status_output  # the worker's output, from its CloudWatch log stream
     assert "CorrectIlluminationCalculatz" in result.status_output.split("logs of", 1)[1]

@@ -178,10 +178,19 @@ def test_a_failed_illumination_fails_the_analysis_by_dependency_and_nothing_of_i
     assert f"{ILLUM}/: FAILED" in status.output and f"{ANALYSIS}/: FAILED" in status.output
     assert "Dependent Job failed" in status.output, status.output
     assert "runs after plates/E1/illum: FAILED" in status.output
+    # ... in one line naming the step that failed and what to do, not as parts missing their records
+    fix = f"the step they run after, {ILLUM}, failed; fix that step (cpb status {ILLUM}) and send both again"
+    assert [line for line in status.output.splitlines() if "not run" in line] == [
+        f"  ! job {children[0].item.name} children 0-1 not run: Batch never started it (Dependent Job failed): {fix} "
+        "(a second cpb plate sends only what is not up to date)"], status.output
+    assert "no run record" not in status.output
     # nothing of the analysis: no part, no record, no table; only the Lambdas' bookkeeping under _cpb/
     assert analysis_keys and all(k.startswith(f"{ANALYSIS}/_cpb/") for k in analysis_keys), analysis_keys
     assert not [k for k in analysis_keys if k.endswith("run.json")]
     assert refused.exit_code != 0 and "not complete" in refused.output, refused.output
+    assert (f"part-00000, part-00001: not run: Batch never started it (Dependent Job failed): the step it runs "
+            f"after, {ILLUM}, failed; fix that step (cpb status {ILLUM}) and send both again") in refused.output
+    assert "no run record" not in refused.output
     assert not (tmp_path / "results" / "Image.csv").exists()
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import re
 
+import boto3
 import pytest
 
 from handlers import ingress
 from ingress_moto import (BUCKET, DATA_FILE, JOB_NAME_RULE, PIPELINE, CallCounter,
-                          LambdaContext, environment, failed_ids, logs, message, moto_stack, resources, sqs_event,
-                          sqs_record)
+                          LambdaContext, environment, failed_ids, lease, logs, message, moto_stack, resources,
+                          sqs_event, sqs_record)
 
 __all__ = ["moto_stack", "logs"]  # fixtures, imported for pytest
 
@@ -103,6 +104,9 @@ def test_image_sets_per_job_becomes_one_array_job_covering_every_set(moto_stack)
     assert env["CPB_IMAGE_SET_COUNT"] == "10"
     assert env["CPB_DATA_FILE"] == DATA_FILE
     assert moto_stack.record("results/array", record["messageId"])["array_size"] == 4
+    # the data file version the Lambda counted: every child reads that one or fails (docs/CONTRACTS.md)
+    counted = boto3.client("s3").head_object(Bucket=BUCKET, Key=DATA_FILE)["ETag"]
+    assert env["CPB_DATA_FILE_ETAG"] == counted and lease("results/array")["data_etag"] == counted
 
 
 def test_one_child_array_becomes_a_plain_job_with_the_full_range(moto_stack):

@@ -101,6 +101,7 @@ def test_a_child_out_of_memory_is_retried_with_twice_the_memory_once_per_event(s
     env = environment(retry)
     assert env["CPB_RUN_ID"] == run_id and env["CPB_OOM_RETRY"] == "1" and env["CPB_ARRAY_INDEX"] == "1"
     assert env["CPB_IMAGE_SETS_PER_JOB"] == "5" and "CPB_ARRAY_OFFSET" not in env
+    assert env["CPB_DATA_FILE_ETAG"] and env["CPB_DATA_FILE_ETAG"] == environment(parent)["CPB_DATA_FILE_ETAG"]
     assert env["CPB_MEMORY_MIB"] == "8192" and resources(retry["jobId"]) == {"VCPU": "2", "MEMORY": "8192"}
     assert "arrayProperties" not in retry  # a plain job running part 1
     assert retry["tags"]["cpb:oom-retry"] == "1" and retry["tags"]["cpb:run-id"] == run_id
@@ -252,14 +253,6 @@ def test_out_of_memory_is_recognised_from_batch_reasons():
 
 
 @pytest.mark.race
-@pytest.mark.xfail(strict=True, reason=(
-    "two invocations handling the same failed child at once (its own event and its parent's FAILED event, "
-    "which lists failed children; both arrive together when the out-of-memory child finishes last) each "
-    "look the retry's name up, find nothing, and both submit: two jobs run the same part of the same run "
-    "and race in its upload (a record can end up vouching for the other copy's files). A name lookup is not "
-    "a claim, and the events role may not TerminateJob the loser. Fix (a contract addition): claim before "
-    "submitting, e.g. create the child's _cpb/events/<job id>.json (IfNoneMatch) with the retry pending "
-    "before SubmitJob, or append a pending retry entry (job_id null, owner, until) to the lease first"))
 def test_a_child_handled_by_its_own_event_and_its_parents_at_once_is_retried_once(stack, monkeypatch):
     from handlers.submission import Submitter
     submit(output="results/twice", data_file=DATA_FILE, image_sets_per_job=5)
@@ -280,5 +273,89 @@ def test_a_child_handled_by_its_own_event_and_its_parents_at_once_is_retried_onc
         return found
 
     monkeypatch.setattr(Submitter, "_find_submitted", meanwhile_the_parent_event)
-    handle(child)
-    assert len(jobs_named(stack, parent["jobName"] + "-oom1-1")) == 1
+    done = handle(child)
+    [retry] = jobs_named(stack, parent["jobName"] + "-oom1-1")
+    assert done["jobs"][0]["retried_by"] == retry["jobId"]
+    assert [r["job_id"] for r in lease("results/twice")["retries"]] == [retry["jobId"]]
+    # the claim was the child's event file: it now names the retry, and the claim is gone from it
+    recorded = event_file("results/twice", f"{parent['jobId']}:1")
+    assert recorded["retried_by"] == retry["jobId"] and "retry_claim" not in recorded
+    assert recorded["status"] == "FAILED" and recorded["array_index"] == 1
+
+
+@pytest.mark.race
+def test_an_invocation_that_finds_the_retry_claimed_and_submitted_adopts_it(stack, monkeypatch):
+    """The other order: the child's invocation has submitted the retry but not yet recorded it in the
+    lease when the parent's invocation handles the same child: it adopts the retry (named in the claim),
+    records it once, and the child's invocation finds it recorded."""
+    from handlers.lease import Leases
+    submit(output="results/adopt", data_file=DATA_FILE, image_sets_per_job=5)
+    [parent] = stack.jobs()
+    child = job_event(stack, f"{parent['jobId']}:1", exit_code=137, container_reason=OOM_REASON)
+    set_job_state(f"{parent['jobId']}:0", "SUCCEEDED")
+    from ingress_moto import moto_job
+    moto_job(f"{parent['jobId']}:1").job_stopped_reason = OOM_REASON
+    parent_event = job_event(stack, parent["jobId"], status_reason="Array Child Job failed")
+    original, parent_done = Leases.write, []
+
+    def meanwhile_the_parent_event(self, output, body, etag, **kwargs):
+        if not parent_done and body.get("retries"):  # the child's invocation is about to record its retry
+            parent_done.append(None)
+            parent_done[0] = handle(parent_event)
+        return original(self, output, body, etag, **kwargs)
+
+    monkeypatch.setattr(Leases, "write", meanwhile_the_parent_event)
+    done = handle(child)
+    [retry] = jobs_named(stack, parent["jobName"] + "-oom1-1")
+    assert done["jobs"][0]["retried_by"] == retry["jobId"]
+    assert [j["retried_by"] for j in parent_done[0]["jobs"]] == [None, retry["jobId"]]
+    assert [r["job_id"] for r in lease("results/adopt")["retries"]] == [retry["jobId"]]
+
+
+@pytest.mark.fault
+def test_a_claim_whose_holder_died_before_submitting_is_taken_over(stack):
+    """An invocation claimed the retry (the child's event file with `retry_claim`) and died (its Lambda
+    timed out) before SubmitJob: once its claim has run out, the redelivered event takes it over and
+    submits; a live claim of another invocation that has submitted nothing yet is left to it."""
+    import boto3
+    submit(output="results/dead", data_file=DATA_FILE, image_sets_per_job=5)
+    [parent] = stack.jobs()
+    child_id = f"{parent['jobId']}:1"
+    event = job_event(stack, child_id, exit_code=137, container_reason=OOM_REASON)
+    key = events.event_key("results/dead", child_id)
+    s3 = boto3.client("s3")
+    held = {"job_id": child_id, "status": "FAILED", "retried_by": None,
+            "retry_claim": {"job_name": parent["jobName"] + "-oom1-1", "owner": "alive/1", "until": 4102444800.0}}
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(held).encode())  # live until the year 2100
+    done = handle(event)
+    assert done["jobs"][0]["retry_claimed_elsewhere"] and not jobs_named(stack, parent["jobName"] + "-oom1-1")
+    assert event_file("results/dead", child_id) == held  # untouched: its holder finishes it
+    held["retry_claim"].update(owner="dead/1", until=1.0)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(held).encode())
+    done = handle(event)
+    [retry] = jobs_named(stack, parent["jobName"] + "-oom1-1")
+    assert done["jobs"][0]["retried_by"] == retry["jobId"]
+    assert event_file("results/dead", child_id)["retried_by"] == retry["jobId"]
+    assert [r["job_id"] for r in lease("results/dead")["retries"]] == [retry["jobId"]]
+
+
+@pytest.mark.fault
+def test_a_refused_submit_releases_the_claim_so_the_redelivered_event_retries(stack, monkeypatch):
+    from handlers.submission import Submitter
+    submit(output="results/refused", data_file=DATA_FILE, image_sets_per_job=5)
+    [parent] = stack.jobs()
+    child_id = f"{parent['jobId']}:1"
+    event = job_event(stack, child_id, exit_code=137, container_reason=OOM_REASON)
+    original = Submitter.find_or_submit
+
+    def refused(self, arguments, release=lambda: None):
+        release()  # what find_or_submit does when SubmitJob certainly submitted nothing (e.g. a 4xx)
+        raise RuntimeError("ClientException: refused")
+
+    monkeypatch.setattr(Submitter, "find_or_submit", refused)
+    with pytest.raises(RuntimeError):
+        handle(event)
+    assert event_file("results/refused", child_id)["retry_claim"]["until"] == 0
+    monkeypatch.setattr(Submitter, "find_or_submit", original)
+    retry = handle(event)["jobs"][0]["retried_by"]
+    assert retry and [j["jobId"] for j in jobs_named(stack, parent["jobName"] + "-oom1-1")] == [retry]

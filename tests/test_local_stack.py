@@ -220,3 +220,40 @@ def test_what_stops_it_from_starting_is_one_line(tmp_path, args, env, expected):
     assert done.returncode in (1, 2)
     assert [line for line in done.stderr.splitlines() if line.startswith("Error:")] == [expected]
     assert "Traceback" not in done.stderr and not (tmp_path / "local-stack.json").exists()
+
+
+TWO_STACKS = """
+import logging, sys, time
+from pathlib import Path
+import boto3
+from cpb.local.up import LocalCloud
+logging.getLogger("elsewhere").addHandler(logging.lastResort)  # a handler reading sys.stderr each time, no setter
+out = Path(sys.argv[1])
+worker = out / "worker.py"
+worker.write_text("import sys; sys.exit(0)\\n")
+for round_ in (1, 2):
+    with LocalCloud(worker_command=[sys.executable, str(worker)], log_dir=out / f"logs{round_}", write_state=False,
+                    batching_window=0) as cloud:
+        boto3.client("sqs").send_message(QueueUrl=cloud.stack.queue_url, MessageBody='{"pipeline": "p.cppipe"}')
+        deadline = time.monotonic() + 60
+        while not cloud.mapping.reports and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cloud.wait_idle(60)
+    print(f"round {round_} done", flush=True)
+"""
+
+
+def test_a_second_local_stack_in_one_process_keeps_the_lambdas_logs_in_its_log_folder(tmp_path):
+    """bench/bench_demo.py runs the demo several times in one process: the Lambda modules are imported
+    (and Powertools' log handler made) during the first stack, and the second stack's Lambdas printed
+    their JSON log lines to the terminal. Every round's lines belong in its own log folder."""
+    script = tmp_path / "stacks.py"
+    script.write_text(textwrap.dedent(TWO_STACKS))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=180,
+                          cwd=str(REPO), env={**os.environ, "CPB_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["round 1 done", "round 2 done"], done.stdout[-3000:]
+    assert '"level"' not in done.stderr
+    for round_ in (1, 2):
+        log = (tmp_path / f"logs{round_}" / "lambda" / "cpb-local-ingress.log").read_text()
+        assert '"message":"job message failed"' in log and '"field":"input"' in log, log[-2000:]

@@ -313,12 +313,6 @@ def test_a_job_whose_upstream_was_rerun_while_it_ran_fails(s3, cellprofiler_env,
                                        "(its current run is now ill-2, this job read run ill-1)")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an array child cannot tell that the data file changed after the Lambda counted it when the row count "
-    "is unchanged: it hashes only its own rows, and nothing pins the object the Lambda read. Fix (a contract "
-    "addition): the Lambda records the data file's ETag/VersionId in the lease and job environment (e.g. "
-    "CPB_DATA_ETAG) and the worker reads the data file with GetObject IfMatch (on FSx: compares a HEAD), "
-    "failing with exit 2 'the data file changed since the run was submitted: send the message again'"))
 def test_an_array_child_refuses_a_data_file_edited_after_the_run_was_submitted(s3, plate, cellprofiler_env, tmp_path):
     """Adversary: child 0 ran on the data file the Lambda counted; the scientist then uploaded a
     corrected CSV (same number of rows, image sets 3-4 changed) under the same key. Child 1 reads
@@ -326,6 +320,7 @@ def test_an_array_child_refuses_a_data_file_edited_after_the_run_was_submitted(s
     file (each part's fingerprint only covers its own rows, so nothing downstream can tell)."""
     rows = list(csv.reader(plate.data_file.open()))
     s3.upload_file(str(plate.data_file), BUCKET, "in/edited.csv")
+    counted = s3.head_object(Bucket=BUCKET, Key="in/edited.csv")["ETag"]  # what the Lambda read (CPB_DATA_FILE_ETAG)
     put_lease(s3, "res/edited", "run-A", array_size=2, image_set_count=4)
     rows[3][-1], rows[4][-1] = "7", "8"  # Metadata_Site of image sets 3 and 4
     changed = tmp_path / "edited.csv"
@@ -333,6 +328,36 @@ def test_an_array_child_refuses_a_data_file_edited_after_the_run_was_submitted(s
         csv.writer(handle).writerows(rows)
     s3.upload_file(str(changed), BUCKET, "in/edited.csv")  # after the Lambda counted, before child 1 starts
     env = child(cellprofiler_env, tmp_path, "res/edited", "run-A", 1, CPB_DATA_FILE="in/edited.csv",
-                CPB_CELLPROFILER=NO_CELLPROFILER)
+                CPB_DATA_FILE_ETAG=counted, CPB_CELLPROFILER=NO_CELLPROFILER)
     assert worker_aws.main_aws(env) == 2
-    assert "data file changed since the run was submitted" in record_at(s3, "res/edited/part-00001")["reason"]
+    assert record_at(s3, "res/edited/part-00001")["reason"].startswith(
+        "the data file changed after the message was accepted: resubmit")
+
+
+@pytest.mark.cellprofiler
+def test_on_fsx_the_data_file_is_checked_against_the_version_the_lambda_counted(s3, plate, cellprofiler_env,
+                                                                                  tmp_path, capsys):
+    """FSx mode: the FSx copy is used only while S3's object is still the version the Lambda counted
+    (a HEAD); an edit in place fails the child with the same line, and the unedited file runs."""
+    fsx = tmp_path / "fsx"
+    for key in ("p/nuclei.cppipe", "in/load_data.csv", *(f"in/{image.name}" for image in plate.images)):
+        (fsx / key).parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(BUCKET, key, str(fsx / key))
+    counted = s3.head_object(Bucket=BUCKET, Key="in/load_data.csv")["ETag"]
+    put_lease(s3, "res/fsx-pin", "run-A", array_size=2, image_set_count=4)
+    env = child(cellprofiler_env, tmp_path / "w1", "res/fsx-pin", "run-A", 0, CPB_FSX_ROOT=str(fsx),
+                CPB_DATA_FILE_ETAG=counted)
+    assert worker_aws.main_aws(env) == 0
+    assert record_at(s3, "res/fsx-pin/part-00000")["status"] == "succeeded"
+    stale = dict(env, CPB_DATA_FILE_ETAG='"0123456789abcdef0123456789abcdef"', CPB_CELLPROFILER=NO_CELLPROFILER,
+                 AWS_BATCH_JOB_ARRAY_INDEX="1", CPB_WORK_DIR=str(tmp_path / "w2"))
+    assert worker_aws.main_aws(stale) == 2
+    assert record_at(s3, "res/fsx-pin/part-00001")["reason"].startswith(
+        "the data file changed after the message was accepted: resubmit")
+    # FSx has not caught up with S3 (its copy is not the object's size): the counted version is read from S3
+    (fsx / "in/load_data.csv").write_text("Image_FileName_DNA\n")
+    capsys.readouterr()
+    lagging = dict(stale, CPB_DATA_FILE_ETAG=counted, CPB_WORK_DIR=str(tmp_path / "w3"))
+    assert worker_aws.main_aws(lagging) != 0  # no CellProfiler here; what matters is which copy was read
+    assert "the data file is not on FSx" in capsys.readouterr().err
+    assert "data file changed" not in record_at(s3, "res/fsx-pin/part-00001")["reason"]

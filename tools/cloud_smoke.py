@@ -8,9 +8,13 @@ this project's CI: no account). In order:
  2. says what it will cost and how long it takes, and asks (``--yes`` skips the question);
  3. ``pulumi stack init`` + the ``dev`` stack's settings (Pulumi.dev.yaml: FSx off, forceDestroy on),
     ``pulumi up --policy-pack policy``;
- 4. generates the demo plate (synthetic nuclei with a known count per site), ``cpb submit --upload``
-    it as an array job, waits with ``cpb status --watch``, downloads with ``cpb results`` and checks
-    every well's count against the truth;
+ 4. runs the plate ``make demo`` runs, the same way: generates the synthetic Cell Painting plate (three
+    channels under uneven light, a known nucleus count per site: ``cpb.demo.cellpainting``), sends it
+    with ``cpb plate`` (LoadData from the file names, upload, ONE message: the illumination job, then
+    the analysis array job after it, chained with ``after``/Batch ``dependsOn``), waits for both steps
+    with ``cpb status --watch``, downloads both with ``cpb results``, checks the illumination step
+    saved one function per channel and every well's nucleus count against the truth (right only
+    with the illumination correction applied);
  5. ALWAYS ``pulumi destroy`` and ``pulumi stack rm``: after success, after any failure, and after
     Ctrl-C / SIGTERM / SIGHUP (the running ``pulumi up`` is told to stop first; while destroying, further
     interrupts are ignored, because stopping a destroy half-way leaves billed resources behind).
@@ -40,9 +44,10 @@ PROJECT = "cellpainting-batch"
 #: Said before anything is created. Estimated, not measured: this project has no AWS account.
 EXPECTED = """\
 cloud smoke test of stack {stack} in {region} (estimated; never measured here, there is no AWS account):
-  duration  about 30-50 minutes: pulumi up 10-20 min (building and pushing the ~3 GB CellProfiler image,
-            NAT gateway, Batch), the demo plate 10-15 min (hosts start from 0 vCPU, pull the image, run
-            {sets} image sets), pulumi destroy 5-10 min
+  duration  about 35-55 minutes: pulumi up 10-20 min (building and pushing the ~3 GB CellProfiler image,
+            NAT gateway, Batch), the demo plate 15-20 min (hosts start from 0 vCPU and pull the image; the
+            illumination job over all {sets} image sets, then the analysis array job after it), pulumi
+            destroy 5-10 min
   cost      under US$1, typically US$0.20-0.50: a NAT gateway (~$0.05/h), a few spot instance-minutes
             (c6i/m6i), ECR storage of the image for an hour, and cents of S3, Lambda, SQS, EventBridge and
             CloudWatch. FSx is off in the dev settings (it would bill ~$0.23/h).
@@ -147,8 +152,8 @@ class Pulumi(Protocol):
 
 class Client(Protocol):
     def check(self, region: str) -> str: ...
-    def submit(self, stack: str, plate: "Plate", output: str) -> None: ...
-    def wait(self, stack: str, output: str, timeout_seconds: float) -> int: ...
+    def submit(self, stack: str, plate: "Plate", root: str) -> None: ...
+    def wait(self, stack: str, outputs: Sequence[str], timeout_seconds: float) -> int: ...
     def results(self, stack: str, output: str, dest: Path) -> Path: ...
 
 
@@ -219,19 +224,26 @@ class PulumiCli:
 
 @dataclass
 class Plate:
-    """The generated demo plate (cpb.demo.synthetic.make_plate)."""
+    """The generated demo plate (cpb.demo.cellpainting.make_cellpainting_plate) and how `cpb plate` runs it."""
 
+    name: str  # the plate name in its file names: its outputs are <root>/<name>/illum and <root>/<name>/analysis
     images_dir: Path
-    data_file: Path
     truth: dict
-    pipeline: Path
+    illum_pipeline: Path
+    analysis_pipeline: Path
+    channels: dict  # CellProfiler image name -> channel number in the file names (w1, w2, ...)
+    illum_files: tuple = ()  # what the illumination step must save (one function per channel)
+
+    def outputs(self, root: str) -> tuple[str, str]:
+        """(illumination output, analysis output) under `root`, as `cpb plate` lays them out."""
+        return f"{root}/{self.name}/illum", f"{root}/{self.name}/analysis"
 
 
 class CpbClient:
     """The scientist's side: the real `cpb` commands, pointed at the stack with --stack."""
 
-    def __init__(self, invoke: Optional[Callable[[list[str]], int]] = None) -> None:
-        self.invoke = invoke or _cpb
+    def __init__(self, invoke: Optional[Callable[[list[str]], int]] = None, poll_seconds: int = 30) -> None:
+        self.invoke, self.poll_seconds = invoke or _cpb, poll_seconds
 
     def check(self, region: str) -> str:
         """The AWS account the credentials belong to (and Docker, which `pulumi up` builds the image with)."""
@@ -247,24 +259,27 @@ class CpbClient:
             raise SmokeFailure(f"no usable AWS credentials ({error}): `aws sso login`, `aws configure` or "
                                "AWS_PROFILE") from None
 
-    def submit(self, stack: str, plate: Plate, output: str) -> None:
-        code = self.invoke(["submit", "--stack", stack, "--upload", str(plate.images_dir),
-                            "--pipeline", str(plate.pipeline), "--input", f"plates/{output.rsplit('/', 1)[-1]}",
-                            "--output", output, "--data-file", str(plate.data_file),
-                            "--image-sets-per-job", "2", "--vcpus", "1", "--memory", "4096",
-                            "--job-name", "cloud-smoke"])
+    def submit(self, stack: str, plate: Plate, root: str) -> None:
+        """`cpb plate`, as `make demo` sends its plate: illumination, then the analysis array after it."""
+        channels = [a for name, number in plate.channels.items() for a in ("--channel", f"{number}={name}")]
+        code = self.invoke(["plate", "--stack", stack, str(plate.images_dir),
+                            "--illum-pipeline", str(plate.illum_pipeline),
+                            "--analysis-pipeline", str(plate.analysis_pipeline), "--pattern", "imagexpress",
+                            *channels, "--root", root,
+                            "--image-sets-per-job", "2", "--vcpus", "1", "--memory", "4096"])
         if code != 0:
-            raise SmokeFailure(f"`cpb submit` failed (exit {code})")
+            raise SmokeFailure(f"`cpb plate` failed (exit {code})")
 
-    def wait(self, stack: str, output: str, timeout_seconds: float) -> int:
-        return self.invoke(["status", "--stack", stack, output, "--watch", "--interval", "30",
+    def wait(self, stack: str, outputs: Sequence[str], timeout_seconds: float) -> int:
+        return self.invoke(["status", "--stack", stack, *outputs, "--watch", "--interval", str(self.poll_seconds),
                             "--timeout", str(timeout_seconds), "--logs", "20"])
 
     def results(self, stack: str, output: str, dest: Path) -> Path:
+        """Download `output`'s current run into `dest` (returned)."""
         code = self.invoke(["results", "--stack", stack, output, "--to", str(dest)])
         if code != 0:
-            raise SmokeFailure(f"`cpb results` refused the output (exit {code})")
-        return dest / "Image.csv"
+            raise SmokeFailure(f"`cpb results` refused {output} (exit {code})")
+        return dest
 
 
 def _cpb(args: list[str]) -> int:
@@ -295,7 +310,7 @@ class SmokeSettings:
     region: Optional[str] = None  # default: Pulumi.dev.yaml's aws:region
     yes: bool = False
     wait_minutes: float = 45.0
-    wells: tuple[str, ...] = ("A01", "A02")
+    wells: tuple[str, ...] = ("A01", "A02")  # A01 a negative control, A02 treated (the demo's platemap)
     sites: int = 4
     seed: int = 7
     tolerance: float = 0.1
@@ -327,13 +342,26 @@ def check_counts(image_csv: Path, truth: dict, tolerance: float) -> list[str]:
             for row in compare_counts(image_csv, truth, tolerance) if not row["ok"]]
 
 
-def make_demo_plate(dest: Path, settings: SmokeSettings) -> Plate:
-    from cpb.demo.synthetic import PIPELINE, make_plate
+#: The plate's name in its file names (and so in its outputs, plates/SMOKE1/illum and .../analysis).
+PLATE_NAME = "SMOKE1"
 
-    plate = make_plate(dest, wells=settings.wells, sites=settings.sites, seed=settings.seed)
-    # The copy inside the uploaded folder, as `cpb demo` submits it.
-    return Plate(images_dir=plate.images_dir, data_file=plate.images_dir / "load_data.csv", truth=plate.truth,
-                 pipeline=PIPELINE)
+
+def make_demo_plate(dest: Path, settings: SmokeSettings) -> Plate:
+    """The Cell Painting plate `make demo` runs (cpb.demo.cellpainting), with its two pipelines."""
+    from cpb.demo.cellpainting import (ANALYSIS_PIPELINE, CHANNEL_NUMBERS, ILLUM_FILES, ILLUM_PIPELINE,
+                                       make_cellpainting_plate)
+
+    plate = make_cellpainting_plate(dest, wells=settings.wells, sites=settings.sites, seed=settings.seed,
+                                    plate=PLATE_NAME)
+    return Plate(name=plate.plate, images_dir=plate.images_dir, truth=plate.truth, illum_pipeline=ILLUM_PIPELINE,
+                 analysis_pipeline=ANALYSIS_PIPELINE, channels=dict(CHANNEL_NUMBERS),
+                 illum_files=tuple(sorted(ILLUM_FILES.values())))
+
+
+def check_illumination(folder: Path, plate: Plate) -> list[str]:
+    """Problems (one line each) with the illumination step's results: a function per channel."""
+    return [f"the illumination step saved no {name} (its results: {sorted(p.name for p in folder.glob('*'))})"
+            for name in plate.illum_files if not (folder / name).is_file()]
 
 
 def run_smoke(settings: SmokeSettings, pulumi: Pulumi, client: Client, say: Callable[[str], None] = print,
@@ -372,18 +400,23 @@ def run_smoke(settings: SmokeSettings, pulumi: Pulumi, client: Client, say: Call
             if missing:
                 raise SmokeFailure(f"the stack has no outputs {sorted(missing)}")
             work = Path(tempfile.mkdtemp(prefix="cpb-cloud-smoke-", dir=settings.work_dir))
-            output = f"results/smoke-{time.strftime('%Y%m%dT%H%M%S')}"
-            say(f"[3/5] demo plate ({len(settings.wells)} wells x {settings.sites} sites) -> cpb submit --upload "
-                f"-> s3://{outputs['bucketName']}/{output}/")
+            root = f"smoke-{time.strftime('%Y%m%dT%H%M%S')}"
             plate = make_plate(work / "plate", settings)
-            client.submit(settings.stack, plate, output)
-            say(f"[4/5] cpb status --watch (at most {settings.wait_minutes:.0f} min)")
-            verdict = client.wait(settings.stack, output, settings.wait_minutes * 60)
+            illum, analysis = plate.outputs(root)
+            say(f"[3/5] the demo's Cell Painting plate ({len(settings.wells)} wells x {settings.sites} sites x "
+                f"{len(plate.channels)} channels) -> cpb plate: illumination s3://{outputs['bucketName']}/{illum}/, "
+                f"then the analysis array after it -> s3://{outputs['bucketName']}/{analysis}/")
+            client.submit(settings.stack, plate, root)
+            say(f"[4/5] cpb status --watch of both steps (at most {settings.wait_minutes:.0f} min)")
+            verdict = client.wait(settings.stack, (illum, analysis), settings.wait_minutes * 60)
             if verdict != STATUS_OK:
                 raise SmokeFailure("the jobs " + ("failed" if verdict == STATUS_FAILED else
                                                   f"did not finish within {settings.wait_minutes:.0f} min")
                                    + " (cpb status above)")
-            image_csv = client.results(settings.stack, output, work / "results")
+            problems = check_illumination(client.results(settings.stack, illum, work / "illum"), plate)
+            if problems:
+                raise SmokeFailure("; ".join(problems))
+            image_csv = client.results(settings.stack, analysis, work / "results") / "Image.csv"
             problems = check_counts(image_csv, plate.truth, settings.tolerance)
             if problems:
                 raise SmokeFailure("counts differ from the plate's truth: " + "; ".join(problems))
@@ -403,7 +436,8 @@ def run_smoke(settings: SmokeSettings, pulumi: Pulumi, client: Client, say: Call
             if created:
                 outcome = _clean_up(settings.stack, pulumi, signals, say, outcome)
     if outcome == 0:
-        say("cloud-smoke succeeded: deployed, ran the demo plate, counts right, destroyed")
+        say("cloud-smoke succeeded: deployed, ran the demo plate through the chain (illumination -> analysis), "
+            "counts right, destroyed")
     return outcome
 
 

@@ -131,6 +131,12 @@ def make_profiles(folder: "str | os.PathLike[str]", platemap: "str | os.PathLike
         raise AnalysisError(f"platemap {Path(platemap).name} does not list well(s) {', '.join(unknown[:8])}"
                             f"{' ...' if len(unknown) > 8 else ''} that have cells: add a row per well "
                             "(or remove those wells' images)")
+    for plate, plate_cells in cells.groupby("Metadata_Plate", sort=True):
+        wells = sorted(set(plate_cells["Metadata_Well"]))
+        if len(wells) < 2:  # nothing to normalize against, and no variance to select features by
+            raise AnalysisError(f"plate {plate}: profiles need at least 2 wells with cells to normalize and compare "
+                                f"(found {len(wells)}: {', '.join(wells)}): image more wells of the plate (the "
+                                "single-cell Parquet and cpb report need none)")
     if normalize_to == "negcon":
         for plate, plate_cells in cells.groupby("Metadata_Plate", sort=True):
             controls = sorted(set(plate_cells["Metadata_Well"]) & {row[well_column] for row in rows

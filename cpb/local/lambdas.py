@@ -99,7 +99,6 @@ class OutputCapture:
         self.err: Optional[_ThreadRouter] = None
 
     def install(self) -> None:
-        import logging
         with self._lock:
             self._users += 1
             if self._users > 1:
@@ -108,15 +107,12 @@ class OutputCapture:
             self.out, self.err = _ThreadRouter(sys.stdout), _ThreadRouter(sys.stderr)
             sys.stdout, sys.stderr = self.out, self.err
             # Powertools' (and any) StreamHandler created before now holds the real stream: re-point it.
-            loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
-                                               if isinstance(v, logging.Logger)]
-            for logger in loggers:
-                for handler in logger.handlers:
-                    stream = getattr(handler, "stream", None)
-                    if isinstance(handler, logging.StreamHandler) and stream in self._saved:
-                        router = self.out if stream is self._saved[0] else self.err
-                        self._moved.append((handler, stream))
-                        handler.setStream(router)
+            for handler in _stream_handlers():
+                stream = handler.stream
+                if stream in self._saved:
+                    router = self.out if stream is self._saved[0] else self.err
+                    self._moved.append((handler, stream))
+                    handler.setStream(router)
 
     def uninstall(self) -> None:
         with self._lock:
@@ -127,6 +123,12 @@ class OutputCapture:
                 if getattr(handler, "stream", None) in (self.out, self.err):
                     handler.setStream(stream)
             self._moved.clear()
+            # A handler created WHILE installed (a Lambda module first imported by an invocation, as
+            # Powertools' Logger is) holds our router: give it the real stream, so the next install
+            # routes it again instead of it writing through this dead router to the terminal.
+            for handler in _stream_handlers():
+                if handler.stream is self.out or handler.stream is self.err:
+                    handler.setStream(self._saved[0] if handler.stream is self.out else self._saved[1])
             if sys.stdout is self.out:
                 sys.stdout = self._saved[0]
             if sys.stderr is self.err:
@@ -144,6 +146,16 @@ class OutputCapture:
         for router in (self.out, self.err):
             if router is not None:
                 router.buffers.pop(threading.get_ident(), None)
+
+
+def _stream_handlers() -> list:
+    """Every logging.StreamHandler of every logger (the root's included) that holds its own stream
+    (logging's last-resort handler reads sys.stderr each time: nothing to re-point, and no setter)."""
+    import logging
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger)]
+    return [h for logger in loggers for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and "stream" in vars(h)]
 
 
 CAPTURE = OutputCapture()

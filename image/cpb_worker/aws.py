@@ -64,6 +64,7 @@ class JobEnv:
     resume: bool = True
     after: Tuple[str, ...] = ()
     oom_retry: Optional[int] = None
+    data_etag: Optional[str] = None  # CPB_DATA_FILE_ETAG: the data file version the Lambda counted
 
     @property
     def prefix(self) -> str:
@@ -111,7 +112,8 @@ class JobEnv:
                    attempt=integer("AWS_BATCH_JOB_ATTEMPT"), run_id=(env.get("CPB_RUN_ID") or "").strip() or None,
                    array_offset=offset, resume=(env.get("CPB_RESUME") or "1").strip() != "0",
                    after=tuple(a.strip().strip("/") for a in (env.get("CPB_AFTER") or "").split(",") if a.strip()),
-                   oom_retry=integer("CPB_OOM_RETRY"))
+                   oom_retry=integer("CPB_OOM_RETRY"),
+                   data_etag=(env.get("CPB_DATA_FILE_ETAG") or "").strip() or None)
 
 
 class Stager:
@@ -146,6 +148,28 @@ class Stager:
         paths = [self.local(k) for k in keys]
         self.s3.download_many([(k, p) for k, p in zip(keys, paths) if not p.is_file()])
         return paths
+
+    def fetch_pinned(self, key: str, etag: str) -> Path:
+        """The data file exactly as the Lambda read and counted it (its ETag `etag`), else BadInput.
+
+        Edited in place after the message was accepted (same key, same row count), it would give the
+        children that start later other rows than the ones that started before. From S3 it is read
+        with IfMatch; on FSx the S3 object's ETag is checked with a HEAD first, and the FSx copy is
+        used only when it is there at the object's size (else the object is read from S3, IfMatch)."""
+        if self.job.fsx_root is not None:
+            head = self.s3.head(key)
+            if _unquoted(head.get("ETag")) != _unquoted(etag):
+                raise BadInput(data_file_changed(self.job.bucket, key))
+            copy = self.local(key)
+            if copy.is_file() and copy.stat().st_size == int(head.get("ContentLength", -1)):
+                return copy
+            print(f"cpb_worker: the data file is not on FSx ({self.job.fsx_root}) as it is in S3 yet; reading it "
+                  "from S3", file=sys.stderr)
+        path = safe_key_path(self.root, key)
+        if self.s3.download_if_match(key, path, etag) is None:
+            raise BadInput(data_file_changed(self.job.bucket, key))
+        self.from_s3[key] = path
+        return path
 
     def input_dir(self, prefix: str, keys: Optional[List[str]] = None) -> Path:
         """The folder holding every object under `prefix` (no data file: the folder IS the image list).
@@ -188,6 +212,16 @@ class Stager:
         return f"{base_key}/{local}" if base_key else local
 
 
+def _unquoted(etag: Optional[str]) -> str:
+    return str(etag or "").strip().strip('"')
+
+
+def data_file_changed(bucket: str, key: str) -> str:
+    """The one line a job whose data file was replaced after its message was accepted fails with."""
+    return (f"the data file changed after the message was accepted: resubmit (s3://{bucket}/{key} is not the "
+            "version the Lambda counted, so parts of this run would read different rows)")
+
+
 def _base_key(plan: Plan, job: JobEnv) -> str:
     """Key prefix LoadData's relative image paths start from (the input prefix, or a sub-folder)."""
     base = loaddata_base(plan, Path("/@input"), Path("/@output"))
@@ -221,7 +255,10 @@ def plan_inputs(job: JobEnv, stager: Stager, s3: S3IO, env: Mapping[str, str]) -
     pipeline_path = stager.fetch([job.pipeline])[0]
     if data_key is None:
         data_key = _loaddata_key(pipeline_path, job)
-    data_path = stager.fetch([data_key])[0] if data_key else None
+    if data_key is not None and data_key == job.data_file and job.data_etag:
+        data_path: Optional[Path] = stager.fetch_pinned(data_key, job.data_etag)
+    else:
+        data_path = stager.fetch([data_key])[0] if data_key else None
     listing: Optional[Dict[str, int]] = None
     input_files = None
     if data_path is None:

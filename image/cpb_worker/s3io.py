@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ T = TypeVar("T")
 
 _PERMANENT = ("NoSuchKey", "404", "NotFound", "NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId",
               "AllAccessDisabled", "InvalidBucketName")
+#: What S3 answers a conditional read (IfMatch) of an object that is not that version any more.
+_CHANGED = ("PreconditionFailed", "412")
 _CONTENT_TYPES = {".csv": "text/csv", ".json": "application/json", ".log": "text/plain", ".png": "image/png",
                   ".tif": "image/tiff", ".tiff": "image/tiff", ".jpg": "image/jpeg", ".txt": "text/plain"}
 
@@ -107,6 +110,31 @@ class S3IO:
             return dest
 
         return self._retry(f"download s3://{self.bucket}/{key}", action)
+
+    def download_if_match(self, key: str, dest: Path, etag: str) -> Optional[Path]:
+        """Download `key` only while it is the object version `etag` (GetObject IfMatch); None when
+        it has changed since (S3 answers 412)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+
+        def action() -> Optional[Path]:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+            except Exception as exc:
+                if _error_code(exc) in _CHANGED:
+                    return None
+                raise
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(response["Body"], out, 1024 * 1024)
+            os.replace(tmp, dest)
+            return dest
+
+        return self._retry(f"download s3://{self.bucket}/{key}", action)
+
+    def head(self, key: str) -> Dict:
+        """HeadObject of `key` (its ETag, ContentLength...)."""
+        return self._retry(f"look at s3://{self.bucket}/{key}",
+                           lambda: self.client.head_object(Bucket=self.bucket, Key=key))
 
     def download_many(self, pairs: Iterable[Tuple[str, Path]]) -> List[Path]:
         """Download (key, dest) pairs concurrently; each file retried on its own."""
