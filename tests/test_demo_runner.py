@@ -3,9 +3,10 @@
 `cpb.local.batch` must behave like Batch where the demo and `cpb local up` rely on it: run each
 array child with Batch's variables, apply the job definition's retry strategy (exit 4 retried;
 2, 3 and 137 not: out of memory is the job-events Lambda's to resubmit with more memory), and
-decide SUCCEEDED or FAILED itself (moto's no-Docker Batch would call every job SUCCEEDED at once). The mapping (`cpb.local.mapping`) must delete only the messages the
-handler did not report as failures, so a bad message goes to the DLQ after its retries while good
-ones in the same batch are submitted once.
+decide SUCCEEDED or FAILED itself (moto's no-Docker Batch would call every job SUCCEEDED at once).
+The mapping (`cpb.local.mapping`) must delete only the messages the handler did not report as
+failures, so a bad message goes to the DLQ after its retries while good ones in the same batch are
+submitted once.
 """
 from __future__ import annotations
 

@@ -105,8 +105,8 @@ def test_out_of_memory_is_retried_with_twice_the_memory_until_the_stacks_maximum
         assert cloud.wait_idle(600)
         assert all(not r.failed for r in cloud.mapping.reports)
         # Job names are the message's `job_name` plus the message's token (`-<12 hex>`), which we drop.
-        outcomes = [(re.sub(r"-[0-9a-f]{12}", "", o.item.name), o.item.index, o.item.memory_mib, o.status, o.exit_code, o.container_reason)
-                    for o in cloud.batch.outcomes]
+        outcomes = [(re.sub(r"-[0-9a-f]{12}", "", o.item.name), o.item.index, o.item.memory_mib, o.status,
+                     o.exit_code, o.container_reason) for o in cloud.batch.outcomes]
         s3 = boto3.client("s3")
         bucket = cloud.stack.bucket
 
