@@ -143,12 +143,16 @@ def run_worker(env: dict, pipeline: Path, images: Path, data: Optional[Path], wo
         server.stop()
 
 
-def measure(env: dict, case, work: Path, vcpus: int, repeat: int):
+def measure(env: dict, case, work: Path, vcpus: int, repeat: int, jvm_ab: bool = False):
     """(single wall, single CPU, worker wall, worker CPU, record): each run `repeat` times, alternating,
-    keeping each one's fastest (noisy machines)."""
+    keeping each one's fastest (noisy machines). `jvm_ab`: also the worker with the JVM's default
+    compilers (JAVA_TOOL_OPTIONS chooses them, so the worker adds none), in the same alternation."""
     pipeline, images, data, _ = case
-    singles, workers = [], []
+    singles, workers, defaults = [], [], []
     for attempt in range(repeat):
+        if jvm_ab:
+            defaults.append(run_worker(dict(env, JAVA_TOOL_OPTIONS="-XX:+TieredCompilation"), pipeline, images,
+                                       data, work / f"jvm-default{attempt}", vcpus)[0])
         c0 = child_cpu()
         single_wall, single_log = run_single(env, pipeline, images, data, work / f"single{attempt}")
         singles.append((single_wall, child_cpu() - c0, single_log))
@@ -158,6 +162,7 @@ def measure(env: dict, case, work: Path, vcpus: int, repeat: int):
     single, single_cpu, single_log = min(singles, key=lambda s: s[0])
     wall, worker_cpu, record = min(workers, key=lambda w: w[0])
     record["single_log"] = single_log
+    record["jvm_default_wall"] = min(defaults) if defaults else None
     return single, single_cpu, wall, worker_cpu, record
 
 
@@ -278,6 +283,10 @@ def report(name: str, label: str, sets: int, vcpus: int, figures) -> float:
           f"{worker_cpu / wall:.2f} cores busy (less than {vcpus}: other users had the rest)")
     parts = ", ".join(f"{k} {t[k]:.2f} s" for k in ("stage", "plan", "merge", "verify", "upload") if k in t)
     print(f"  worker overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of its run (target < 10%); {parts}")
+    if record.get("jvm_default_wall"):
+        default = record["jvm_default_wall"]
+        print(f"  the same worker with the JVM's default compilers (C2 too): {default:.1f} s wall, speed-up "
+              f"{single / default:.2f}x; without C2 (the worker's default) {single / wall:.2f}x")
     return single / wall
 
 
@@ -292,6 +301,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate the two runs this many times and keep each one's fastest (noisy machines)")
     parser.add_argument("--only", choices=("loaddata", "metadata"), help="run one of the two pipelines")
+    parser.add_argument("--jvm-ab", action="store_true",
+                        help="also run the worker with the JVM's default compilers, for the C1-only JVM's effect")
     args = parser.parse_args()
     env = cellprofiler_env()
     if not Path(env["CPB_CELLPROFILER"]).exists():
@@ -306,7 +317,8 @@ def main() -> int:
             cases.append(("LoadData", make_data(work / "loaddata", args.sets)))
         if args.only in (None, "metadata"):
             cases.append(("metadata", make_metadata_data(work / "metadata", args.metadata_sets, args.size)))
-        results = [(name, case, measure(env, case, work / name, args.vcpus, args.repeat)) for name, case in cases]
+        results = [(name, case, measure(env, case, work / name, args.vcpus, args.repeat, args.jvm_ab))
+                   for name, case in cases]
         counting = [(count_only_seconds(env, case, work / name),
                      count_only_seconds(env, (case[0], mirror_plate(work / name, case[1]), None, ""),
                                         work / name / "mirror-count"))
