@@ -151,8 +151,10 @@ def measure(env: dict, case, work: Path, vcpus: int, repeat: int, jvm_ab: bool =
     singles, workers, defaults = [], [], []
     for attempt in range(repeat):
         if jvm_ab:
-            defaults.append(run_worker(dict(env, JAVA_TOOL_OPTIONS="-XX:+TieredCompilation"), pipeline, images,
-                                       data, work / f"jvm-default{attempt}", vcpus)[0])
+            c0 = child_cpu()
+            default_wall = run_worker(dict(env, JAVA_TOOL_OPTIONS="-XX:+TieredCompilation"), pipeline, images,
+                                      data, work / f"jvm-default{attempt}", vcpus)[0]
+            defaults.append((default_wall, child_cpu() - c0))
         c0 = child_cpu()
         single_wall, single_log = run_single(env, pipeline, images, data, work / f"single{attempt}")
         singles.append((single_wall, child_cpu() - c0, single_log))
@@ -162,7 +164,7 @@ def measure(env: dict, case, work: Path, vcpus: int, repeat: int, jvm_ab: bool =
     single, single_cpu, single_log = min(singles, key=lambda s: s[0])
     wall, worker_cpu, record = min(workers, key=lambda w: w[0])
     record["single_log"] = single_log
-    record["jvm_default_wall"] = min(defaults) if defaults else None
+    record["jvm_default"] = min(defaults) if defaults else None
     return single, single_cpu, wall, worker_cpu, record
 
 
@@ -283,10 +285,11 @@ def report(name: str, label: str, sets: int, vcpus: int, figures) -> float:
           f"{worker_cpu / wall:.2f} cores busy (less than {vcpus}: other users had the rest)")
     parts = ", ".join(f"{k} {t[k]:.2f} s" for k in ("stage", "plan", "merge", "verify", "upload") if k in t)
     print(f"  worker overhead: {overhead:.2f} s = {100 * overhead / wall:.1f}% of its run (target < 10%); {parts}")
-    if record.get("jvm_default_wall"):
-        default = record["jvm_default_wall"]
-        print(f"  the same worker with the JVM's default compilers (C2 too): {default:.1f} s wall, speed-up "
-              f"{single / default:.2f}x; without C2 (the worker's default) {single / wall:.2f}x")
+    if record.get("jvm_default"):
+        default, default_cpu = record["jvm_default"]
+        print(f"  the same worker with the JVM's default compilers (C2 too): {default:.1f} s wall, {default_cpu:.1f} s "
+              f"CPU, speed-up {single / default:.2f}x; without C2 (the worker's default) {single / wall:.2f}x, "
+              f"CPU x{worker_cpu / default_cpu:.2f}")
     return single / wall
 
 
