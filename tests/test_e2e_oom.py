@@ -156,7 +156,8 @@ def test_out_of_memory_is_retried_with_twice_the_memory_until_the_stacks_maximum
         assert "FAILED" in failed.output
         assert "the job: retried with 2.0 GiB after running out of memory at 1.0 GiB" in failed.output
         assert f"-oom1 ({lease2['retries'][0]['job_id']}) failed: Essential container in task exited; " \
-               f"{oom}; exit code 137" in failed.output
+               f"{oom}; exit code 137 (out of memory at 2.0 GiB, and no retry with more memory followed: the " \
+               "stack's jobMaxMemoryMib or oomMaxRetries was reached" in failed.output
         refused = cli_run.invoke(cli, ["results", "--stack", "local", "results/OOM2", "--to", str(tmp_path / "no")])
         assert refused.exit_code != 0
     rows = list(csv.DictReader(open(tmp_path / "out" / "Image.csv")))
