@@ -36,7 +36,9 @@ csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))  # Experiment.csv holds the 
 IMAGE_NUMBER_COLUMNS = ("ImageNumber", "ImageNumber_First", "ImageNumber_Second",
                         "First Image Number", "Second Image Number")
 # Experiment.csv keys that differ between two correct parts of one run (when the records' pipeline sha256 agree).
-VOLATILE_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline")
+# ImageSet_Zip_Dictionary: CellProfiler's OME-XML of the image sets of an Images/NamesAndTypes pipeline, naming
+# every image by its absolute URL, i.e. by the scratch folder each part's worker staged the inputs in.
+VOLATILE_KEYS = ("Run_Timestamp", "Modification_Timestamp", "Pipeline_Pipeline", "ImageSet_Zip_Dictionary")
 
 
 class IncompleteRun(Exception):

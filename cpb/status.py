@@ -101,12 +101,14 @@ class OutputStatus:
         lines = []
         parts = {p.index: p for p in self.run.parts}
         explained: set = set()
+        memory = _lease_memory(self.lease)
         for job in self.jobs:
             if job.status == "FAILED" and not job.failed_children:
                 if job.reason.startswith(DEPENDENCY_FAILED):
                     lines.append(f"job {job.name} ({job.job_id}) not run: {self._dependency_failure(False)}")
                 else:
                     lines.append(f"job {job.name} ({job.job_id}) failed: {job.reason or 'no reason given'}"
+                                 + _memory_hint(job.reason, memory.get(job.job_id))
                                  + (f" [log stream {job.log_stream}]" if job.log_stream else ""))
                 explained.update(p.index for p in self.run.parts if job.array_index is None or p.index == job.array_index)
             blocked = []  # children Batch failed by dependency: one line for all of them
@@ -119,7 +121,8 @@ class OutputStatus:
                 text = reason or "no reason given"
                 if worker and worker not in text:
                     text = f"{text}; worker: {worker}"
-                lines.append(f"job {job.name} child {index} failed: {text}" + (f" [log stream {log}]" if log else ""))
+                lines.append(f"job {job.name} child {index} failed: {text}"
+                             + _memory_hint(reason, memory.get(job.job_id)) + (f" [log stream {log}]" if log else ""))
                 explained.add(index)
             if blocked:
                 lines.append(f"job {job.name} {_child_span(blocked)} not run: {self._dependency_failure(len(blocked) > 1)}")
@@ -148,6 +151,25 @@ def _child_span(indices: list[int]) -> str:
     if indices == list(range(indices[0], indices[-1] + 1)):
         return f"children {indices[0]}-{indices[-1]}"
     return "children " + ", ".join(map(str, indices[:6])) + (f" (+{len(indices) - 6} more)" if len(indices) > 6 else "")
+
+
+def _lease_memory(lease: Optional[dict]) -> dict[str, object]:
+    """MiB each job of the run (first jobs and retries) was given, by job id, from the lease."""
+    memory: dict[str, object] = {}
+    for entry in [*((lease or {}).get("jobs") or []), *((lease or {}).get("retries") or [])]:
+        if isinstance(entry, dict) and entry.get("job_id") and entry.get("memory_mib"):
+            memory[str(entry["job_id"])] = entry["memory_mib"]
+    return memory
+
+
+def _memory_hint(reason: str, memory_mib: object) -> str:
+    """For a failure out of memory that no retry replaced: why, and what to do."""
+    if "OutOfMemoryError" not in (reason or "") and "exit code 137" not in (reason or ""):
+        return ""
+    at = f" at {_gib(memory_mib)}" if memory_mib else ""
+    return (f" (out of memory{at}, and no retry with more memory followed: the stack's jobMaxMemoryMib or "
+            "oomMaxRetries was reached; send it again with a larger job_memory, fewer image sets or vCPUs per "
+            "job, or raise jobMaxMemoryMib)")
 
 
 def _not_started(job: JobView) -> bool:

@@ -198,6 +198,20 @@ def test_status_shows_out_of_memory_retries_and_follows_the_retry(aws):
 
 
 @pytest.mark.race
+def test_status_says_what_to_do_when_out_of_memory_was_not_retried(aws):
+    oom = "OutOfMemoryError: Container killed due to memory usage"
+    job = batch_job(aws, "results/oom2", 2, {":1": ("FAILED", oom, 137)})
+    write_lease(aws, "results/oom2", RUN_B, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                         "array_offset": 0, "vcpus": 4, "memory_mib": 61440}])
+    write_record(aws, "results/oom2", RUN_B, 0, 1, 2, 4)
+    status = run("status", "results/oom2", "--no-dlq")
+    assert status.exit_code == 1, status.output
+    assert "child 1 failed: OutOfMemoryError: Container killed due to memory usage; exit code 137 (out of memory at " \
+           "60.0 GiB, and no retry with more memory followed" in status.output
+    assert "raise jobMaxMemoryMib" in status.output
+
+
+@pytest.mark.race
 def test_status_says_which_parts_were_reused_from_an_earlier_run(aws):
     write_lease(aws, "results/res", RUN_B, 3, 6, previous_run_id=RUN_A)
     write_record(aws, "results/res", RUN_B, 0, 1, 2, 6, resumed_from=RUN_A)

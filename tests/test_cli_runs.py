@@ -324,8 +324,10 @@ def test_gct_files_are_merged_and_mismatched_ones_refused_by_name(aws, tmp_path)
 @pytest.mark.race
 def test_a_per_run_file_that_differs_between_parts_is_refused_by_name(aws, tmp_path):
     """Two parts wrote `summary.txt` with different contents: neither may stand for both. Identical
-    copies (and Experiment.csv differing only in its run timestamp) merge to one file."""
-    experiment = "Key,Value\nCellProfiler_Version,4.2.8\nRun_Timestamp,{}\n"
+    copies (and Experiment.csv differing only in its run timestamp and in ImageSet_Zip_Dictionary, which
+    names the images by the absolute path each part staged them at) merge to one file."""
+    experiment = ("Key,Value\nCellProfiler_Version,4.2.8\nRun_Timestamp,{0}\n"
+                  "ImageSet_Zip_Dictionary,file:/scratch/cpb-job-{0}/x.tiff\n")
     write_lease(aws, "results/d", RUN_A, 2, 4, message_id="message-a")
     for index, stamp in ((0, "2026-11-30T10:00:00"), (1, "2026-11-30T10:05:00")):
         write_record(aws, "results/d", RUN_A, index, 2 * index + 1, 2 * index + 2, 4, files={

@@ -1,11 +1,12 @@
 """The local stack's stand-ins for AWS compute and the SQS → Lambda mapping, without CellProfiler.
 
 `cpb.local.batch` must behave like Batch where the demo and `cpb local up` rely on it: run each
-array child with Batch's variables, apply the job definition's retry strategy (exit 4 and 137
-retried, 2 and 3 not), and decide SUCCEEDED or FAILED itself (moto's no-Docker Batch would call
-every job SUCCEEDED at once). The mapping (`cpb.local.mapping`) must delete only the messages the
-handler did not report as failures, so a bad message goes to the DLQ after its retries while good
-ones in the same batch are submitted once.
+array child with Batch's variables, apply the job definition's retry strategy (exit 4 retried;
+2, 3 and 137 not: out of memory is the job-events Lambda's to resubmit with more memory), and
+decide SUCCEEDED or FAILED itself (moto's no-Docker Batch would call every job SUCCEEDED at once).
+The mapping (`cpb.local.mapping`) must delete only the messages the handler did not report as
+failures, so a bad message goes to the DLQ after its retries while good ones in the same batch are
+submitted once.
 """
 from __future__ import annotations
 
@@ -90,15 +91,23 @@ def test_transient_exit_is_retried_and_pipeline_error_is_not(emulated, tmp_path)
 
 
 @pytest.mark.fault
-def test_oom_kill_is_retried_by_the_job_definition_then_reported(emulated, tmp_path):
-    runner = _runner(emulated, tmp_path, {"0": [137, 137, 137, 0], "1": [0]})
+def test_oom_kill_is_left_to_the_job_events_lambda_and_reported(emulated, tmp_path):
+    """The worker's own 137 (a CellProfiler process was killed) fails the child after ONE attempt:
+    the job definition no longer repeats it with the same memory; the child's JobDetail is what the
+    job-events Lambda recognises as out of memory (it resubmits with twice the memory)."""
+    from handlers.events import out_of_memory
+    runner = _runner(emulated, tmp_path, {"0": [137, 0], "1": [0]})
     job_id = _submit_array(emulated, 2, {"CPB_IMAGE_SETS_PER_JOB": "1"})
     with runner:
         outcomes = {o.item.index: o for o in runner.drain(timeout=120)}
-    attempts = 3  # jobRetryAttempts, the Pulumi.yaml default
-    assert (outcomes[0].status, outcomes[0].attempts, outcomes[0].exit_code) == ("FAILED", attempts, 137)
+    assert (outcomes[0].status, outcomes[0].attempts, outcomes[0].exit_code) == ("FAILED", 1, 137)
+    assert not (tmp_path / "0.2.env.json").exists()  # no second attempt ran
     assert outcomes[1].status == "SUCCEEDED"
-    assert boto3.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]["status"] == "FAILED"
+    batch = boto3.client("batch")
+    child = batch.describe_jobs(jobs=[f"{job_id}:0"])["jobs"][0]
+    assert (child["status"], child["container"]["exitCode"]) == ("FAILED", 137)
+    assert out_of_memory(child) == "exit code 137 (a process was killed: out of memory)"
+    assert batch.describe_jobs(jobs=[job_id])["jobs"][0]["status"] == "FAILED"
 
 
 def test_worker_gets_batch_variables_and_not_the_host_environment(emulated, tmp_path):

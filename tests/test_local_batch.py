@@ -171,26 +171,43 @@ def test_timeout_is_not_retried_and_terminate_and_cancel_stop_jobs(stack, runner
 @pytest.mark.fault
 def test_a_job_over_its_memory_is_killed_as_out_of_memory(stack, runner, tmp_path):
     hog = submit(stack, "hog", {"FAKE_MEMORY_MIB": "400"}, memory=200)
+    roomy = submit(stack, "roomy", {"FAKE_MEMORY_MIB": "400", "FAKE_SLEEP": "0"}, memory=1000)
     runner.start()
-    assert runner.wait_idle(60)
-    job = described(hog)[hog]
+    assert runner.wait_idle(90)
+    jobs = described(hog, roomy)
+    job = jobs[hog]
     assert job["status"] == "FAILED" and job["container"]["exitCode"] == 137
     assert job["container"]["reason"] == "OutOfMemoryError: Container killed due to memory usage"
-    assert len(job["attempts"]) == 2  # the job definition retries 137 (jobRetryAttempts=2 here)
+    # The job definition no longer retries 137 (jobRetryAttempts=2 here): the same memory cannot help;
+    # the job-events Lambda resubmits it with twice the memory instead (tests/test_e2e_oom.py).
+    assert len(job["attempts"]) == 1
+    from handlers.events import out_of_memory
+    assert out_of_memory(job)  # what the job-events Lambda reads from this JobDetail: memory
     log = next((tmp_path / "logs" / "jobs").glob("hog.*.attempt1.log")).read_text()
     assert "of its 200 MiB: killed" in log
+    # The same allocation within the job's memory runs to the end: the limit is the job's, not a fixed one.
+    assert jobs[roomy]["status"] == "SUCCEEDED" and len(jobs[roomy]["attempts"]) == 1
 
 
 def test_should_retry_follows_batchs_evaluate_on_exit():
     from components.jobdef import retry_strategy
     rules = retry_strategy(3)["evaluateOnExit"]
     assert localbatch.should_retry(rules, 4, "Essential container in task exited", "")
-    assert localbatch.should_retry(rules, 137, "Essential container in task exited", "")
-    assert not localbatch.should_retry(rules, 3, "Essential container in task exited", "")
     assert localbatch.should_retry(rules, None, "Host EC2 (instance i-1) terminated.", "")
+    assert localbatch.should_retry(rules, None, "Essential container in task exited",
+                                   "CannotPullContainerError: pull access denied")
+    for code in (2, 3, 5):
+        assert not localbatch.should_retry(rules, code, "Essential container in task exited", "")
+    # Out of memory is not retried with the same memory, whichever way Batch reports it: the worker's
+    # own 137 (a CellProfiler process was killed) and the container's OutOfMemoryError.
+    assert not localbatch.should_retry(rules, 137, "Essential container in task exited", "")
+    assert not localbatch.should_retry(rules, 137, "Essential container in task exited",
+                                       "OutOfMemoryError: Container killed due to memory usage")
     assert localbatch.should_retry([{"onExitCode": "3", "action": "EXIT"}], 4, "x", "")  # no rule matches: retry
     assert not localbatch.should_retry([{"onExitCode": "1*", "onReason": "Out*", "action": "exit"}], 137, "x",
                                        "OutOfMemoryError: Container killed")
+    assert localbatch.should_retry([{"onExitCode": "1*", "onReason": "Out*", "action": "exit"}], 137, "x",
+                                   "")  # every condition of a rule must match
 
 
 def test_state_changes_reach_the_events_function_with_the_job_detail(stack, tmp_path):

@@ -599,3 +599,14 @@ def test_the_lambdas_listing_count_equals_the_folder_count(tmp_path):
     assert count_image_sets_in_listing(pipeline, keys + ["illum/SYN2_IllumDNA_old.npy"]) == 6  # not "_IllumDNA.npy"
     assert count_image_sets_in_listing(pipeline, keys + ["illum/other_IllumDNA.npy"]) is None  # 2 files for one
     assert count_image_sets_in_listing(pipeline, [k for k in keys if "r03c04f03p01-ch2" not in k]) == 5
+
+
+def test_cellprofiler_processes_get_one_thread_and_a_jvm_without_its_optimising_compiler():
+    """The C2 compiler spent ~2.5 s CPU per process on its own threads (bench/bench_worker.py), which N
+    processes on N vCPUs pay; a JIT choice the environment already makes is left alone."""
+    from cpb_worker.runner import child_env
+    env = child_env({"PATH": "/bin", "OMP_NUM_THREADS": "4"})
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    assert env["JAVA_TOOL_OPTIONS"] == "-XX:TieredStopAtLevel=1"
+    assert child_env({"JAVA_TOOL_OPTIONS": "-Xmx4g"})["JAVA_TOOL_OPTIONS"] == "-Xmx4g -XX:TieredStopAtLevel=1"
+    assert child_env({"JAVA_TOOL_OPTIONS": "-XX:-TieredCompilation"})["JAVA_TOOL_OPTIONS"] == "-XX:-TieredCompilation"

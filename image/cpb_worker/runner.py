@@ -179,13 +179,26 @@ def cpsets_script() -> str:
     return cpsets.script_path()
 
 
+#: JVM option for CellProfiler 4.2's in-process Java (Bio-Formats image reading, the image-set list):
+#: compile with the quick C1 compiler only. Measured (bench/bench_worker.py, CellProfiler 4.2.8.1): the
+#: C2 compiler spent ~2.5 s of CPU per process on its own threads (~9 % of a 16-set process) for code
+#: that runs for seconds; without it the main thread's time is unchanged (image reading included) and
+#: the CSVs are identical. A process alone hid that CPU on a spare core; N processes on N vCPUs pay it.
+JAVA_TOOL_OPTIONS = "-XX:TieredStopAtLevel=1"
+
+
 def child_env(env: Mapping[str, str]) -> dict:
-    """One thread per process; and one hash seed for all, so that what CellProfiler derives from
-    set order (5.0 writes Experiment.csv's Metadata_Tags in set order) is the same in every range."""
+    """One thread per process; one hash seed for all, so that what CellProfiler derives from set order
+    (5.0 writes Experiment.csv's Metadata_Tags in set order) is the same in every range; and the JVM
+    without its optimising compiler (JAVA_TOOL_OPTIONS above), unless the environment already chooses
+    the JVM's compilers itself."""
     out = dict(env)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         out[name] = "1"
     out.setdefault("PYTHONHASHSEED", "0")
+    given = out.get("JAVA_TOOL_OPTIONS", "")
+    if "Tiered" not in given and "-Xint" not in given:
+        out["JAVA_TOOL_OPTIONS"] = f"{given} {JAVA_TOOL_OPTIONS}".strip()
     return out
 
 
