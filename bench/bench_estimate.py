@@ -1,16 +1,20 @@
 """`cpb estimate` against the demo's own measured CellProfiler time, in one run (issue 15's done-when).
 
-Run: `python bench/bench_estimate.py` (about 2 minutes). Both as a user types them, on this machine:
+Run: `python bench/bench_estimate.py` (about 3 minutes). Everything as a user types it, on this machine:
 
-1. `cpb demo --out <tmp>`: the demo plate (2 wells x 4 sites of synthetic nuclei, seed 7), through the
-   local stack (4 array children of 2 image sets, 1 vCPU each, 2 at a time on 2 cores). Measured: the
-   CellProfiler phase of every child as its run record times it (`timings.cellprofiler`), summed.
-2. `cpb estimate` on the same plate's images and data file, laid out as the demo lays it out
-   (`--image-sets-per-job 2 --vcpus 1`), sampling 4 image sets with the real worker: its "CellProfiler
-   time summed over jobs", with the CPU clock (its default) and the wall clock.
+1. `cpb demo --out <tmp>`: the demo's Cell Painting plate (4 wells x 2 sites x 3 channels, seed 7) through
+   the local stack: the illumination job, then the analysis array (children of 4 image sets, 1 vCPU each,
+   2 at a time on 2 cores). Measured: the CellProfiler phase of every analysis child as its run record
+   times it (`timings.cellprofiler`, from `cpb results`' `_cpb/runs.json`), summed.
+2. The same plate's illumination functions made here (`cpb loaddata` + `cpb run --local` of illum.cppipe),
+   the analysis LoadData CSV pointing at them (`cpb loaddata --illum`), then `cpb estimate` of the
+   analysis laid out as the demo lays it out (`--image-sets-per-job 4 --vcpus 1`), sampling 4 image sets
+   with the real worker: its "CellProfiler time summed over jobs", on the CPU clock (its default) and the
+   wall clock.
 
-Prints both, the estimate's error for each clock, and the load average (a busy machine inflates the
-demo's wall-clock times; the CPU-clock estimate is what a dedicated vCPU spends).
+The analysis is the step whose cost grows with the plate (one job per few sites); the illumination step is
+one job per plate. Prints both figures, the estimate's error for each clock, and the load average (a busy
+machine inflates the demo's wall-clock times; the CPU-clock estimate is what a dedicated vCPU spends).
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PIPELINE = REPO / "cpb" / "pipelines" / "nuclei.cppipe"
-SETS_PER_JOB, VCPUS = 2, 1  # the demo's defaults (cpb/demo/run.py DemoSettings)
+PIPELINES = REPO / "cpb" / "pipelines"
+CHANNELS = ("--pattern", "imagexpress", "--channel", "1=DNA", "--channel", "2=AGP", "--channel", "3=Mito")
+SETS_PER_JOB, VCPUS = 4, 1  # the demo's defaults (cpb/demo/run.py DemoSettings)
+MEMORY = 3750  # what the stack gives a 1-vCPU message by default: jobMemoryMib 15000 per 4 jobVcpus
 
 
 def cpb(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -46,20 +52,26 @@ def main() -> int:
         cpb("demo", "--out", str(work / "demo"), env=env)
         records = json.loads((work / "demo" / "results" / "_cpb" / "runs.json").read_text())
         measured = sum(float(r["timings"]["cellprofiler"]) for r in records)
-        memory = 3750  # what the stack gives a 1-vCPU message by default: jobMemoryMib 15000 per 4 vCPUs
         images = work / "demo" / "plate" / "images"
+        cpb("loaddata", str(images), *CHANNELS, "--pipeline", str(PIPELINES / "illum.cppipe"),
+            "-o", str(work / "illum.csv"), env=env)
+        cpb("run", "--local", "--pipeline", str(PIPELINES / "illum.cppipe"), "--input", str(images),
+            "--data-file", str(work / "illum.csv"), "--output", str(work / "illum"), "--unsplittable", env=env)
+        cpb("loaddata", str(images), *CHANNELS, "--illum", str(work / "illum"),
+            "--pipeline", str(PIPELINES / "cellpainting.cppipe"), "-o", str(work / "analysis.csv"), env=env)
         estimates = {}
         for clock in ("cpu", "wall"):
-            done = cpb("estimate", "--pipeline", str(PIPELINE), "--input", str(images), "--data-file",
-                       str(images / "load_data.csv"), "--image-sets-per-job", str(SETS_PER_JOB), "--vcpus", str(VCPUS),
-                       "--memory", str(memory), "--max-vcpus", "2", "--clock", clock, "--json", env=env)
+            done = cpb("estimate", "--pipeline", str(PIPELINES / "cellpainting.cppipe"), "--input", str(images),
+                       "--data-file", str(work / "analysis.csv"), "--image-sets-per-job", str(SETS_PER_JOB),
+                       "--vcpus", str(VCPUS), "--memory", str(MEMORY), "--max-vcpus", "2", "--clock", clock,
+                       "--json", env=env)
             estimates[clock] = json.loads(done.stdout)
         load_after = os.getloadavg()[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {os.cpu_count()} CPUs; load average (1 min) before {load_before:.2f}, after {load_after:.2f}")
-    print(f"demo plate ({len(records)} array children x {SETS_PER_JOB} image sets, {VCPUS} vCPU each): CellProfiler "
-          f"phase measured by the run records, summed: {measured:.1f} s")
+    print(f"demo plate analysis ({len(records)} array children x {SETS_PER_JOB} image sets, {VCPUS} vCPU each): "
+          f"CellProfiler phase measured by the run records, summed: {measured:.1f} s")
     for clock, result in estimates.items():
         central, low, high = (result[k]["cellprofiler_seconds"] for k in ("central", "low", "high"))
         profile = result["profile"]
