@@ -65,7 +65,7 @@ FIELDS: tuple[ConfigField, ...] = (
     ConfigField("maxVcpus", "integer", 256,
                 "Most vCPUs each compute environment may run at once (caps the bill)."),
     ConfigField("jobVcpus", "integer", 4,
-                "Default vCPUs per job (the worker runs one CellProfiler process per vCPU)."),
+                "Default vCPUs per job (the worker runs one CellProfiler process per vCPU, as memory allows, 2 GiB each)."),
     ConfigField("jobMemoryMib", "integer", 15000,
                 "Default memory per job in MiB, for jobVcpus vCPUs; a message that sets only job_vcpu gets the same memory per vCPU."),
     ConfigField("jobMaxVcpus", "integer", 16,
