@@ -8,7 +8,7 @@ well; each well is a block with one column per site:
     [as imaged]            [as imaged]          <- the raw TIFFs, one brightness scale for the plate
     [corrected, outlined]  [corrected, outlined]
 
-The "as imaged" row shows the uneven light the illumination step corrects (every site dims
+A legend below the plate says what the labels and colours mean. The "as imaged" row shows the uneven light the illumination step corrects (every site dims
 towards the same corner); the row below shows what the analysis found after the correction.
 Without `images` (no raw TIFFs at hand) only the outlined row is drawn.
 """
@@ -27,6 +27,10 @@ MAX_WIDTH = 1400  # well blocks wrap onto another line beyond this width
 #: raw channels shown as RGB, the way the analysis pipeline colours its outline images
 GAMMA = 0.5  # lifts the dim background, so the fall-off of the light shows
 COMPOSITE = (("Mito", 0), ("AGP", 1), ("DNA", 2))
+LEGEND = ("label: well site: nuclei counted / true (orange where they differ)",
+          "colours: DNA blue, AGP green, Mito red; outlines (cellpainting.cppipe): nuclei yellow, cells white",
+          "as imaged: one brightness scale for the whole plate, so the uneven light shows")
+LINE = 14  # legend line height
 
 
 def _find_outline(results: Path, well: str, site: int) -> Optional[Path]:
@@ -65,6 +69,21 @@ def _caption(sheet: Image.Image, text: str, at: Tuple[int, int], size: Tuple[int
     sheet.paste(band.rotate(90, expand=True), at)
 
 
+def _legend_lines(draw: ImageDraw.ImageDraw, width: int, raw: bool) -> list:
+    """The legend's lines, each wrapped at word boundaries to fit `width` pixels."""
+    lines = []
+    for entry in LEGEND if raw else LEGEND[:2]:
+        line = ""
+        for word in entry.split(" "):
+            if line and draw.textlength(f"{line} {word}") > width:
+                lines.append(line)
+                line = "  " + word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return lines
+
+
 def make_montage(results: Path, truth: dict, dest: Path, counted: Optional[dict] = None,
                  images: Optional[Mapping[Tuple[str, int], Mapping[str, Path]]] = None) -> Path:
     """Write the montage to `dest`; return its path. `truth` and `counted` map (well, site) to
@@ -78,9 +97,13 @@ def make_montage(results: Path, truth: dict, dest: Path, counted: Optional[dict]
     per_line = max(1, min(len(wells), (MAX_WIDTH + GAP) // (block_w + GAP)))
     lines = math.ceil(len(wells) / per_line)
     margin = LABEL + 2  # the row captions, written upwards on the left
-    sheet = Image.new("RGB", (margin + per_line * block_w + (per_line - 1) * GAP,
-                              lines * block_h + (lines - 1) * GAP), (40, 40, 40))
+    width = margin + per_line * block_w + (per_line - 1) * GAP
+    legend = _legend_lines(ImageDraw.Draw(Image.new("RGB", (1, 1))), width - 8, bool(raw))
+    height = lines * block_h + (lines - 1) * GAP
+    sheet = Image.new("RGB", (width, height + 6 + LINE * len(legend)), (40, 40, 40))
     draw = ImageDraw.Draw(sheet)
+    for n, text in enumerate(legend):
+        draw.text((4, height + 4 + n * LINE), text, fill=(220, 220, 220))
     captions = (["as imaged", "corrected + outlines"] if raw else ["outlines"])
     for line in range(lines):
         for r, caption in enumerate(captions):
