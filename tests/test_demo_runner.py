@@ -90,6 +90,51 @@ def test_transient_exit_is_retried_and_pipeline_error_is_not(emulated, tmp_path)
         assert "worker 2 attempt 1 exits 3" in [e["message"] for e in events]  # the awslogs driver's copy
 
 
+@pytest.mark.race
+def test_a_job_between_attempts_is_never_started_a_second_time(emulated, tmp_path):
+    """Between a failed attempt and the retry the task shows RUNNABLE (as Batch shows it) while its own
+    thread goes on to the next attempt. A scheduler tick in that window must not start the task again:
+    it once did (CI saw a child's attempts as [4, 0, 4, 0]). Here the tick is forced into the window."""
+    runner = _runner(emulated, tmp_path, {"0": [4, 0]})
+    ticks = []
+
+    def tick_in_the_window(kind, task, detail):
+        if kind == "retry":
+            runner._tick()  # what the scheduler thread may do at this moment
+            ticks.append(detail)
+
+    runner.on_event = tick_in_the_window
+    job_id = _submit_array(emulated, 1, {"CPB_IMAGE_SETS_PER_JOB": "2"})
+    with runner:
+        outcomes = runner.drain(timeout=120)
+        runner.wait_idle(10)
+        child = boto3.client("batch").describe_jobs(jobs=[f"{job_id}:0"])["jobs"][0]
+    assert ticks, "the first attempt was not retried"
+    assert [(o.status, o.attempts) for o in runner.outcomes] == [("SUCCEEDED", 2)], outcomes
+    assert [a["container"]["exitCode"] for a in child["attempts"]] == [4, 0]
+
+
+@pytest.mark.race
+def test_a_job_terminated_between_attempts_does_not_start_its_next_attempt(emulated, tmp_path):
+    runner = _runner(emulated, tmp_path, {"0": [4, 0]})
+    batch = boto3.client("batch")
+    job_id = _submit_array(emulated, 1, {"CPB_IMAGE_SETS_PER_JOB": "2"})
+
+    def terminate_in_the_window(kind, task, detail):
+        if kind == "retry":
+            batch.terminate_job(jobId=job_id, reason="cancelled by the test")
+            runner._tick()
+
+    runner.on_event = terminate_in_the_window
+    with runner:
+        runner.drain(timeout=120)
+        child = batch.describe_jobs(jobs=[f"{job_id}:0"])["jobs"][0]
+    assert [(o.status, o.attempts, o.reason) for o in runner.outcomes] == [("FAILED", 1, "cancelled by the test")]
+    assert child["status"] == "FAILED"
+    assert [a["container"]["exitCode"] for a in child["attempts"]] == [4]
+    assert not (tmp_path / "0.2.env.json").exists()  # the second attempt never ran
+
+
 @pytest.mark.fault
 def test_oom_kill_is_left_to_the_job_events_lambda_and_reported(emulated, tmp_path):
     """The worker's own 137 (a CellProfiler process was killed) fails the child after ONE attempt:

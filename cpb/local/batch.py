@@ -393,7 +393,7 @@ class LocalBatch:
                 reason = self.moto.stop_requested(self._parents[task.parent_id].job)
             if reason is None:
                 continue
-            if task.status in ("STARTING", "RUNNING"):
+            if task.status in ("STARTING", "RUNNING") or task.cores:  # task.cores: between attempts
                 if task.kill_reason is None:
                     task.kill_reason = reason
                     proc = self._processes.get(task.job_id)
@@ -423,8 +423,8 @@ class LocalBatch:
         if self._stopping.is_set():
             return
         for task in self._order:
-            if task.status != "RUNNABLE":
-                continue
+            if task.status != "RUNNABLE" or task.cores:
+                continue  # a task holding cores is between attempts: its own thread starts the next one
             need = min(task.vcpus, self.cores)
             if len(self._free) < need:
                 continue  # a smaller job further on may still fit
@@ -500,6 +500,8 @@ class LocalBatch:
         for attempt in range(1, task.attempts + 1):
             if self._stopping.is_set():
                 return Outcome(task, "FAILED", None, "the local stack stopped before the job ran", attempt - 1, None)
+            if task.kill_reason is not None and outcome is not None:  # terminated between two attempts
+                return Outcome(task, "FAILED", outcome.exit_code, task.kill_reason, attempt - 1, outcome.log)
             stream = f"{task.stream_prefix}/default/{uuid.uuid4().hex}"
             with self._lock:
                 task.status = "RUNNING"
