@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 from cpb import receipts
 from cpb.lease import lease_jobs, message_identity, read_lease
 from cpb.runrecords import (DEPENDENCY_FAILED, RunState, dependency_failure, list_keys, load_submissions,
-                             part_name, run_state, short)
+                             part_name, run_state, short, taken_by_lambda)
 
 TERMINAL = {"SUCCEEDED", "FAILED"}
 ACTIVE = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING"}
@@ -51,6 +51,7 @@ class OutputStatus:
     upstream: list[tuple[str, str]] = field(default_factory=list)  # (after output, its verdict)
     not_taken: list[dict] = field(default_factory=list)  # receipts of messages the Lambda has not taken
     skipped_note: Optional[str] = None  # `cpb plate` found this step up to date and sent nothing
+    taken: Optional[Callable[[str], bool]] = None  # identity -> the Lambda took it (its submission record)
 
     @property
     def lease(self) -> Optional[dict]:
@@ -288,7 +289,8 @@ def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] =
             view.status, view.reason = "SUCCEEDED", "its failed children were retried"
         jobs.append(view)
     _mark_record_failures(jobs, run, replaced)
-    state = OutputStatus(output, jobs, run, [m for m in messages if m])
+    state = OutputStatus(output, jobs, run, [m for m in messages if m],
+                         taken=taken_by_lambda(s3, bucket, output, keys))
     if lease is not None and follow_after:
         for after in lease.get("after") or []:
             upstream = output_status(s3, batch, bucket, after, follow_after=False)
@@ -493,12 +495,16 @@ def gather(s3, batch, sqs, bucket: str, outputs: Iterable[str], expected: Option
         total, letters = peek_dlq(sqs, dlq_url, explain)
         for state in states:
             state.dead_letters = [d for d in letters if state.output in d.output.split(",")]
+            dead = {d.identity for d in state.dead_letters if d.identity}
+            # a message the Lambda gave up on is in the DLQ (shown as such), not on its way
+            state.not_taken = [r for r in state.not_taken if str(r.get("identity")).split("#")[0] not in dead
+                               and r.get("identity") not in dead]
     return states, total, letters
 
 
 def local_notes(state: OutputStatus, bucket: str) -> None:
     """What this machine's receipts add: messages sent from here not yet taken, a step `cpb plate` skipped."""
-    state.not_taken = receipts.not_taken(bucket, state.output, state.lease)
+    state.not_taken = receipts.not_taken(bucket, state.output, state.lease, taken=state.taken)
     latest = receipts.latest(bucket, state.output)
     if latest and latest.get("kind") == "skipped":
         state.skipped_note = latest.get("note")

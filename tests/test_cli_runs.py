@@ -492,3 +492,72 @@ def test_a_message_not_taken_is_waited_for_whatever_this_machines_clock_says(aws
     assert status.exit_code == 3 and "results/skew/: WAITING" in status.output, status.output
     refused = run("results", "results/skew", "--to", str(tmp_path / "skew"))
     assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output
+
+
+@pytest.mark.race
+def test_a_second_message_for_an_output_in_use_waits_and_is_not_the_first_runs_success(aws, tmp_path):
+    """New-user review: `cpb submit` twice in a row to one output. Both were sent before the Lambda took
+    either (no lease yet: nothing to compare), the Lambda took the first (its lease was created after
+    both were sent) and left the second on the queue: the output was in use. `cpb status <second
+    message id>` said SUCCEEDED with the first message's run, and `cpb results` handed that run over
+    as the final result. The second has no submission record: the Lambda has not taken it."""
+    import datetime as dt
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/tw/a.tif", b"II*\x00")
+    flags = ("--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/tw", "--output", "results/tw")
+    assert run("submit", *flags).exit_code == 0 and run("submit", *flags).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpb-home" / "submissions.jsonl").read_text().splitlines()]
+    first, second = rows[0]["identity"], rows[1]["identity"]
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)).isoformat(timespec="seconds")
+    run_1 = run_id_for(first)
+    job = batch_job(aws, "results/tw", name="one")
+    write_lease(aws, "results/tw", run_1, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id=first,
+                created_at=later)
+    submission(aws, "results/tw", first, job, None, 1)
+    write_record(aws, "results/tw", run_1, None, 1, 1, 1)
+    for name in (rows[1]["message_id"], "results/tw"):
+        status = run("status", name, "--no-dlq")
+        assert status.exit_code == 3 and "results/tw/: WAITING" in status.output, status.output
+        assert "results/tw/: SUCCEEDED" not in status.output
+        assert f"message {rows[1]['message_id']} sent from here" in status.output
+        assert f"in use by run {run_1[:8]} of message {first}" in status.output
+        assert "visibility timeout" in status.output and "purge" in status.output
+    refused = run("results", "results/tw", "--to", str(tmp_path / "tw"))
+    assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output, refused.output
+    assert f"--run {run_1[:8]}" in refused.output
+    # Redelivered after the visibility timeout, the second message replaces the first's run: the first,
+    # which the Lambda took (its submission record), is not waited for.
+    run_2 = run_id_for(second)
+    job_2 = batch_job(aws, "results/tw", name="two")
+    write_lease(aws, "results/tw", run_2, None, 1, jobs=[{"job_id": job_2, "job_name": "two"}], message_id=second,
+                created_at=later, previous_run_id=run_1)
+    submission(aws, "results/tw", second, job_2, None, 1)
+    write_record(aws, "results/tw", run_2, None, 1, 1, 1)
+    status = run("status", "results/tw", "--no-dlq")
+    assert status.exit_code == 0 and "results/tw/: SUCCEEDED" in status.output, status.output
+    assert "has not been taken" not in status.output
+    assert run("results", "results/tw", "--to", str(tmp_path / "tw2")).exit_code == 0
+
+
+@pytest.mark.race
+def test_a_message_from_here_the_lambda_took_before_an_older_one_is_not_waited_for(aws, tmp_path):
+    """SQS standard queues do not keep order: the second message can be taken first, and the first
+    replace its run once it ended. The lease then names the first; the second, which the Lambda took
+    (its submission record says so), is not waited for."""
+    import datetime as dt
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/oo/a.tif", b"II*\x00")
+    flags = ("--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/oo", "--output", "results/oo")
+    assert run("submit", *flags).exit_code == 0 and run("submit", *flags).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpb-home" / "submissions.jsonl").read_text().splitlines()]
+    first, second = rows[0]["identity"], rows[1]["identity"]
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)).isoformat(timespec="seconds")
+    submission(aws, "results/oo", second, "job-gone", None, 1)
+    job = batch_job(aws, "results/oo", name="one")
+    write_lease(aws, "results/oo", run_id_for(first), None, 1, jobs=[{"job_id": job, "job_name": "one"}],
+                message_id=first, created_at=later, previous_run_id=run_id_for(second))
+    submission(aws, "results/oo", first, job, None, 1)
+    write_record(aws, "results/oo", run_id_for(first), None, 1, 1, 1)
+    status = run("status", "results/oo", "--no-dlq")
+    assert status.exit_code == 0 and "results/oo/: SUCCEEDED" in status.output, status.output
+    assert "has not been taken" not in status.output
