@@ -25,7 +25,7 @@ def render_status(states: list[OutputStatus], bucket: str, sent: Optional[list[s
         lines.extend(f"  {line}" for line in _run_lines(state))
         for letter in state.dead_letters:
             lines.append(f"  ! message {letter.message_id} for this output is in the dead-letter queue: {letter.reason}")
-        if not state.jobs and not state.dead_letters and state.lease is None:
+        if not state.jobs and not state.dead_letters and state.lease is None and not state.refusals:
             if state.run.complete and state.run.run_id is None:
                 pass  # results from before leases (or a local run): the records say it all
             elif not state.skipped_note:
@@ -82,6 +82,7 @@ def _run_lines(state: OutputStatus) -> list[str]:
             lines.append(f"waiting for {output} ({verdict.upper()})")
     for receipt in state.not_taken:
         lines.append("! " + not_taken_line(receipt, lease, state.output))
+    lines.extend(f"! {status_mod.refusal_line(r)}" for r in state.busy_refusals)
     if state.skipped_note:
         lines.append(f"cpb plate sent nothing here: {state.skipped_note}")
     return lines

@@ -561,3 +561,48 @@ def test_a_message_from_here_the_lambda_took_before_an_older_one_is_not_waited_f
     status = run("status", "results/oo", "--no-dlq")
     assert status.exit_code == 0 and "results/oo/: SUCCEEDED" in status.output, status.output
     assert "has not been taken" not in status.output
+
+
+def refusal_record(aws, output: str, identity: str, kind: str, reason: str, at: str, field: str = "output",
+                   receive_count: int = 1) -> None:
+    """The ingress Lambda's refusal record (docs/CONTRACTS.md, `handlers.refusals`)."""
+    put(aws, f"{output}/_cpb/refusal-{identity}.json", json.dumps(
+        {"message_id": identity, "sqs_message_id": identity, "entry": None, "kind": kind, "field": field,
+         "reason": reason, "receive_count": receive_count, "first_at": at, "at": at}))
+
+
+def test_an_invalid_message_sent_another_way_is_failed_at_once_with_the_lambdas_reason(aws):
+    """New-user review: a message sent with `aws sqs send-message` with a mistyped field is retried for
+    ~30 minutes before the DLQ; meanwhile status said only `WAITING ... no submission record yet`."""
+    refusal_record(aws, "results/o7", "5a3522cb-0000", "invalid",
+                   "job_vcpus: is not a message field; did you mean 'job_vcpu'?", "2026-11-30T10:00:00+00:00",
+                   field="job_vcpus", receive_count=2)
+    status = run("status", "results/o7", "--no-dlq")
+    assert status.exit_code == 1 and "results/o7/: FAILED" in status.output, status.output
+    assert ("message 5a3522cb-0000 was refused by the Lambda (delivery 2, 2026-11-30T10:00:00+00:00): job_vcpus: "
+            "is not a message field; did you mean 'job_vcpu'?") in status.output
+    assert "never pass as it is" in status.output and "no submission record yet" not in status.output
+
+
+def test_a_refusal_before_the_current_run_or_of_the_message_that_runs_is_not_shown(aws):
+    write_lease(aws, "results/o8", RUN_B, None, 1, message_id="message-b", created_at="2026-11-30T11:00:00+00:00")
+    write_record(aws, "results/o8", RUN_B, None, 1, 1, 1)
+    refusal_record(aws, "results/o8", "message-a", "invalid", "pipeline: missing", "2026-11-30T10:00:00+00:00")
+    refusal_record(aws, "results/o8", "message-b", "busy", "output: results/o8 is in use", "2026-11-30T10:30:00+00:00")
+    status = run("status", "results/o8", "--no-dlq")
+    assert status.exit_code == 0 and "results/o8/: SUCCEEDED" in status.output, status.output
+    assert "refused" not in status.output
+
+
+def test_a_message_sent_another_way_for_an_output_in_use_is_shown_waiting(aws):
+    job = batch_job(aws, "results/o9", name="one")
+    write_lease(aws, "results/o9", RUN_A, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id="message-a",
+                created_at="2026-11-30T10:00:00+00:00")
+    write_record(aws, "results/o9", RUN_A, None, 1, 1, 1)
+    busy = (f"output: results/o9 is in use by run {RUN_A} of message message-a (job {job} RUNNING); wait for it to "
+            "finish (cpb status results/o9) or choose another output")
+    refusal_record(aws, "results/o9", "sqs-second", "busy", busy, "2026-11-30T10:01:00+00:00")
+    status = run("status", "results/o9", "--no-dlq")
+    assert status.exit_code == 3 and "results/o9/: WAITING" in status.output, status.output
+    assert "message sqs-second waits in the queue (refused for now, delivery 1, 2026-11-30T10:01:00+00:00)" in status.output
+    assert "visibility timeout" in status.output
