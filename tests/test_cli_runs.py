@@ -606,3 +606,11 @@ def test_a_message_sent_another_way_for_an_output_in_use_is_shown_waiting(aws):
     assert status.exit_code == 3 and "results/o9/: WAITING" in status.output, status.output
     assert "message sqs-second waits in the queue (refused for now, delivery 1, 2026-11-30T10:01:00+00:00)" in status.output
     assert "visibility timeout" in status.output
+
+
+def test_resending_a_corrected_message_to_an_output_holding_only_its_refusal_warns_of_nothing(aws):
+    refusal_record(aws, "results/o10", "sqs-typo", "invalid", "job_vcpus: is not a message field", "2026-11-30T10:00:00Z")
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/o10/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/o10", "--output", "results/o10")
+    assert sent.exit_code == 0 and "already holds results" not in sent.output, sent.output
