@@ -21,11 +21,13 @@ ECS_INSTANCE_ROLE_POLICY = "service-role/AmazonEC2ContainerServiceforEC2Role"
 JOB_STACK_TAG = "cpb:stack"
 
 #: Keys under an output's `_cpb/` that only the Lambdas (and `cpb requeue`) write: the submission
-#: records exactly-once relies on, the output lease naming the current run, the job outcomes.
+#: records exactly-once relies on, the output lease naming the current run, the job outcomes, and
+#: why the ingress refused a message (`handlers.refusals`).
 SUBMISSION_RECORDS = "*/_cpb/submission-*"
 LEASE = "*/_cpb/lease.json"
 JOB_EVENTS = "*/_cpb/events/*"
-CONTROL_RECORDS = (SUBMISSION_RECORDS, LEASE, JOB_EVENTS)
+REFUSALS = "*/_cpb/refusal-*"
+CONTROL_RECORDS = (SUBMISSION_RECORDS, LEASE, JOB_EVENTS, REFUSALS)
 #: `cpb submit` stores local pipelines content-addressed (`pipelines/<sha256[:12]>/<name>`): jobs read
 #: them, and a job rewriting one would change what every later run under that address computes.
 PIPELINES = "pipelines/*"
@@ -103,7 +105,7 @@ def ingress_policy(queue_arn: str, job_queue_arns: Sequence[str], job_definition
                    bucket_arn: str, log_group_arn: str, stack: str) -> Document:
     """The ingress Lambda: consume its queue, submit/tag jobs on this stack's queue and
     definition only, terminate only this stack's jobs, read the bucket, write only its submission
-    records and output leases."""
+    records, output leases and refusal records."""
     batch_targets = _batch_targets(job_queue_arns, job_definition_arns)
     return _doc(
         {"Sid": "ConsumeJobMessages", "Effect": "Allow",
@@ -125,7 +127,7 @@ def ingress_policy(queue_arn: str, job_queue_arns: Sequence[str], job_definition
         {"Sid": "ReadPipelinesAndDataFiles", "Effect": "Allow", "Action": ["s3:GetObject"],
          "Resource": [f"{bucket_arn}/*"]},
         {"Sid": "WriteSubmissionRecordsAndLeases", "Effect": "Allow", "Action": ["s3:PutObject"],
-         "Resource": [f"{bucket_arn}/{SUBMISSION_RECORDS}", f"{bucket_arn}/{LEASE}"]},
+         "Resource": [f"{bucket_arn}/{SUBMISSION_RECORDS}", f"{bucket_arn}/{LEASE}", f"{bucket_arn}/{REFUSALS}"]},
         {"Sid": "WriteOwnLogs", "Effect": "Allow", "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
          "Resource": [log_stream_arn(log_group_arn)]},
     )

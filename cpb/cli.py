@@ -22,8 +22,8 @@ from cpb import submit as submit_mod
 from cpb.aws import Clients, make_clients
 from cpb.lease import read_lease
 from cpb.progress import LazyBar, say
-from cpb.render import explainer, render_dlq, render_logs, render_status
-from cpb.runrecords import run_state, short
+from cpb.render import explainer, not_taken_line, render_dlq, render_logs, render_status
+from cpb.runrecords import list_keys, run_state, short, taken_by_lambda
 from cpb.stack import StackConfig, StackError, discover
 from cpb.urls import UrlError, s3_url, split_url, to_prefix
 
@@ -301,13 +301,13 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
     stack.require("bucket")
     output = prefix_of(stack, output)
     clients = _clients(stack)
-    state = run_state(clients.s3, stack.bucket, output, parts)
-    waiting = receipts.not_taken(stack.bucket, output, state.lease)
+    keys = list_keys(clients.s3, stack.bucket, output)
+    state = run_state(clients.s3, stack.bucket, output, parts, keys=keys)
+    waiting = receipts.not_taken(stack.bucket, output, state.lease,
+                                 taken=taken_by_lambda(clients.s3, stack.bucket, output, keys))
     if waiting and run_id is None:
         raise results_mod.IncompleteRun(
-            f"{s3_url(stack.bucket, output)}: message {waiting[-1].get('message_id')} sent from here at "
-            f"{waiting[-1].get('sent_at')} has not been taken by the Lambda yet, so the run there ({short(state.run_id)}) "
-            f"is not the one you sent: wait (cpb status {output}), or pass --run {short(state.run_id)} to take it anyway")
+            f"{s3_url(stack.bucket, output)}: {not_taken_line(waiting[-1], state.lease, output)}")
     bar = LazyBar("download")
     before = results_mod.files_under(dest)
     try:

@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 
 def receipts_file(environ: Mapping[str, str] = os.environ) -> Path:
@@ -107,19 +107,40 @@ def latest(bucket: str, output: str, environ: Mapping[str, str] = os.environ) ->
     return rows[-1] if rows else None
 
 
-def not_taken(bucket: str, output: str, lease: Optional[dict], environ: Mapping[str, str] = os.environ) -> list[dict]:
-    """Messages sent from here for `output` that the Lambda has not taken: with an identity the lease
-    does not name, and either sent while the lease named the run it names now (`lease_before`: no
-    clock involved), or sent after the lease's run began. Only outputs with a lease are judged (an
-    output without one may be served by a Lambda from before leases).
+#: SQS keeps a message at most 14 days: a receipt older than that is no message on its way.
+MAX_RETENTION_S = 14 * 24 * 3600
 
-    The time test compares this machine's clock with the Lambda's; a slow laptop clock made a message
-    just sent look older than the lease, so the previous run passed for the one asked for."""
+
+def not_taken(bucket: str, output: str, lease: Optional[dict], environ: Mapping[str, str] = os.environ,
+              taken: Optional[Callable[[str], bool]] = None, now: Optional[float] = None) -> list[dict]:
+    """Messages sent from here for `output` that the Lambda has not taken: with an identity the lease
+    does not name and (`taken`, when given) no submission record of the Lambda's, sent less than SQS's
+    14-day retention ago, and either
+
+    - sent with `lease_before` recorded and `taken` given: the lease only moves forward, so a message
+      sent while it named `lease_before` (or nothing) is taken when the lease names it, or its
+      submission record says the Lambda submitted it (a later run replaced it); else it is still on
+      the queue (e.g. refused for now because another message's run was using the output) or in
+      the dead-letter queue. No clock involved: two messages sent in a row before the Lambda took
+      either are told apart;
+    - else (receipts from before `lease_before`, callers without records): sent while the lease named
+      the run it names now, or sent after the lease's run began.
+
+    Only outputs with a lease are judged (an output without one may be served by a Lambda from before
+    leases). The time test compares this machine's clock with the Lambda's; a slow laptop clock made a
+    message just sent look older than the lease, so the previous run passed for the one asked for."""
     if not lease or not lease.get("created_at"):
         return []
     since = str(lease["created_at"])[:19]  # UTC either way: "...Z" (here) or "...+00:00" (the Lambda)
+    oldest = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((time.time() if now is None else now) - MAX_RETENTION_S))
 
     def waiting(r: dict) -> bool:
+        if taken is not None and taken(str(r["identity"])):
+            return False
+        if str(r.get("sent_at"))[:19] < oldest:
+            return False
+        if taken is not None and "lease_before" in r:
+            return True
         if "lease_before" in r and r["lease_before"] is not None and r["lease_before"] == lease.get("run_id"):
             return True  # the lease has not moved since it was sent
         return str(r.get("sent_at"))[:19] >= since

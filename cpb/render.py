@@ -25,7 +25,7 @@ def render_status(states: list[OutputStatus], bucket: str, sent: Optional[list[s
         lines.extend(f"  {line}" for line in _run_lines(state))
         for letter in state.dead_letters:
             lines.append(f"  ! message {letter.message_id} for this output is in the dead-letter queue: {letter.reason}")
-        if not state.jobs and not state.dead_letters and state.lease is None:
+        if not state.jobs and not state.dead_letters and state.lease is None and not state.refusals:
             if state.run.complete and state.run.run_id is None:
                 pass  # results from before leases (or a local run): the records say it all
             elif not state.skipped_note:
@@ -81,12 +81,23 @@ def _run_lines(state: OutputStatus) -> list[str]:
         else:
             lines.append(f"waiting for {output} ({verdict.upper()})")
     for receipt in state.not_taken:
-        lines.append(f"! message {receipt.get('message_id')} sent from here at {receipt.get('sent_at')} has not been "
-                     "taken by the Lambda yet (still in the queue, or refused: see the dead-letter queue); "
-                     f"until it is, the results here are those of run {short(lease.get('run_id') if lease else None)}")
+        lines.append("! " + not_taken_line(receipt, lease, state.output))
+    lines.extend(f"! {status_mod.refusal_line(r)}" for r in state.busy_refusals)
     if state.skipped_note:
         lines.append(f"cpb plate sent nothing here: {state.skipped_note}")
     return lines
+
+
+def not_taken_line(receipt: dict, lease: Optional[dict], output: str) -> str:
+    """Why a message sent from here has not run yet, and what to do (one line; `cpb status`, `cpb results`)."""
+    run = short((lease or {}).get("run_id"))
+    return (f"message {receipt.get('message_id')} sent from here at {receipt.get('sent_at')} has not been taken by the "
+            f"Lambda yet: it waits in the queue (the output is in use by run {run} of message "
+            f"{(lease or {}).get('message_id')}, one run per output at a time: SQS redelivers the message after the "
+            "queue's visibility timeout, up to maxReceiveCount times before the dead-letter queue, and it runs once "
+            f"that run has ended, replacing it). Until then the results here are run {run}'s, not the ones you sent: "
+            f"wait (cpb status --watch {output}), or if you no longer want it, purge the queue (aws sqs purge-queue) "
+            f"and take run {run}'s results with cpb results --run {run}")
 
 
 def render_logs(logs: Any, group: Optional[str], states: list[OutputStatus], lines: int) -> str:

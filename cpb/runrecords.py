@@ -201,6 +201,25 @@ def load_submissions(s3, bucket: str, output: str, keys: Optional[dict[str, int]
     return records
 
 
+def submission_key(identity: str) -> str:
+    """`_cpb/submission-<id>.json` of a message identity (relative to the output), as the Lambda names it."""
+    return f"{SUBMISSION_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', identity)}.json"
+
+
+def taken_by_lambda(s3, bucket: str, output: str, keys: dict[str, int]):
+    """A check `identity -> bool`: did the Lambda take that message for `output` (its submission record
+    says `submitted`, or `cancelled` when it was rolled back)? A `pending` record is not taken: the
+    Lambda is on it right now, or it lost the output to another message and will be redelivered.
+    Reads only the records asked about (an output rerun often has many)."""
+    def taken(identity: str) -> bool:
+        key = submission_key(identity)
+        if key not in keys:
+            return False
+        record = read_json(s3, bucket, f"{output.strip('/')}/{key}")
+        return bool(record) and record.get("status") in ("submitted", "cancelled")
+    return taken
+
+
 def dependency_failure(after: Iterable[str], failed: Iterable[str] = (), they: bool = False) -> str:
     """Why a part was not run when Batch failed it by dependency, and what to do (one line): `failed`
     are the `after` outputs whose run did not succeed (all of `after` when none is known)."""

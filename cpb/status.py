@@ -16,7 +16,10 @@ from typing import Callable, Iterable, Optional
 from cpb import receipts
 from cpb.lease import lease_jobs, message_identity, read_lease
 from cpb.runrecords import (DEPENDENCY_FAILED, RunState, dependency_failure, list_keys, load_submissions,
-                             part_name, run_state, short)
+                             part_name, read_json, run_state, short, taken_by_lambda)
+
+#: `<output>/_cpb/refusal-<id>.json`: why the ingress Lambda refused a message (`handlers.refusals`).
+REFUSAL_PREFIX = "_cpb/refusal-"
 
 TERMINAL = {"SUCCEEDED", "FAILED"}
 ACTIVE = {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING"}
@@ -51,6 +54,18 @@ class OutputStatus:
     upstream: list[tuple[str, str]] = field(default_factory=list)  # (after output, its verdict)
     not_taken: list[dict] = field(default_factory=list)  # receipts of messages the Lambda has not taken
     skipped_note: Optional[str] = None  # `cpb plate` found this step up to date and sent nothing
+    taken: Optional[Callable[[str], bool]] = None  # identity -> the Lambda took it (its submission record)
+    refusals: list[dict] = field(default_factory=list)  # the Lambda's refusal records of messages not taken
+
+    @property
+    def invalid_refusals(self) -> list[dict]:
+        """Messages the Lambda refused as invalid: they never pass as they are."""
+        return [r for r in self.refusals if r.get("kind") != "busy"]
+
+    @property
+    def busy_refusals(self) -> list[dict]:
+        """Messages the Lambda left on the queue because the output was in use: they run later."""
+        return [r for r in self.refusals if r.get("kind") == "busy"]
 
     @property
     def lease(self) -> Optional[dict]:
@@ -80,8 +95,10 @@ class OutputStatus:
             if self.waiting_for and all(_not_started(j) for j in self.jobs if j.status in ACTIVE):
                 return "waiting"
             return "running"
-        if self.not_taken:
-            return "waiting"  # a newer message from here is on its way: the current run is not the one asked for
+        if self.invalid_refusals:
+            return "failed"  # the latest message for this output was refused: it never runs as it is
+        if self.not_taken or self.busy_refusals:
+            return "waiting"  # a newer message is on its way: the current run is not the one asked for
         if self.run.complete:
             return "succeeded"
         if any(p.status == "failed" for p in self.run.parts) or self.run.conflicts:
@@ -98,7 +115,7 @@ class OutputStatus:
         A failed array child is one line: Batch's reason plus the worker's own (from its run
         record) when Batch's does not already say it.
         """
-        lines = []
+        lines = [refusal_line(r) for r in self.invalid_refusals]
         parts = {p.index: p for p in self.run.parts}
         explained: set = set()
         memory = _lease_memory(self.lease)
@@ -141,6 +158,37 @@ class OutputStatus:
         """Why Batch failed a job (or children) by dependency: the `after` steps that failed, and what to do."""
         after = [str(a) for a in (self.lease or {}).get("after") or []]
         return dependency_failure(after, [o for o, verdict in self.upstream if verdict == "failed"], they)
+
+
+def refusal_line(refusal: dict) -> str:
+    """A refusal record as people read it: which message, when, why, and what to do."""
+    when = f"delivery {refusal.get('receive_count') or '?'}, {refusal.get('at')}"
+    if refusal.get("kind") == "busy":
+        return (f"message {refusal.get('message_id')} waits in the queue (refused for now, {when}): "
+                f"{refusal.get('reason')}. SQS redelivers it after the queue's visibility timeout and it runs once that "
+                "run has ended, replacing it (after maxReceiveCount deliveries it goes to the dead-letter queue); "
+                "to drop it instead, purge the queue")
+    return (f"message {refusal.get('message_id')} was refused by the Lambda ({when}): {refusal.get('reason')}. It will "
+            "never pass as it is: SQS retries it until maxReceiveCount, then moves it to the dead-letter queue; fix the "
+            "message and send it again (and purge the queue, or the old one keeps failing until then)")
+
+
+def _refusals(s3, bucket: str, output: str, keys: dict[str, int], lease: Optional[dict],
+              taken: Callable[[str], bool]) -> list[dict]:
+    """The Lambda's refusal records of messages not taken since the current run began (all of them for an
+    output without a lease), oldest first. Both times are the Lambda's clock."""
+    names = sorted(k for k in keys if k.startswith(REFUSAL_PREFIX) and k.endswith(".json"))[-50:]
+    since = str((lease or {}).get("created_at") or "")[:19]
+    found = []
+    for name in names:
+        record = read_json(s3, bucket, f"{output}/{name}")
+        identity = str((record or {}).get("message_id") or "")
+        if not record or not identity or identity == (lease or {}).get("message_id") or taken(identity):
+            continue
+        if since and str(record.get("at") or "")[:19] < since:
+            continue  # refused before the current run began: a later message replaced it
+        found.append(record)
+    return sorted(found, key=lambda r: str(r.get("at")))
 
 
 def _child_span(indices: list[int]) -> str:
@@ -288,7 +336,9 @@ def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] =
             view.status, view.reason = "SUCCEEDED", "its failed children were retried"
         jobs.append(view)
     _mark_record_failures(jobs, run, replaced)
-    state = OutputStatus(output, jobs, run, [m for m in messages if m])
+    taken = taken_by_lambda(s3, bucket, output, keys)
+    state = OutputStatus(output, jobs, run, [m for m in messages if m], taken=taken,
+                         refusals=_refusals(s3, bucket, output, keys, lease, taken))
     if lease is not None and follow_after:
         for after in lease.get("after") or []:
             upstream = output_status(s3, batch, bucket, after, follow_after=False)
@@ -493,16 +543,25 @@ def gather(s3, batch, sqs, bucket: str, outputs: Iterable[str], expected: Option
         total, letters = peek_dlq(sqs, dlq_url, explain)
         for state in states:
             state.dead_letters = [d for d in letters if state.output in d.output.split(",")]
+            dead = {d.identity for d in state.dead_letters if d.identity}
+            # a message the Lambda gave up on is in the DLQ (shown as such), not on its way
+            state.not_taken = [r for r in state.not_taken if str(r.get("identity")).split("#")[0] not in dead
+                               and r.get("identity") not in dead]
+            state.refusals = [r for r in state.refusals if str(r.get("message_id")).split("#")[0] not in dead]
     return states, total, letters
 
 
 def local_notes(state: OutputStatus, bucket: str) -> None:
     """What this machine's receipts add: messages sent from here not yet taken, a step `cpb plate` skipped."""
-    state.not_taken = receipts.not_taken(bucket, state.output, state.lease)
+    state.not_taken = receipts.not_taken(bucket, state.output, state.lease, taken=state.taken)
+    refused = {str(r.get("message_id")) for r in state.invalid_refusals}
+    state.not_taken = [r for r in state.not_taken if r.get("identity") not in refused]  # shown as refused
+    waiting = {str(r.get("identity")) for r in state.not_taken}
+    state.refusals = [r for r in state.refusals if r.get("kind") != "busy" or str(r.get("message_id")) not in waiting]
     latest = receipts.latest(bucket, state.output)
     if latest and latest.get("kind") == "skipped":
         state.skipped_note = latest.get("note")
 
 
 __all__ = ["ACTIVE", "TERMINAL", "JobView", "OutputStatus", "DeadLetter", "describe", "job_view", "output_status",
-           "peek_dlq", "lease_refusal", "retry_lines", "resumed_lines", "watch", "gather", "local_notes", "part_name"]
+           "peek_dlq", "lease_refusal", "refusal_line", "REFUSAL_PREFIX", "retry_lines", "resumed_lines", "watch", "gather", "local_notes", "part_name"]

@@ -301,7 +301,16 @@ def existing_outputs(s3, bucket: str, requests: list[JobRequest]) -> list[str]:
     """Outputs that already hold objects. A job replaces what its output holds (the worker deletes
     the previous run's files once its own are up), so sending plate2 to plate1's output would
     silently destroy plate1's results; the client says so before sending."""
-    return sorted({r.output for r in requests if has_prefix(s3, bucket, r.output)})
+    return sorted({r.output for r in requests if _holds_results(s3, bucket, r.output)})
+
+
+def _holds_results(s3, bucket: str, output: str) -> bool:
+    """True when `output/` holds anything but the Lambda's refusal records (a message refused there ran
+    nothing, so correcting and resending it replaces nothing)."""
+    base = output.rstrip("/") + "/"
+    got = s3.list_objects_v2(Bucket=bucket, Prefix=base, MaxKeys=50)
+    keys = [item["Key"][len(base):] for item in got.get("Contents", [])]
+    return bool(got.get("IsTruncated")) or any(not key.startswith("_cpb/refusal-") for key in keys)
 
 
 def busy_outputs(s3, batch, bucket: str, entries: list[Outgoing]) -> list[str]:

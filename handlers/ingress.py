@@ -55,6 +55,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.config import Config
 
 from handlers.lease import Leases, OutputBusy
+from handlers.refusals import record_refusal
 from handlers.s3checks import CheckedRequest, check_request
 from handlers.schema import Limits, MessageError, entry_message_id, message_identity, parse_body
 from handlers.submission import InProgress, PlannedJob, Submitter
@@ -194,6 +195,7 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
     message_id = record.message_id
     receive_count = _receive_count(record)
     stubs: list = []
+    identity: Optional[str] = None
     try:
         budget.require(MESSAGE_MARGIN_S, "start this message")
         requests = parse_body(record.body, svc.limits)
@@ -220,9 +222,11 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
                 raise
     except OutputBusy as exc:
         _log_failure(message_id, receive_count, "busy", str(exc), field=exc.field, entry=exc.index)
+        _record_refusal(record, svc, budget, submitter, exc, "busy", receive_count, identity)
         raise
     except MessageError as exc:
         _log_failure(message_id, receive_count, "invalid", str(exc), field=exc.field, entry=exc.index)
+        _record_refusal(record, svc, budget, submitter, exc, "invalid", receive_count, identity)
         raise
     except (InProgress, OutOfTime) as exc:
         _log_failure(message_id, receive_count, "deferred", str(exc))
@@ -238,6 +242,18 @@ def _process_record(record: SQSRecord, svc: Services, budget: Budget, submitter:
                   "run_id": r.get("run_id"), "job_ids": [j["job_id"] for j in r.get("jobs") or []],
                   "output": r["request"]["output"], "adopted": r.get("adopted")} for r in records]})
     return {"message_id": message_id, "job_ids": [r["job_id"] for r in records]}
+
+
+def _record_refusal(record: SQSRecord, svc: Services, budget: Budget, submitter: Submitter, exc: MessageError,
+                    kind: str, receive_count: Optional[int], identity: Optional[str]) -> None:
+    """Say why under the message's outputs (`handlers.refusals`), best effort: the message still fails."""
+    if budget.remaining() < CALL_MARGIN_S:
+        return
+    try:
+        record_refusal(svc.s3, svc.limits, record.body, record.message_id, _message_attributes(record), exc, kind,
+                       receive_count, submitter.clock, identity)
+    except Exception as write_exc:  # the log line above still says why
+        logger.warning("refusal record not written", extra={"message_id": record.message_id, "error": str(write_exc)})
 
 
 def _check_entry(stub: PlannedJob, saved: Optional[dict], stubs: list, svc: Services, budget: Budget,

@@ -52,7 +52,7 @@ SG_INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 LUSTRE_PORTS = ((988, 988), (1018, 1023))
 #: Keys under an output's `_cpb/` that only the Lambdas (and `cpb requeue`) may write (docs/CONTRACTS.md).
-CONTROL_RECORDS = ("*/_cpb/submission-*", "*/_cpb/lease.json", "*/_cpb/events/*")
+CONTROL_RECORDS = ("*/_cpb/submission-*", "*/_cpb/lease.json", "*/_cpb/events/*", "*/_cpb/refusal-*")
 #: The job tag whose value names the stack; stopping jobs is allowed only on jobs carrying it.
 JOB_STACK_TAG = "cpb:stack"
 JOB_STOPPING_ACTIONS = ("batch:TerminateJob", "batch:CancelJob")
@@ -425,7 +425,7 @@ def validate_control_records_denied_to_bucket_writers(args: ResourceValidationAr
                 if missing:
                     report(f"{args.name}: statement {statement.get('Sid', '')!r} allows {action} on {wildcard} "
                            f"without denying {missing}; add a Deny of s3:PutObject and s3:DeleteObject on "
-                           "those keys so only the Lambdas write submission records, leases and job events")
+                           "those keys so only the Lambdas write submission records, leases, job events and refusals")
 
 
 def validate_job_stopping_limited_to_own_jobs(args: ResourceValidationArgs, report: ReportViolation) -> None:

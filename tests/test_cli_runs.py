@@ -492,3 +492,125 @@ def test_a_message_not_taken_is_waited_for_whatever_this_machines_clock_says(aws
     assert status.exit_code == 3 and "results/skew/: WAITING" in status.output, status.output
     refused = run("results", "results/skew", "--to", str(tmp_path / "skew"))
     assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output
+
+
+@pytest.mark.race
+def test_a_second_message_for_an_output_in_use_waits_and_is_not_the_first_runs_success(aws, tmp_path):
+    """New-user review: `cpb submit` twice in a row to one output. Both were sent before the Lambda took
+    either (no lease yet: nothing to compare), the Lambda took the first (its lease was created after
+    both were sent) and left the second on the queue: the output was in use. `cpb status <second
+    message id>` said SUCCEEDED with the first message's run, and `cpb results` handed that run over
+    as the final result. The second has no submission record: the Lambda has not taken it."""
+    import datetime as dt
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/tw/a.tif", b"II*\x00")
+    flags = ("--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/tw", "--output", "results/tw")
+    assert run("submit", *flags).exit_code == 0 and run("submit", *flags).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpb-home" / "submissions.jsonl").read_text().splitlines()]
+    first, second = rows[0]["identity"], rows[1]["identity"]
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)).isoformat(timespec="seconds")
+    run_1 = run_id_for(first)
+    job = batch_job(aws, "results/tw", name="one")
+    write_lease(aws, "results/tw", run_1, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id=first,
+                created_at=later)
+    submission(aws, "results/tw", first, job, None, 1)
+    write_record(aws, "results/tw", run_1, None, 1, 1, 1)
+    for name in (rows[1]["message_id"], "results/tw"):
+        status = run("status", name, "--no-dlq")
+        assert status.exit_code == 3 and "results/tw/: WAITING" in status.output, status.output
+        assert "results/tw/: SUCCEEDED" not in status.output
+        assert f"message {rows[1]['message_id']} sent from here" in status.output
+        assert f"in use by run {run_1[:8]} of message {first}" in status.output
+        assert "visibility timeout" in status.output and "purge" in status.output
+    refused = run("results", "results/tw", "--to", str(tmp_path / "tw"))
+    assert refused.exit_code == 1 and "has not been taken by the Lambda yet" in refused.output, refused.output
+    assert f"--run {run_1[:8]}" in refused.output
+    # Redelivered after the visibility timeout, the second message replaces the first's run: the first,
+    # which the Lambda took (its submission record), is not waited for.
+    run_2 = run_id_for(second)
+    job_2 = batch_job(aws, "results/tw", name="two")
+    write_lease(aws, "results/tw", run_2, None, 1, jobs=[{"job_id": job_2, "job_name": "two"}], message_id=second,
+                created_at=later, previous_run_id=run_1)
+    submission(aws, "results/tw", second, job_2, None, 1)
+    write_record(aws, "results/tw", run_2, None, 1, 1, 1)
+    status = run("status", "results/tw", "--no-dlq")
+    assert status.exit_code == 0 and "results/tw/: SUCCEEDED" in status.output, status.output
+    assert "has not been taken" not in status.output
+    assert run("results", "results/tw", "--to", str(tmp_path / "tw2")).exit_code == 0
+
+
+@pytest.mark.race
+def test_a_message_from_here_the_lambda_took_before_an_older_one_is_not_waited_for(aws, tmp_path):
+    """SQS standard queues do not keep order: the second message can be taken first, and the first
+    replace its run once it ended. The lease then names the first; the second, which the Lambda took
+    (its submission record says so), is not waited for."""
+    import datetime as dt
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/oo/a.tif", b"II*\x00")
+    flags = ("--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/oo", "--output", "results/oo")
+    assert run("submit", *flags).exit_code == 0 and run("submit", *flags).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpb-home" / "submissions.jsonl").read_text().splitlines()]
+    first, second = rows[0]["identity"], rows[1]["identity"]
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=30)).isoformat(timespec="seconds")
+    submission(aws, "results/oo", second, "job-gone", None, 1)
+    job = batch_job(aws, "results/oo", name="one")
+    write_lease(aws, "results/oo", run_id_for(first), None, 1, jobs=[{"job_id": job, "job_name": "one"}],
+                message_id=first, created_at=later, previous_run_id=run_id_for(second))
+    submission(aws, "results/oo", first, job, None, 1)
+    write_record(aws, "results/oo", run_id_for(first), None, 1, 1, 1)
+    status = run("status", "results/oo", "--no-dlq")
+    assert status.exit_code == 0 and "results/oo/: SUCCEEDED" in status.output, status.output
+    assert "has not been taken" not in status.output
+
+
+def refusal_record(aws, output: str, identity: str, kind: str, reason: str, at: str, field: str = "output",
+                   receive_count: int = 1) -> None:
+    """The ingress Lambda's refusal record (docs/CONTRACTS.md, `handlers.refusals`)."""
+    put(aws, f"{output}/_cpb/refusal-{identity}.json", json.dumps(
+        {"message_id": identity, "sqs_message_id": identity, "entry": None, "kind": kind, "field": field,
+         "reason": reason, "receive_count": receive_count, "first_at": at, "at": at}))
+
+
+def test_an_invalid_message_sent_another_way_is_failed_at_once_with_the_lambdas_reason(aws):
+    """New-user review: a message sent with `aws sqs send-message` with a mistyped field is retried for
+    ~30 minutes before the DLQ; meanwhile status said only `WAITING ... no submission record yet`."""
+    refusal_record(aws, "results/o7", "5a3522cb-0000", "invalid",
+                   "job_vcpus: is not a message field; did you mean 'job_vcpu'?", "2026-11-30T10:00:00+00:00",
+                   field="job_vcpus", receive_count=2)
+    status = run("status", "results/o7", "--no-dlq")
+    assert status.exit_code == 1 and "results/o7/: FAILED" in status.output, status.output
+    assert ("message 5a3522cb-0000 was refused by the Lambda (delivery 2, 2026-11-30T10:00:00+00:00): job_vcpus: "
+            "is not a message field; did you mean 'job_vcpu'?") in status.output
+    assert "never pass as it is" in status.output and "no submission record yet" not in status.output
+
+
+def test_a_refusal_before_the_current_run_or_of_the_message_that_runs_is_not_shown(aws):
+    write_lease(aws, "results/o8", RUN_B, None, 1, message_id="message-b", created_at="2026-11-30T11:00:00+00:00")
+    write_record(aws, "results/o8", RUN_B, None, 1, 1, 1)
+    refusal_record(aws, "results/o8", "message-a", "invalid", "pipeline: missing", "2026-11-30T10:00:00+00:00")
+    refusal_record(aws, "results/o8", "message-b", "busy", "output: results/o8 is in use", "2026-11-30T10:30:00+00:00")
+    status = run("status", "results/o8", "--no-dlq")
+    assert status.exit_code == 0 and "results/o8/: SUCCEEDED" in status.output, status.output
+    assert "refused" not in status.output
+
+
+def test_a_message_sent_another_way_for_an_output_in_use_is_shown_waiting(aws):
+    job = batch_job(aws, "results/o9", name="one")
+    write_lease(aws, "results/o9", RUN_A, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id="message-a",
+                created_at="2026-11-30T10:00:00+00:00")
+    write_record(aws, "results/o9", RUN_A, None, 1, 1, 1)
+    busy = (f"output: results/o9 is in use by run {RUN_A} of message message-a (job {job} RUNNING); wait for it to "
+            "finish (cpb status results/o9) or choose another output")
+    refusal_record(aws, "results/o9", "sqs-second", "busy", busy, "2026-11-30T10:01:00+00:00")
+    status = run("status", "results/o9", "--no-dlq")
+    assert status.exit_code == 3 and "results/o9/: WAITING" in status.output, status.output
+    assert "message sqs-second waits in the queue (refused for now, delivery 1, 2026-11-30T10:01:00+00:00)" in status.output
+    assert "visibility timeout" in status.output
+
+
+def test_resending_a_corrected_message_to_an_output_holding_only_its_refusal_warns_of_nothing(aws):
+    refusal_record(aws, "results/o10", "sqs-typo", "invalid", "job_vcpus: is not a message field", "2026-11-30T10:00:00Z")
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/o10/a.tif", b"II*\x00")
+    sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/o10", "--output", "results/o10")
+    assert sent.exit_code == 0 and "already holds results" not in sent.output, sent.output

@@ -402,3 +402,63 @@ def test_image_sets_per_job_without_a_data_file_counted_by_file_rules(moto_stack
     assert env["CPB_IMAGE_SET_COUNT"] == "4" and env["CPB_IMAGE_SETS_PER_JOB"] == "2" and "CPB_DATA_FILE" not in env
     assert job["arrayProperties"]["size"] == 2
     assert len(lease("results/meta")["data_sha256"]) == 64  # the input listing's digest
+
+
+# ----------------------------------------------------------------------------- refusals under the output
+
+def refusal(output: str, identity: str):
+    from ingress_moto import BUCKET as bucket
+    s3 = ingress.services().s3
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=f"{output}/_cpb/refusal-{identity}.json")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def test_an_invalid_message_is_recorded_under_its_output_at_once(moto_stack, logs):
+    """New-user review: a message sent with `aws sqs send-message` with a mistyped field (`job_vcpus`)
+    is retried for ~30 minutes before reaching the DLQ, and meanwhile `cpb status <output>` could only
+    say `no submission record yet`. The Lambda now writes why under the output's `_cpb/` on the first
+    delivery (the message still fails: SQS retries it, then moves it to the DLQ, as the contract says)."""
+    body = dict(message(output="results/typo"), job_vcpus=4)
+    record = sqs_record(json.dumps(body), receive_count=1)
+    assert failed_ids(run(record)) == [record["messageId"]]
+    saved = refusal("results/typo", record["messageId"])
+    assert saved is not None
+    assert saved["kind"] == "invalid" and saved["field"] == "job_vcpus" and saved["entry"] is None
+    assert saved["reason"] == "job_vcpus: is not a message field; did you mean 'job_vcpu'?"
+    assert saved["message_id"] == record["messageId"] and saved["sqs_message_id"] == record["messageId"]
+    assert saved["receive_count"] == 1 and saved["at"]
+    again = sqs_record(json.dumps(body), message_id=record["messageId"], receive_count=2)
+    assert failed_ids(run(again)) == [record["messageId"]]
+    assert refusal("results/typo", record["messageId"])["receive_count"] == 2
+    assert moto_stack.jobs() == [] and lease("results/typo") is None  # nothing else written
+
+
+def test_a_refusal_is_recorded_only_under_an_output_that_is_valid_itself(moto_stack):
+    for output in ("results/x/_cpb", "../up", "results/p/part-00001"):
+        record = sqs_record(json.dumps(dict(message(output=output), job_vcpus=4)))
+        assert failed_ids(run(record)) == [record["messageId"]]
+    listed = moto_stack.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+    assert not [o["Key"] for o in listed if "/_cpb/refusal-" in o["Key"]]
+
+
+def test_a_list_message_refused_is_recorded_under_each_valid_output_with_the_entry_identity(moto_stack):
+    body = [message(output="results/l0", client_token="tok-list-0001"),
+            message(output="results/l1", client_token="tok-list-0001", job_memory="lots")]
+    record = sqs_record(json.dumps(body))
+    assert failed_ids(run(record)) == [record["messageId"]]
+    first, second = refusal("results/l0", "tok-list-0001_0"), refusal("results/l1", "tok-list-0001_1")
+    assert first["message_id"] == "tok-list-0001#0" and second["message_id"] == "tok-list-0001#1"
+    assert first["reason"] == second["reason"] and first["reason"].startswith("entry 1: job_memory:")
+
+
+@pytest.mark.race
+def test_a_message_for_an_output_in_use_is_recorded_as_waiting(moto_stack, jobs_keep_running):
+    first = sqs_record(json.dumps(message(output="results/w")))
+    assert run(first) == {"batchItemFailures": []}
+    second = sqs_record(json.dumps(message(output="results/w")), receive_count=1)
+    assert failed_ids(run(second)) == [second["messageId"]]
+    saved = refusal("results/w", second["messageId"])
+    assert saved["kind"] == "busy" and saved["field"] == "output"
+    assert f"is in use by run {run_id_for(first['messageId'], 0)}" in saved["reason"]

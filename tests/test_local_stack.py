@@ -132,6 +132,10 @@ def test_a_bad_message_reaches_the_dlq_and_cpb_status_says_why(home):
         lambda_log = (home / "local-logs").rglob("cpb-local-ingress.log")
         text = next(lambda_log).read_text()
         assert text.count("START RequestId") == 2 and '"kind":"invalid"' in text
+        # the reason was under the output from the first delivery on (handlers.refusals), not only in the DLQ
+        listed = up.run(AWS, "s3", "ls", "--endpoint-url", up.endpoint, "--recursive",
+                        f"s3://{up.outputs['bucketName']}/examples/ExampleHuman/too-big/_cpb/")
+        assert "_cpb/refusal-" in listed.stdout, listed.stdout
     finally:
         up.interrupt()
 

@@ -32,6 +32,7 @@ KEYS = {
     f"{OUT}/_cpb/lease.json": "lambdas",
     f"{OUT}/_cpb/submission-0f1e2d.json": "ingress",
     f"{OUT}/_cpb/submission-requeue-20261130T120000-job1.json": "ingress",
+    f"{OUT}/_cpb/refusal-0f1e2d.json": "ingress",
     f"{OUT}/_cpb/events/4c7599ae-0a82.json": "events",
     f"{OUT}/part-00003/_cpb/events/4c7599ae:3.json": "events",
     "pipelines/0123456789ab/nuclei.cppipe": "client",
