@@ -322,7 +322,12 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
         say(f"note: {report.resumed} part(s) were reused from an earlier run with the same pipeline, data rows and image")
     if report.ignored:
         say(f"note: not counted, never merged: {'; '.join(report.ignored[:5])}")
-    foreign = sorted(before - set(report.files) - {"_cpb/runs.json"})
+    if report.removed:
+        say(f"removed {len(report.removed)} file(s) of the earlier run in {dest} that this run did not replace "
+            f"(e.g. {report.removed[0]}): they would pass for this run's; make the Parquet, report and profiles "
+            "again (cpb results --parquet, cpb report, cpb profile)")
+    foreign = sorted(before - set(report.files) - set(report.removed) - set(report.derived)
+                     - {results_mod.PROVENANCE})
     if foreign:  # another plate's results: they would pass for this output's
         say(f"warning: {len(foreign)} file(s) in {dest} are not from {output} (e.g. {foreign[0]}); "
             "keep each output's results in its own --to folder")

@@ -409,13 +409,37 @@ def test_results_refuse_incomplete_runs_then_merge_parts(aws, tmp_path):
     assert [(int(r["ImageNumber"]), int(r["Count_Nuclei"])) for r in rows] == \
         [(1, 10), (2, 11), (3, 12), (4, 13), (5, 14), (6, 15)]
     assert "merged from 3 array parts" in result.output and "warning" not in result.output
-    # downloading another output into the same folder leaves this one's files mixed in: say so
-    part_record(aws, "results/s", 0, "succeeded", [(1, 20)])
+    # files the folder's records do not list (added by hand, or from before runs.json named its output): say so
     (dest / "A01_s1_outlines.png").write_bytes(b"png of results/r")
-    result = CliRunner().invoke(cli, ["results", "results/s/part-00000", "--to", str(dest)])
+    result = CliRunner().invoke(cli, ["results", "results/r", "--to", str(dest)])
     assert result.exit_code == 0, result.output
-    assert (f"warning: 1 file(s) in {dest} are not from results/s/part-00000 (e.g. A01_s1_outlines.png); "
+    assert (f"warning: 1 file(s) in {dest} are not from results/r (e.g. A01_s1_outlines.png); "
             "keep each output's results in its own --to folder") in result.output
+
+
+def test_results_refuse_a_folder_holding_another_outputs_results_before_writing(aws, tmp_path):
+    """New-user review: `cpb results plates/CP1/illum --to ./CP1` into the folder holding
+    plates/CP1/analysis replaced its Image.csv, Experiment.csv and _cpb/runs.json, and only warned
+    afterwards; `cpb report`/`cpb profile` then read a mix of the two outputs."""
+    part_record(aws, "plates/CP1/analysis", 0, "succeeded", [(1, 10), (2, 11)])
+    part_record(aws, "plates/CP1/illum", 0, "succeeded", [(1, 99)])
+    dest = tmp_path / "CP1"
+    first = CliRunner().invoke(cli, ["results", "plates/CP1/analysis/part-00000", "--to", str(dest)])
+    assert first.exit_code == 0, first.output
+    (dest / "single_cell.parquet").write_bytes(b"cells of the analysis")
+    before = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    refused = CliRunner().invoke(cli, ["results", "plates/CP1/illum/part-00000", "--to", str(dest)])
+    assert refused.exit_code == 1
+    assert (f"cpb: {dest} holds the results of plates/CP1/analysis/part-00000 (by its _cpb/runs.json), not "
+            "plates/CP1/illum/part-00000") in refused.output
+    assert f"--to {tmp_path / 'CP1-part-00000'}" in refused.output and f"remove {dest} first" in refused.output
+    after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert after == before
+    # the same output into its own folder keeps working, and the other one into another folder
+    again = CliRunner().invoke(cli, ["results", "plates/CP1/analysis/part-00000", "--to", str(dest)])
+    assert again.exit_code == 0 and "warning" not in again.output, again.output
+    other = CliRunner().invoke(cli, ["results", "plates/CP1/illum/part-00000", "--to", str(tmp_path / "CP1-illum")])
+    assert other.exit_code == 0, other.output
 
 
 def test_results_refuse_files_that_differ_from_their_record(aws, tmp_path):
