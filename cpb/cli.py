@@ -215,7 +215,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()],
                         leases=before)
         outputs = sorted({o for s in report.sent for o in s.outputs})
-        say(f"follow with: cpb status   (or: cpb status {' '.join(outputs)})")
+        say(f"follow with: {stack.command('status')}   (or: {stack.command('status', *outputs)})")
     if report.failed:
         raise UserError(f"{len(report.failed)} of {len(messages)} message(s) were not accepted by SQS")
 
@@ -307,7 +307,7 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
         raise results_mod.IncompleteRun(
             f"{s3_url(stack.bucket, output)}: message {waiting[-1].get('message_id')} sent from here at "
             f"{waiting[-1].get('sent_at')} has not been taken by the Lambda yet, so the run there ({short(state.run_id)}) "
-            f"is not the one you sent: wait (cpb status {output}), or pass --run {short(state.run_id)} to take it anyway")
+            f"is not the one you sent: wait ({stack.command('status', output)}), or pass --run {short(state.run_id)} to take it anyway")
     bar = LazyBar("download")
     before = results_mod.files_under(dest)
     try:

@@ -285,7 +285,7 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
     for step in to_send:
         busy = _busy(clients, stack.bucket, step.output)
         if busy:
-            raise PlateError(f"{busy}: wait for it to finish (cpb status {step.output}) before sending the plate again")
+            raise PlateError(f"{busy}: wait for it to finish ({stack.command('status', step.output)}) before sending the plate again")
     entries = submit_mod.prepare(json.dumps([s.entry for s in to_send]), limits)
     with tempfile.TemporaryDirectory(prefix="cpb-plate-") as tmp:
         pairs = list(plan.uploads)
@@ -310,5 +310,5 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
         outcome.lines.append(f"not sent: {output}: {why}")
     receipts.record(stack.bucket, [(s.message_id, o, i) for s in sent.sent for o, i, _ in s.runs()], skipped=skipped,
                     order=[s.output for s in plan.steps], leases=before)
-    outcome.lines.append(f"follow with: cpb status {' '.join(s.output for s in plan.steps)}")
+    outcome.lines.append(f"follow with: {stack.command('status', *(s.output for s in plan.steps))}")
     return outcome

@@ -192,6 +192,45 @@ def test_submit_from_flags_sends_what_the_lambda_parses(aws):
     assert len(sent_id) > 10
 
 
+def test_submit_follow_up_carries_the_stack_flags_it_was_given(aws):
+    """New-user review: `cpb submit --stack local ...` printed `follow with: cpb status ...` without
+    --stack, which pasted as is found no bucket. The follow-up reaches the stack the submit did."""
+    seed_inputs(aws)
+    result = invoke("submit", "--bucket", BUCKET, "--region", REGION, "--pipeline", "pipelines/nuclei.cppipe",
+                    "--input", "plates/p1/images", "--output", "results/p1")
+    assert result.exit_code == 0, result.output
+    assert (f"follow with: cpb status --bucket {BUCKET} --region {REGION}   (or: cpb status --bucket {BUCKET} "
+            f"--region {REGION} results/p1)") in result.output
+
+
+def test_a_local_stacks_commands_to_paste_name_it(tmp_path, monkeypatch):
+    from cpb.local.state import TEST_CREDENTIALS, write_local_stack
+    for key in ("AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", *TEST_CREDENTIALS):
+        monkeypatch.setenv(key, "restored after the test")  # _local_stack points this process at the stack
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("cpb.local.state.endpoint_answers", lambda endpoint, timeout=2.0: True)
+    env = {"CPB_HOME": str(tmp_path)}
+    write_local_stack({"endpoint": "http://127.0.0.1:1", "region": "us-east-1",
+                       "outputs": {"bucketName": "cpb-local", "queueUrl": "http://127.0.0.1:1/q"}}, env)
+    stack = discover("local", {"bucket": None, "region": None}, env=env)
+    assert stack.command("status", "plates/CP1/illum", "plates/CP1/analysis") == \
+        "cpb status --stack local plates/CP1/illum plates/CP1/analysis"
+    assert discover("local", {"region": "us-west-2"}, env=env).command("status") == \
+        "cpb status --stack local --region us-west-2"
+
+
+def test_no_bucket_known_names_the_stack_option_first_and_where_the_region_came_from():
+    """New-user review: a follow-up pasted without --stack said `stack settings from queue URL /
+    AWS_REGION` (no queue URL was given) and then `select a deployed stack (install the Pulumi CLI...`."""
+    stack = discover(None, {}, env={"AWS_REGION": "eu-west-1"}, use_pulumi=False)
+    assert stack.describe_sources() == "stack settings from $AWS_REGION"
+    with pytest.raises(StackError) as error:
+        stack.require("bucket")
+    assert "known: pass --stack <name>: --stack local for the stack `cpb local up` runs, or a deployed" \
+        in str(error.value)
+
+
 @pytest.mark.parametrize("schema_takes_token", [True, False])
 def test_submit_sends_a_client_token_only_to_a_schema_that_takes_one(aws, monkeypatch, schema_takes_token):
     """An automatic token must never turn a valid message into a refused one: cpb adds it when the

@@ -163,6 +163,14 @@ def test_one_list_message_chains_illumination_then_analysis(plate, aws):
     assert f"results: s3://{BUCKET}/plates/P1/analysis/  (run {run_id_for(token + '#1')[:8]})" in result.output
 
 
+def test_the_follow_up_carries_the_stack_flags_the_plate_was_sent_with(plate, aws):
+    """New-user review: `cpb plate --stack local ...` printed `follow with: cpb status plates/CP1/illum
+    plates/CP1/analysis`, which pasted as is found no bucket."""
+    result = cpb_plate(plate, "--bucket", BUCKET)
+    assert result.exit_code == 0, result.output
+    assert f"follow with: cpb status --bucket {BUCKET} plates/P1/illum plates/P1/analysis" in result.output
+
+
 # ------------------------------------------------------------------------- resume
 
 def test_a_second_identical_plate_runs_nothing_and_says_so(plate, aws):
