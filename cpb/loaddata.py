@@ -433,16 +433,35 @@ def build(source: ImageSource, pattern: FilePattern, channels: dict[str, Optiona
     return table
 
 
+def illum_not_loaded(expected: PipelineNames, loaded: Iterable[str]) -> list[str]:
+    """The illumination functions (`Illum<Name>` of an image name in `loaded`) the pipeline reads as
+    input images that `loaded` (the image names a LoadData CSV gives) lacks: the pipeline applies
+    functions an illumination pipeline must make first (cpb loaddata --illum, cpb run --local and
+    cpb plate all ask this)."""
+    loaded = set(loaded)
+    return [n for n in expected.names if n.startswith("Illum") and n[5:] in loaded and n not in loaded]
+
+
+def data_file_image_names(data_file: Path) -> set[str]:
+    """The image names a LoadData CSV loads (its Image_FileName_/Image_URL_<Name> columns)."""
+    with open(data_file, newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    return {column.split("_", 2)[2] for column in header
+            if column.startswith(("Image_FileName_", "Image_URL_")) and column.count("_") >= 2}
+
+
 def check_pipeline_names(table: LoadDataTable, pipeline: Path, with_illum: bool) -> None:
     """The channels (and illumination functions) must be the image names the pipeline expects."""
     expected = pipeline_image_names(pipeline)
     given = set(table.channels) | ({f"Illum{n}" for n in table.channels} if with_illum else set())
+    needs_illum = illum_not_loaded(expected, given)
+    if needs_illum:
+        name = needs_illum[0]
+        raise LoadDataError(f"pipeline {expected.pipeline} uses the illumination function {name} "
+                            f"({expected.names[name]}): pass --illum <illumination output> so the CSV loads it")
     missing = [n for n in expected.names if n not in given]
     if missing:
         name = missing[0]
-        if name.startswith("Illum") and name[5:] in table.channels and not with_illum:
-            raise LoadDataError(f"pipeline {expected.pipeline} uses the illumination function {name} "
-                                f"({expected.names[name]}): pass --illum <illumination output> so the CSV loads it")
         raise LoadDataError(f"pipeline {expected.pipeline} uses image {name!r} ({expected.names[name]}), but the "
                             f"channels give {', '.join(sorted(given))}: name a channel {name} "
                             "(--channel ID=" + name + "), or fix the pipeline")
