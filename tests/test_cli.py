@@ -133,6 +133,22 @@ def test_help_documents_options_in_cli_guide():
             assert option in guide, f"docs/CLI.md does not mention {command} {option}"
 
 
+@pytest.mark.parametrize("words", [("estimate",), ("local", "up")])
+def test_the_guide_has_a_section_naming_every_option_of(words):
+    """New-user review: the README sends readers to docs/CLI.md for `cpb estimate`, which had no
+    section there, and neither had `cpb local up`."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    heading = f"## cpb {' '.join(words)}\n"
+    assert heading in guide
+    section = guide.split(heading, 1)[1].split("\n## ", 1)[0]
+    command = cli
+    for word in words:
+        command = command.commands[word]
+    options = [o for param in command.params for o in param.opts if o.startswith("--") and o != "--help"]
+    missing = [o for o in options if o not in section]
+    assert not missing, f"docs/CLI.md's cpb {' '.join(words)} section lacks {missing}"
+
+
 # ------------------------------------------------------------------------- stack discovery
 
 def test_stack_from_env_names_its_source(monkeypatch):
