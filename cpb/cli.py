@@ -215,7 +215,7 @@ def submit(stack: StackConfig, pipeline: Optional[str], input_prefix: Optional[s
         receipts.record(stack.bucket, [(s.message_id, o, i) for s in report.sent for o, i, _ in s.runs()],
                         leases=before)
         outputs = sorted({o for s in report.sent for o in s.outputs})
-        say(f"follow with: cpb status   (or: cpb status {' '.join(outputs)})")
+        say(f"follow with: {stack.command('status')}   (or: {stack.command('status', *outputs)})")
     if report.failed:
         raise UserError(f"{len(report.failed)} of {len(messages)} message(s) were not accepted by SQS")
 
@@ -306,8 +306,8 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
     waiting = receipts.not_taken(stack.bucket, output, state.lease,
                                  taken=taken_by_lambda(clients.s3, stack.bucket, output, keys))
     if waiting and run_id is None:
-        raise results_mod.IncompleteRun(
-            f"{s3_url(stack.bucket, output)}: {not_taken_line(waiting[-1], state.lease, output)}")
+        line = not_taken_line(waiting[-1], state.lease, output, stack.command("status", "--watch", output))
+        raise results_mod.IncompleteRun(f"{s3_url(stack.bucket, output)}: {line}")
     bar = LazyBar("download")
     before = results_mod.files_under(dest)
     try:
@@ -322,7 +322,12 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
         say(f"note: {report.resumed} part(s) were reused from an earlier run with the same pipeline, data rows and image")
     if report.ignored:
         say(f"note: not counted, never merged: {'; '.join(report.ignored[:5])}")
-    foreign = sorted(before - set(report.files) - {"_cpb/runs.json"})
+    if report.removed:
+        say(f"removed {len(report.removed)} file(s) of the earlier run in {dest} that this run did not replace "
+            f"(e.g. {report.removed[0]}): they would pass for this run's; make the Parquet, report and profiles "
+            "again (cpb results --parquet, cpb report, cpb profile)")
+    foreign = sorted(before - set(report.files) - set(report.removed) - set(report.derived)
+                     - {results_mod.PROVENANCE})
     if foreign:  # another plate's results: they would pass for this output's
         say(f"warning: {len(foreign)} file(s) in {dest} are not from {output} (e.g. {foreign[0]}); "
             "keep each output's results in its own --to folder")

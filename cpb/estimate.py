@@ -527,6 +527,17 @@ def _usd(value: float) -> str:
     return f"${value:,.2f}" if value >= 0.01 else f"${value:.4f}"
 
 
+def _warm_up_note(profile: Profile) -> str:
+    """Why fewer sets time the per-set figure than were run: each process's first set carries its
+    warm-up (profile_from_processes), so it is counted in that process's start-up."""
+    folded = profile.sets_measured - len(profile.set_seconds)
+    if folded <= 0:
+        return ""
+    processes = len(profile.startup_seconds)
+    return (f"; the other {folded}, the first of each of the {processes} CellProfiler process(es), carry its "
+            "warm-up and are counted in the start-up")
+
+
 def render(result: Estimate, label: str) -> str:
     profile, layout, c, lo, hi = result.profile, result.layout, result.central, result.low, result.high
     sets_per_job = layout.image_sets if layout.unsplittable or not layout.sets_per_job else layout.sets_per_job
@@ -536,8 +547,8 @@ def render(result: Estimate, label: str) -> str:
            if profile.pipeline_sha256 else ""),
         f"  measured   ({'CPU' if profile.clock == 'cpu' else 'wall-clock'} time) start-up {profile.startup:.1f} s per "
         f"CellProfiler process, {profile.per_set:.2f} s per image set "
-        f"({min(profile.set_seconds):.2f}-{max(profile.set_seconds):.2f} s over {len(profile.set_seconds)} set(s)), "
-        f"worker overhead {profile.overhead_seconds:.1f} s per job",
+        f"({min(profile.set_seconds):.2f}-{max(profile.set_seconds):.2f} s over {len(profile.set_seconds)} set(s)"
+        f"{_warm_up_note(profile)}), worker overhead {profile.overhead_seconds:.1f} s per job",
         f"  layout     {result.jobs} job(s) of up to {sets_per_job} image set(s), {layout.job_vcpus} vCPU / "
         f"{layout.job_memory_mib} MiB each, {result.processes_per_job} CellProfiler process(es) per job",
         f"  CellProfiler time   {c.cellprofiler_seconds:,.0f} s summed over jobs "

@@ -369,15 +369,17 @@ def build(source: ImageSource, pattern: FilePattern, channels: dict[str, Optiona
     if not channels:
         raise LoadDataError(f"name the channels: give --channel ID=NAME for each of {', '.join(found)} "
                             f"(e.g. --channel {found[0]}=DNA)")
+    channels, read_as = _prefixed_channel_ids(channels, found)
+    absent = [c for c, n in channels.items() if n and c not in found]
+    if absent:  # before the unnamed: `--channel w1=DNA` for files whose ids are 1, 2, 3 is this, not "1 is unnamed"
+        raise LoadDataError(f"--channel {absent[0]}={channels[absent[0]]}: no file of channel {absent[0]} in "
+                            f"{source.label}: {absent[0]} matched no channel id in the file names (channel ids "
+                            f"found: {', '.join(found)})")
     unnamed = [c for c in found if c not in channels]
     if unnamed:
         example = next(f.relative for f in matched if f.channel == unnamed[0])
         raise LoadDataError(f"channel {unnamed[0]} (e.g. {example}) has no --channel {unnamed[0]}=NAME: name it, or "
                             f"leave it out with --channel {unnamed[0]}=-")
-    absent = [c for c, n in channels.items() if n and c not in found]
-    if absent:
-        raise LoadDataError(f"--channel {absent[0]}={channels[absent[0]]}: no file of channel {absent[0]} in "
-                            f"{source.label} (channels found: {', '.join(found)})")
     by_set: dict[tuple, dict[str, ImageFile]] = {}
     for image in matched:
         if channels.get(image.channel) is None:
@@ -425,6 +427,9 @@ def build(source: ImageSource, pattern: FilePattern, channels: dict[str, Optiona
         table.notes.append(f"{len(skipped)} file(s) that are not images left out (e.g. {_first(skipped)})")
     if ignored:
         table.notes.append(f"{len(ignored)} thumbnail(s) left out (e.g. {_first(ignored)})")
+    if read_as:
+        table.notes.append("--channel " + ", ".join(f"{given} read as channel {found_id}" for given, found_id in read_as)
+                           + " (the id the file names carry)")
     left_out = [c for c, n in channels.items() if n is None]
     if left_out:
         table.notes.append(f"channel(s) {', '.join(left_out)} left out on purpose (--channel ID=-)")
@@ -433,16 +438,53 @@ def build(source: ImageSource, pattern: FilePattern, channels: dict[str, Optiona
     return table
 
 
+def illum_not_loaded(expected: PipelineNames, loaded: Iterable[str]) -> list[str]:
+    """The illumination functions (`Illum<Name>` of an image name in `loaded`) the pipeline reads as
+    input images that `loaded` (the image names a LoadData CSV gives) lacks: the pipeline applies
+    functions an illumination pipeline must make first (cpb loaddata --illum, cpb run --local and
+    cpb plate all ask this)."""
+    loaded = set(loaded)
+    return [n for n in expected.names if n.startswith("Illum") and n[5:] in loaded and n not in loaded]
+
+
+def data_file_image_names(data_file: Path) -> set[str]:
+    """The image names a LoadData CSV loads (its Image_FileName_/Image_URL_<Name> columns)."""
+    with open(data_file, newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), [])
+    return {column.split("_", 2)[2] for column in header
+            if column.startswith(("Image_FileName_", "Image_URL_")) and column.count("_") >= 2}
+
+
+def _prefixed_channel_ids(channels: dict[str, Optional[str]],
+                          found: list[str]) -> tuple[dict[str, Optional[str]], list[tuple[str, str]]]:
+    """`--channel w1=DNA` (ImageXpress's w1, Phenix's ch1) for file names whose channel id the
+    pattern reads as 1: taken as channel 1 when that is unambiguous (1 is a channel found in the
+    files, and no other --channel names it). Returns the channels by id and what was read as what."""
+    resolved: dict[str, Optional[str]] = {}
+    read_as: list[tuple[str, str]] = []
+    for key, name in channels.items():
+        match = re.fullmatch(r"[A-Za-z]+(\d+)", key)
+        target = _channel_key(match.group(1)) if match and key not in found else None
+        if target is not None and target in found and target not in channels and target not in resolved:
+            resolved[target] = name
+            read_as.append((key, target))
+        else:
+            resolved[key] = name
+    return resolved, read_as
+
+
 def check_pipeline_names(table: LoadDataTable, pipeline: Path, with_illum: bool) -> None:
     """The channels (and illumination functions) must be the image names the pipeline expects."""
     expected = pipeline_image_names(pipeline)
     given = set(table.channels) | ({f"Illum{n}" for n in table.channels} if with_illum else set())
+    needs_illum = illum_not_loaded(expected, given)
+    if needs_illum:
+        name = needs_illum[0]
+        raise LoadDataError(f"pipeline {expected.pipeline} uses the illumination function {name} "
+                            f"({expected.names[name]}): pass --illum <illumination output> so the CSV loads it")
     missing = [n for n in expected.names if n not in given]
     if missing:
         name = missing[0]
-        if name.startswith("Illum") and name[5:] in table.channels and not with_illum:
-            raise LoadDataError(f"pipeline {expected.pipeline} uses the illumination function {name} "
-                                f"({expected.names[name]}): pass --illum <illumination output> so the CSV loads it")
         raise LoadDataError(f"pipeline {expected.pipeline} uses image {name!r} ({expected.names[name]}), but the "
                             f"channels give {', '.join(sorted(given))}: name a channel {name} "
                             "(--channel ID=" + name + "), or fix the pipeline")

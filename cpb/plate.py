@@ -176,19 +176,47 @@ def _worker_rows(csv_text: str, pipeline: Path) -> tuple[list[str], list[list[st
 def check_illum_saves(pipeline: Path, names: list[str]) -> None:
     """The illumination pipeline must save one `Illum<Name>.npy` per channel into its output folder
     (what the analysis CSV's columns name): a SaveImages of each, single file name, npy format."""
-    from cpb_worker.pipeline import load_pipeline
-    saved = set()
-    for module in load_pipeline(pipeline).enabled("SaveImages"):
-        name = (module.get("Enter single file name") or "").strip()
-        method = module.get("Select method for constructing file names") or ""
-        fmt = (module.get("Saved file format") or "").lower()
-        if method == "Single name" and fmt == "npy" and name:
-            saved.add(name)
+    saved = _saved_npy(pipeline)
     missing = [f"Illum{n}" for n in names if f"Illum{n}" not in saved]
     if missing:
         raise PlateError(f"illumination pipeline {pipeline.name} does not save {missing[0]}.npy (a SaveImages of "
                          f"{missing[0]} with a single file name {missing[0]}, format npy, into the Default Output "
                          "Folder): the analysis would find no illumination function for it")
+
+
+def _saved_npy(pipeline: Path) -> set[str]:
+    """The images a pipeline saves as `<name>.npy` with a single file name (how illumination functions are saved)."""
+    from cpb_worker.pipeline import load_pipeline
+    saved = set()
+    for module in load_pipeline(pipeline).enabled("SaveImages"):
+        name = (module.get("Enter single file name") or "").strip()
+        if (module.get("Select method for constructing file names") or "") == "Single name" and name and \
+                (module.get("Saved file format") or "").lower() == "npy":
+            saved.add(name)
+    return saved
+
+
+def check_not_swapped(illum_pipeline: Path, analysis_pipeline: Path, names: list[str]) -> None:
+    """An --illum-pipeline that reads illumination functions (as an analysis does), or an
+    --analysis-pipeline that reads none and saves them (as an illumination pipeline does), is
+    refused as the two pipelines swapped, before cpb loaddata's check would ask for --illum (an
+    option cpb plate does not have: it adds the functions to the analysis CSV itself)."""
+    illum_reads = loaddata_mod.illum_not_loaded(loaddata_mod.pipeline_image_names(illum_pipeline), names)
+    analysis_expects = loaddata_mod.pipeline_image_names(analysis_pipeline)
+    analysis_reads = loaddata_mod.illum_not_loaded(analysis_expects, names)
+    analysis_saves = sorted(n for n in _saved_npy(analysis_pipeline) if n.startswith("Illum") and n[5:] in names)
+    if not illum_reads and (analysis_reads or not analysis_saves):
+        return
+    why = []
+    if illum_reads:
+        why.append(f"--illum-pipeline {illum_pipeline.name} reads the illumination function"
+                   f"{'s' * (len(illum_reads) > 1)} {', '.join(illum_reads)} as an analysis pipeline does")
+    if analysis_saves and not analysis_reads:
+        why.append(f"--analysis-pipeline {analysis_pipeline.name} reads none and saves "
+                   f"{', '.join(n + '.npy' for n in analysis_saves)} as an illumination pipeline does")
+    raise PlateError("the pipelines look swapped: " + "; ".join(why) + f": pass --illum-pipeline "
+                     f"{analysis_pipeline.name} --analysis-pipeline {illum_pipeline.name} (the illumination "
+                     "pipeline makes the functions, the analysis applies them)")
 
 
 def plan_plate(settings: PlateSettings, stack: Any, clients: Any) -> Plan:
@@ -198,6 +226,7 @@ def plan_plate(settings: PlateSettings, stack: Any, clients: Any) -> Plan:
     source = loaddata_mod.local_source(settings.images)
     pattern = loaddata_mod.pattern_for(settings.preset)
     channels = loaddata_mod.parse_channels(settings.channels)
+    check_not_swapped(settings.illum_pipeline, settings.analysis_pipeline, [n for n in channels.values() if n])
     illum_table = loaddata_mod.build(source, pattern, channels, plate=settings.plate, pipeline=settings.illum_pipeline)
     if len(illum_table.plates) != 1:
         raise PlateError(f"{settings.images} holds {len(illum_table.plates)} plates ({', '.join(illum_table.plates)}): "
@@ -285,7 +314,7 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
     for step in to_send:
         busy = _busy(clients, stack.bucket, step.output)
         if busy:
-            raise PlateError(f"{busy}: wait for it to finish (cpb status {step.output}) before sending the plate again")
+            raise PlateError(f"{busy}: wait for it to finish ({stack.command('status', step.output)}) before sending the plate again")
     entries = submit_mod.prepare(json.dumps([s.entry for s in to_send]), limits)
     with tempfile.TemporaryDirectory(prefix="cpb-plate-") as tmp:
         pairs = list(plan.uploads)
@@ -310,5 +339,5 @@ def run_plate(settings: PlateSettings, stack: Any, limits: Any, clients: Any, dr
         outcome.lines.append(f"not sent: {output}: {why}")
     receipts.record(stack.bucket, [(s.message_id, o, i) for s in sent.sent for o, i, _ in s.runs()], skipped=skipped,
                     order=[s.output for s in plan.steps], leases=before)
-    outcome.lines.append(f"follow with: cpb status {' '.join(s.output for s in plan.steps)}")
+    outcome.lines.append(f"follow with: {stack.command('status', *(s.output for s in plan.steps))}")
     return outcome

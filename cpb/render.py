@@ -88,15 +88,17 @@ def _run_lines(state: OutputStatus) -> list[str]:
     return lines
 
 
-def not_taken_line(receipt: dict, lease: Optional[dict], output: str) -> str:
-    """Why a message sent from here has not run yet, and what to do (one line; `cpb status`, `cpb results`)."""
+def not_taken_line(receipt: dict, lease: Optional[dict], output: str, status_command: str = "") -> str:
+    """Why a message sent from here has not run yet, and what to do (one line; `cpb status`, `cpb results`).
+    `status_command`: the `cpb status` line to paste (with the stack's flags); default without them."""
     run = short((lease or {}).get("run_id"))
     return (f"message {receipt.get('message_id')} sent from here at {receipt.get('sent_at')} has not been taken by the "
             f"Lambda yet: it waits in the queue (the output is in use by run {run} of message "
             f"{(lease or {}).get('message_id')}, one run per output at a time: SQS redelivers the message after the "
             "queue's visibility timeout, up to maxReceiveCount times before the dead-letter queue, and it runs once "
             f"that run has ended, replacing it). Until then the results here are run {run}'s, not the ones you sent: "
-            f"wait (cpb status --watch {output}), or if you no longer want it, purge the queue (aws sqs purge-queue) "
+            f"wait ({status_command or f'cpb status --watch {output}'}), or if you no longer want it, purge the queue "
+            "(aws sqs purge-queue) "
             f"and take run {run}'s results with cpb results --run {run}")
 
 

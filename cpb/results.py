@@ -60,6 +60,8 @@ class ResultsReport:
     run_id: Optional[str] = None
     resumed: int = 0
     ignored: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # the folder's earlier run's files this run made stale
+    derived: list[str] = field(default_factory=list)  # Parquet/report/profiles made from this same run, kept
 
 
 @dataclass
@@ -261,7 +263,11 @@ def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = 
     """Download `output`'s current run into `dest`, merging array parts; refuse anything incomplete.
 
     `run`: accept only this run id (or a prefix of it). `on_total` is told the byte total first so a
-    progress bar can be sized."""
+    progress bar can be sized. A `dest` holding another output's results is refused before anything
+    is downloaded (check_destination); after a newer run of the same output, the earlier run's files
+    it did not replace and what was made from them are removed (remove_stale)."""
+    held = held_results(dest)
+    check_destination(held, output, dest)
     state = state or run_state(s3, bucket, output, expected)
     if run is not None and not (state.run_id or "").startswith(run):
         raise IncompleteRun(f"s3://{bucket}/{state.output}/: the current run is {short(state.run_id)}, "
@@ -303,6 +309,9 @@ def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = 
         for relative in report.files:
             (dest / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(merged / relative), str(dest / relative))
+    report.removed = remove_stale(held, state, dest, report.files)
+    if held is not None and held.output == state.output.strip("/") and held.run_ids == ({state.run_id} - {None}):
+        report.derived = sorted(derived_files(dest))
     _write_provenance(state, dest)
     return report
 
@@ -314,9 +323,82 @@ def files_under(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
+PROVENANCE = "_cpb/runs.json"
+
+
+@dataclass
+class HeldResults:
+    """What a results folder holds already, by its `_cpb/runs.json` (an earlier `cpb results`)."""
+
+    output: Optional[str]  # None: written before runs.json named its output
+    run_ids: set[str]
+    files: set[str]
+
+
+def held_results(dest: Path) -> Optional[HeldResults]:
+    """The results `dest` holds by its run records; None when it has none (or they are unreadable)."""
+    try:
+        records = json.loads((dest / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(records, list):
+        return None
+    records = [r for r in records if isinstance(r, dict)]
+    outputs = {str(r["output"]).strip("/") for r in records if r.get("output")}
+    return HeldResults(output=outputs.pop() if len(outputs) == 1 else None,
+                       run_ids={str(r["run_id"]) for r in records if r.get("run_id")},
+                       files={str(f.get("key", "")).lstrip("/") for r in records
+                              for f in (r.get("files") or []) if isinstance(f, dict) and f.get("key")})
+
+
+def check_destination(held: Optional[HeldResults], output: str, dest: Path) -> None:
+    """Refuse, before anything is written, a folder holding another output's results: its Image.csv,
+    Experiment.csv and run records would be replaced and the rest of its files would pass for this
+    output's (`cpb report`/`cpb profile` would read a mix of the two)."""
+    output = output.strip("/")
+    if held is None or held.output is None or held.output == output:
+        return
+    suggestion = dest.parent / f"{dest.name}-{output.rsplit('/', 1)[-1]}"
+    raise ResultsError(f"{dest} holds the results of {held.output} (by its {PROVENANCE}), not {output}: "
+                       "downloading here would replace its Image.csv, Experiment.csv and run records and mix "
+                       f"the two outputs' files. Download into another folder (e.g. --to {suggestion}), or "
+                       f"remove {dest} first if you no longer need {held.output}'s results there")
+
+
+def derived_files(dest: Path) -> set[str]:
+    """Files `cpb results --parquet`, `cpb report` and `cpb profile` make in a results folder by default."""
+    from cpb.analysis.parquet import PARQUET_NAME
+    from cpb.analysis.profile import PROFILE_DIR, STEPS
+    from cpb.analysis.report import HTML_NAME, PNG_NAME, REPORT_DIR
+    names = {PARQUET_NAME, f"{REPORT_DIR}/{PNG_NAME}", f"{REPORT_DIR}/{HTML_NAME}"}
+    profiles = dest / PROFILE_DIR
+    if profiles.is_dir():
+        names |= {f"{PROFILE_DIR}/{p.name}" for p in profiles.glob("*.parquet")
+                  if any(p.name.endswith(f"_{step}.parquet") for step in STEPS)}
+    return {n for n in names if (dest / n).is_file()}
+
+
+def remove_stale(held: Optional[HeldResults], state: RunState, dest: Path, written: list[str]) -> list[str]:
+    """After a newer run of the same output was downloaded over an earlier one: remove the earlier
+    run's files this run did not replace, and the Parquet, report and profiles made from them (they
+    would pass for this run's: `cpb profile` reads an existing single_cell.parquet as it is).
+    Nothing is removed from a folder whose records do not name this output, or for the same run."""
+    if held is None or held.output != state.output.strip("/") or not held.run_ids \
+            or held.run_ids == {state.run_id}:
+        return []
+    stale = (held.files | derived_files(dest)) - set(written) - {PROVENANCE}
+    removed = []
+    for relative in sorted(stale):
+        path = dest / relative
+        if ".." not in Path(relative).parts and path.is_file():
+            path.unlink()
+            removed.append(relative)
+    return removed
+
+
 def _write_provenance(state: RunState, dest: Path) -> None:
-    """Keep the run records beside the results (what ran, which version, which run)."""
-    target = dest / "_cpb" / "runs.json"
+    """Keep the run records beside the results (what ran, which version, which run, of which output)."""
+    target = dest / PROVENANCE
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps([{"part": p.prefix, **(p.record or {})} for p in state.parts],
-                                 indent=2, sort_keys=True))
+    target.write_text(json.dumps([{"part": p.prefix, **(p.record or {}), "output": state.output.strip("/")}
+                                  for p in state.parts], indent=2, sort_keys=True))

@@ -56,6 +56,8 @@ def run_local_command(pipeline: Path, input_dir: Path, output_dir: Path, data_fi
         # the rule the Lambda applies to S3 prefixes; here the next run would also read the outlines as images
         raise LocalRunError(f"--output {output_dir} is inside --input {input_dir}: results would mix with the "
                             "images; choose an output folder outside the input folder")
+    if data_file is not None:
+        check_illum_listed(pipeline, data_file)
     cpus = available_cpus({})  # this machine's CPUs (CPB_VCPUS describes a Batch job, not this machine)
     if workers is None:
         workers = cpus
@@ -64,6 +66,28 @@ def run_local_command(pipeline: Path, input_dir: Path, output_dir: Path, data_fi
                    f"processes share those CPUs (no faster) and each needs its own memory; try --workers {cpus}",
                    err=True)
     return run_local(pipeline, input_dir, output_dir, data_file, workers, unsplittable)
+
+
+def check_illum_listed(pipeline: Path, data_file: Path) -> None:
+    """Before CellProfiler starts: a pipeline applying illumination functions its data file does not
+    list stops after start-up with `ValueError: The IllumDNA image is missing from the pipeline`.
+    The check is cpb loaddata's (cpb.loaddata.illum_not_loaded); a pipeline it cannot read is left
+    to the worker, which says what is wrong with it."""
+    from cpb.loaddata import LoadDataError, data_file_image_names, illum_not_loaded, pipeline_image_names
+    try:
+        expected = pipeline_image_names(pipeline)
+        loaded = data_file_image_names(data_file)
+    except (LoadDataError, OSError, ValueError):
+        return
+    if expected.loads_with != "LoadData":
+        return
+    missing = illum_not_loaded(expected, loaded)
+    if missing:
+        raise LocalRunError(
+            f"pipeline {pipeline.name} loads {', '.join(missing)} ({expected.names[missing[0]]}), which data file "
+            f"{data_file.name} does not list: make the illumination functions first (cpb run --local --pipeline "
+            "<illumination pipeline> --data-file <its CSV> --output <folder>), then write the CSV with `cpb "
+            "loaddata ... --illum <that folder>`")
 
 
 def run_local(pipeline: Path, input_dir: Path, output_dir: Path, data_file: Optional[Path],

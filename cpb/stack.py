@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 
 # Stack output name -> (StackConfig attribute, environment variable).
@@ -28,9 +29,13 @@ OUTPUTS: dict[str, tuple[str, str]] = {
     "imageUri": ("image_uri", "CPB_IMAGE"),
 }
 
-HOW_TO_FIX = ("select a deployed stack (install the Pulumi CLI, then `pulumi stack select dev` "
-              "or pass --stack dev), or set CPB_BUCKET and CPB_QUEUE_URL (also CPB_DLQ_URL, "
-              "CPB_JOB_QUEUE, CPB_REGION) or pass --bucket/--queue-url")
+# The stack options every AWS-facing command takes (cpb.cli.stack_options).
+FLAG_OPTIONS = ("--bucket", "--queue-url", "--dlq-url", "--job-queue", "--region")
+
+HOW_TO_FIX = ("pass --stack <name>: --stack local for the stack `cpb local up` runs, or a deployed Pulumi "
+              "stack's name, e.g. --stack dev (needs the Pulumi CLI; or `pulumi stack select dev` once); "
+              "else set CPB_BUCKET and CPB_QUEUE_URL (also CPB_DLQ_URL, CPB_JOB_QUEUE, CPB_REGION) "
+              "or pass --bucket/--queue-url")
 
 
 class StackError(Exception):
@@ -53,6 +58,21 @@ class StackConfig:
     # The Lambda's CPB_MAX_*/CPB_DEFAULT_*/CPB_ALLOWED_ARNS, when the stack exports them
     # (optional output `jobLimits`), so local validation uses the deployed ceilings.
     limits_env: Mapping[str, str] = field(default_factory=dict)
+    name: Optional[str] = None  # the --stack given, if any
+
+    def flags(self) -> list[str]:
+        """The stack options this command was given (--stack and any --bucket, --region, ... flags), so a
+        command printed for the user to paste next reaches the same stack."""
+        given = ["--stack", self.name] if self.name else []
+        for output, (attr, _var) in OUTPUTS.items():
+            option = f"--{attr.replace('_', '-')}"
+            if self.sources.get(attr) == option and option in FLAG_OPTIONS:
+                given += [option, str(getattr(self, attr))]
+        return given
+
+    def command(self, name: str, *args: str) -> str:
+        """`cpb <name> <this stack's flags> <args>`, quoted to paste into a shell."""
+        return " ".join(["cpb", name] + [shlex.quote(word) for word in [*self.flags(), *args]])
 
     def require(self, *names: str) -> "StackConfig":
         """Fail with one clear line when a command needs a value nobody gave."""
@@ -114,7 +134,7 @@ def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[
     env = os.environ if env is None else env
     flags = flags or {}
     if stack == LOCAL_STACK:
-        return _local_stack(flags, env)
+        return replace(_local_stack(flags, env), name=stack)
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
     # --- stack lookup (the `--stack local` branch is the local-cloud engineer's: cpb.local.state) ---
@@ -133,10 +153,13 @@ def discover(stack: Optional[str] = None, flags: Optional[Mapping[str, Optional[
             values[attr], sources[attr] = value, f"--{attr.replace('_', '-')}"
     limits_env = _limits_env(outputs.get("jobLimits") if outputs else None)
     if not values.get("region"):
-        region = _region_from(values) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-        if region:
-            values["region"], sources["region"] = region, "queue URL / AWS_REGION"
-    return StackConfig(**values, sources=sources, limits_env=limits_env)
+        from_arns = _region_from(values)
+        for region, source in ((from_arns, "the queue URL / ARNs"), (env.get("AWS_REGION"), "$AWS_REGION"),
+                               (env.get("AWS_DEFAULT_REGION"), "$AWS_DEFAULT_REGION")):
+            if region:
+                values["region"], sources["region"] = region, source
+                break
+    return StackConfig(**values, sources=sources, limits_env=limits_env, name=stack)
 
 
 LOCAL_STACK = "local"

@@ -72,7 +72,7 @@ REQUIRED_FIELDS = ("pipeline", "input", "output")
 OPTIONAL_FIELDS = ("data_file", "image_sets_per_job", "job_name", "job_memory", "job_vcpu",
                    "job_definition", "job_queue", "unsplittable", "after", "client_token", "resume")
 FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
-PIPELINE_SUFFIXES = (".cppipe", ".cpproj")
+PIPELINE_SUFFIXES = (".cppipe",)  # a .cpproj (CellProfiler project, HDF5) is refused by the worker and cpb submit too
 _ARN = re.compile(r"^arn:aws[a-z-]*:batch:[a-z0-9-]+:\d{12}:(job-queue|job-definition)/[A-Za-z0-9_-]{1,128}(:\d+)?$")
 _UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 _CLIENT_TOKEN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
@@ -334,9 +334,11 @@ def _parse_entry(obj: Any, limits: Limits) -> JobRequest:
             raise MessageError(name, f"is missing; give the {_FIELD_HELP[name]}")
 
     pipeline = _key(obj["pipeline"], "pipeline", limits)
+    if pipeline.lower().endswith(".cpproj"):
+        raise MessageError("pipeline", f"{pipeline!r} is a CellProfiler project (.cpproj), not a pipeline; in "
+                                       "CellProfiler use File > Export > Pipeline and give the key of the .cppipe")
     if not pipeline.lower().endswith(PIPELINE_SUFFIXES):
-        raise MessageError("pipeline", f"{pipeline!r} is not a CellProfiler pipeline; give the key of a "
-                                       ".cppipe (or .cpproj) file")
+        raise MessageError("pipeline", f"{pipeline!r} is not a CellProfiler pipeline; give the key of a .cppipe file")
     input_prefix = _key(obj["input"], "input", limits)
     output = _key(obj["output"], "output", limits)
     if _under(output, input_prefix):

@@ -133,6 +133,22 @@ def test_help_documents_options_in_cli_guide():
             assert option in guide, f"docs/CLI.md does not mention {command} {option}"
 
 
+@pytest.mark.parametrize("words", [("estimate",), ("local", "up")])
+def test_the_guide_has_a_section_naming_every_option_of(words):
+    """New-user review: the README sends readers to docs/CLI.md for `cpb estimate`, which had no
+    section there, and neither had `cpb local up`."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "CLI.md").read_text()
+    heading = f"## cpb {' '.join(words)}\n"
+    assert heading in guide
+    section = guide.split(heading, 1)[1].split("\n## ", 1)[0]
+    command = cli
+    for word in words:
+        command = command.commands[word]
+    options = [o for param in command.params for o in param.opts if o.startswith("--") and o != "--help"]
+    missing = [o for o in options if o not in section]
+    assert not missing, f"docs/CLI.md's cpb {' '.join(words)} section lacks {missing}"
+
+
 # ------------------------------------------------------------------------- stack discovery
 
 def test_stack_from_env_names_its_source(monkeypatch):
@@ -190,6 +206,45 @@ def test_submit_from_flags_sends_what_the_lambda_parses(aws):
         ("results/p1", 2, 4096, 2, "plate one")
     sent_id = result.output.split("sent ", 1)[1].split()[0]
     assert len(sent_id) > 10
+
+
+def test_submit_follow_up_carries_the_stack_flags_it_was_given(aws):
+    """New-user review: `cpb submit --stack local ...` printed `follow with: cpb status ...` without
+    --stack, which pasted as is found no bucket. The follow-up reaches the stack the submit did."""
+    seed_inputs(aws)
+    result = invoke("submit", "--bucket", BUCKET, "--region", REGION, "--pipeline", "pipelines/nuclei.cppipe",
+                    "--input", "plates/p1/images", "--output", "results/p1")
+    assert result.exit_code == 0, result.output
+    assert (f"follow with: cpb status --bucket {BUCKET} --region {REGION}   (or: cpb status --bucket {BUCKET} "
+            f"--region {REGION} results/p1)") in result.output
+
+
+def test_a_local_stacks_commands_to_paste_name_it(tmp_path, monkeypatch):
+    from cpb.local.state import TEST_CREDENTIALS, write_local_stack
+    for key in ("AWS_ENDPOINT_URL", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", *TEST_CREDENTIALS):
+        monkeypatch.setenv(key, "restored after the test")  # _local_stack points this process at the stack
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("cpb.local.state.endpoint_answers", lambda endpoint, timeout=2.0: True)
+    env = {"CPB_HOME": str(tmp_path)}
+    write_local_stack({"endpoint": "http://127.0.0.1:1", "region": "us-east-1",
+                       "outputs": {"bucketName": "cpb-local", "queueUrl": "http://127.0.0.1:1/q"}}, env)
+    stack = discover("local", {"bucket": None, "region": None}, env=env)
+    assert stack.command("status", "plates/CP1/illum", "plates/CP1/analysis") == \
+        "cpb status --stack local plates/CP1/illum plates/CP1/analysis"
+    assert discover("local", {"region": "us-west-2"}, env=env).command("status") == \
+        "cpb status --stack local --region us-west-2"
+
+
+def test_no_bucket_known_names_the_stack_option_first_and_where_the_region_came_from():
+    """New-user review: a follow-up pasted without --stack said `stack settings from queue URL /
+    AWS_REGION` (no queue URL was given) and then `select a deployed stack (install the Pulumi CLI...`."""
+    stack = discover(None, {}, env={"AWS_REGION": "eu-west-1"}, use_pulumi=False)
+    assert stack.describe_sources() == "stack settings from $AWS_REGION"
+    with pytest.raises(StackError) as error:
+        stack.require("bucket")
+    assert "known: pass --stack <name>: --stack local for the stack `cpb local up` runs, or a deployed" \
+        in str(error.value)
 
 
 @pytest.mark.parametrize("schema_takes_token", [True, False])
@@ -409,13 +464,37 @@ def test_results_refuse_incomplete_runs_then_merge_parts(aws, tmp_path):
     assert [(int(r["ImageNumber"]), int(r["Count_Nuclei"])) for r in rows] == \
         [(1, 10), (2, 11), (3, 12), (4, 13), (5, 14), (6, 15)]
     assert "merged from 3 array parts" in result.output and "warning" not in result.output
-    # downloading another output into the same folder leaves this one's files mixed in: say so
-    part_record(aws, "results/s", 0, "succeeded", [(1, 20)])
+    # files the folder's records do not list (added by hand, or from before runs.json named its output): say so
     (dest / "A01_s1_outlines.png").write_bytes(b"png of results/r")
-    result = CliRunner().invoke(cli, ["results", "results/s/part-00000", "--to", str(dest)])
+    result = CliRunner().invoke(cli, ["results", "results/r", "--to", str(dest)])
     assert result.exit_code == 0, result.output
-    assert (f"warning: 1 file(s) in {dest} are not from results/s/part-00000 (e.g. A01_s1_outlines.png); "
+    assert (f"warning: 1 file(s) in {dest} are not from results/r (e.g. A01_s1_outlines.png); "
             "keep each output's results in its own --to folder") in result.output
+
+
+def test_results_refuse_a_folder_holding_another_outputs_results_before_writing(aws, tmp_path):
+    """New-user review: `cpb results plates/CP1/illum --to ./CP1` into the folder holding
+    plates/CP1/analysis replaced its Image.csv, Experiment.csv and _cpb/runs.json, and only warned
+    afterwards; `cpb report`/`cpb profile` then read a mix of the two outputs."""
+    part_record(aws, "plates/CP1/analysis", 0, "succeeded", [(1, 10), (2, 11)])
+    part_record(aws, "plates/CP1/illum", 0, "succeeded", [(1, 99)])
+    dest = tmp_path / "CP1"
+    first = CliRunner().invoke(cli, ["results", "plates/CP1/analysis/part-00000", "--to", str(dest)])
+    assert first.exit_code == 0, first.output
+    (dest / "single_cell.parquet").write_bytes(b"cells of the analysis")
+    before = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    refused = CliRunner().invoke(cli, ["results", "plates/CP1/illum/part-00000", "--to", str(dest)])
+    assert refused.exit_code == 1
+    assert (f"cpb: {dest} holds the results of plates/CP1/analysis/part-00000 (by its _cpb/runs.json), not "
+            "plates/CP1/illum/part-00000") in refused.output
+    assert f"--to {tmp_path / 'CP1-part-00000'}" in refused.output and f"remove {dest} first" in refused.output
+    after = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert after == before
+    # the same output into its own folder keeps working, and the other one into another folder
+    again = CliRunner().invoke(cli, ["results", "plates/CP1/analysis/part-00000", "--to", str(dest)])
+    assert again.exit_code == 0 and "warning" not in again.output, again.output
+    other = CliRunner().invoke(cli, ["results", "plates/CP1/illum/part-00000", "--to", str(tmp_path / "CP1-illum")])
+    assert other.exit_code == 0, other.output
 
 
 def test_results_refuse_files_that_differ_from_their_record(aws, tmp_path):

@@ -56,6 +56,28 @@ def test_run_local_bad_pipeline_is_one_line_with_worker_exit_code(tmp_path, monk
     assert json.loads((tmp_path / "out" / "_cpb" / "run.json").read_text())["status"] == "failed"
 
 
+def test_run_local_refuses_a_data_file_without_the_illumination_functions_before_starting(tmp_path, monkeypatch):
+    """New-user review: the demo's analysis pipeline with the plate's CSV (no Illum columns) started
+    CellProfiler and failed with `ValueError: The IllumDNA image is missing from the pipeline`. The
+    check cpb loaddata makes now runs first and says how to make the functions."""
+    monkeypatch.setenv("CPB_CELLPROFILER", "/nonexistent/cellprofiler")  # never reached: refused first
+    pipeline = Path(__file__).resolve().parent.parent / "cpb" / "pipelines" / "cellpainting.cppipe"
+    images = tmp_path / "images"
+    images.mkdir()
+    data = tmp_path / "load_data.csv"
+    columns = [f"Image_{kind}_{name}" for name in ("DNA", "AGP", "Mito") for kind in ("FileName", "PathName")]
+    data.write_text("\ufeffMetadata_Plate,Metadata_Well,Metadata_Site," + ",".join(columns) + "\n"
+                    "P1,A01,1," + ",".join(["a.tif", str(images)] * 3) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["run", "--local", "--pipeline", str(pipeline), "--input", str(images),
+                                      "--data-file", str(data), "--output", str(tmp_path / "try")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("cpb: pipeline cellpainting.cppipe loads IllumDNA, IllumAGP, IllumMito (")
+    assert ("which data file load_data.csv does not list: make the illumination functions first (cpb run --local "
+            "--pipeline <illumination pipeline>") in result.output
+    assert "cpb loaddata ... --illum <that folder>" in result.output
+    assert not (tmp_path / "try").exists()
+
+
 def test_run_local_summary_says_why_fewer_processes_than_workers_ran():
     """--workers 4 on a pipeline that must run in one process, or on fewer image sets, must not look
     like a silent downgrade: the summary says why."""

@@ -474,6 +474,37 @@ def test_a_refused_merge_leaves_the_folder_as_it_was(aws, tmp_path):
 
 
 @pytest.mark.race
+def test_a_newer_run_of_the_same_output_leaves_nothing_of_the_earlier_one_looking_current(aws, tmp_path):
+    """Adversary: run A's results were downloaded, converted and profiled; run B of the same output
+    (its pipeline no longer exporting Cells) is downloaded over them. A's Cells.csv, its
+    single_cell.parquet, report and profiles stayed, and `cpb profile` read the stale Parquet as
+    the current results. Now they are removed (and said so); what the user added is kept."""
+    dest = tmp_path / "CP1"
+    write_lease(aws, "results/cp1", RUN_A, None, 2)
+    write_record(aws, "results/cp1", RUN_A, None, 1, 2, 2, files={"Image.csv": table([(1, 5), (2, 6)]),
+                                                                  "Cells.csv": table([(1, 1), (2, 1)])})
+    first = run("results", "results/cp1", "--to", str(dest))
+    assert first.exit_code == 0, first.output
+    made = ["single_cell.parquet", "report/plate-qc.png", "report/plate-qc.html", "profiles/CP1_aggregated.parquet"]
+    for name in made + ["notes.txt"]:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(b"made from run A")
+    same = run("results", "results/cp1", "--to", str(dest))  # the same run again: what was made from it stays
+    assert same.exit_code == 0 and "removed" not in same.output, same.output
+    assert all((dest / name).is_file() for name in made)
+    write_lease(aws, "results/cp1", RUN_B, None, 2, previous_run_id=RUN_A)
+    write_record(aws, "results/cp1", RUN_B, None, 1, 2, 2, files={"Image.csv": table([(1, 7), (2, 8)])})
+    newer = run("results", "results/cp1", "--to", str(dest))
+    assert newer.exit_code == 0, newer.output
+    assert not [name for name in made + ["Cells.csv"] if (dest / name).exists()]
+    assert f"removed 5 file(s) of the earlier run in {dest} that this run did not replace (e.g. Cells.csv)" \
+        in newer.output
+    assert (dest / "notes.txt").is_file() and "1 file(s) in" in newer.output and "(e.g. notes.txt)" in newer.output
+    assert image_numbers(dest) == [1, 2] and "1,7" in (dest / "Image.csv").read_text()
+    assert {r["run_id"] for r in json.loads((dest / "_cpb" / "runs.json").read_text())} == {RUN_B}
+
+
+@pytest.mark.race
 def test_a_message_not_taken_is_waited_for_whatever_this_machines_clock_says(aws, tmp_path):
     """Adversary: the receipt's `sent_at` (this laptop's clock) was compared with the lease's
     `created_at` (the Lambda's). A laptop clock 10 minutes slow (WSL after sleep, a VM) made a message

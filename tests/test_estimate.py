@@ -44,6 +44,20 @@ def test_the_first_set_s_warm_up_counts_as_start_up() -> None:
         est.profile_from_processes([est.ProcessSample(seconds=8.0, set_seconds=[])], 0, "t")
 
 
+def test_the_per_set_line_says_why_fewer_sets_than_were_run_time_it() -> None:
+    """New-user review: `0.94 s per image set (0.91-0.97 s over 2 set(s))` beside "4 sample image
+    sets ... run" did not say where the other 2 went (each process's first set is its warm-up)."""
+    profile = est.profile_from_processes([est.ProcessSample(seconds=9.0, set_seconds=[5.0, 0.91]),
+                                          est.ProcessSample(seconds=9.5, set_seconds=[5.5, 0.97])], 1.0, "test")
+    layout = est.Layout(image_sets=8, sets_per_job=4, job_vcpus=1, job_memory_mib=4000, max_vcpus=2,
+                        process_memory_mib=2560, job_overhead_seconds=15)
+    text = est.render(est.estimate_plate(profile, layout, est.Prices()), "the plate")
+    assert ("0.94 s per image set (0.91-0.97 s over 2 set(s); the other 2, the first of each of the 2 CellProfiler "
+            "process(es), carry its warm-up and are counted in the start-up)") in text
+    alone = est.profile_from_processes([est.ProcessSample(seconds=9.0, set_seconds=[5.0])], 1.0, "test")
+    assert "over 1 set(s)), worker" in est.render(est.estimate_plate(alone, layout, est.Prices()), "the plate")
+
+
 def test_samples_are_spread_over_the_plate() -> None:
     assert est.sample_rows(8, 4) == [2, 4, 6, 8]
     assert est.sample_rows(3456, 4) == [433, 1297, 2161, 3025]

@@ -161,6 +161,21 @@ def test_stray_image_files_are_named(tmp_path):
         "TimePoint_1/overview.TIF); move them out of the folder, or fix --pattern (files look like P1_A01_s1_w1.tif)")
 
 
+def test_imagexpress_channel_ids_given_with_their_w_are_read_as_the_ids_or_named_as_unmatched(tmp_path):
+    """New-user review: `--channel w1=DNA --channel w2=AGP --channel w3=Mito` on CP1_A01_s1_w1.tif said
+    `channel 1 (e.g. CP1_A01_s1_w1.tif) has no --channel 1=NAME`."""
+    images = imagexpress(tmp_path / "p", channels=(1, 2, 3))
+    taken = loaddata(str(images), "--pattern", "imagexpress", "--channel", "w1=DNA", "--channel", "w2=AGP",
+                     "--channel", "w3=Mito", "-o", str(tmp_path / "ld.csv"))
+    assert taken.exit_code == 0, taken.output
+    assert "note: --channel w1 read as channel 1, w2 read as channel 2, w3 read as channel 3" in taken.output
+    assert {"Image_FileName_DNA", "Image_FileName_AGP", "Image_FileName_Mito"} <= set(rows_of(tmp_path / "ld.csv")[0])
+    ambiguous = loaddata(str(images), "--pattern", "imagexpress", "--channel", "w1=DNA", "--channel", "1=AGP",
+                         "--channel", "3=Mito", "-o", str(tmp_path / "ld.csv"))
+    assert error_line(ambiguous) == (f"cpb: --channel w1=DNA: no file of channel w1 in {images}: w1 matched no "
+                                     "channel id in the file names (channel ids found: 1, 2, 3)")
+
+
 def test_channels_must_all_be_named_and_present(tmp_path):
     images = phenix(tmp_path / "p", channels=(1, 2, 3))
     unnamed = loaddata(str(images), "--pattern", "phenix", "--channel", "1=DNA", "--channel", "2=ER",

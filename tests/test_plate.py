@@ -163,6 +163,14 @@ def test_one_list_message_chains_illumination_then_analysis(plate, aws):
     assert f"results: s3://{BUCKET}/plates/P1/analysis/  (run {run_id_for(token + '#1')[:8]})" in result.output
 
 
+def test_the_follow_up_carries_the_stack_flags_the_plate_was_sent_with(plate, aws):
+    """New-user review: `cpb plate --stack local ...` printed `follow with: cpb status plates/CP1/illum
+    plates/CP1/analysis`, which pasted as is found no bucket."""
+    result = cpb_plate(plate, "--bucket", BUCKET)
+    assert result.exit_code == 0, result.output
+    assert f"follow with: cpb status --bucket {BUCKET} plates/P1/illum plates/P1/analysis" in result.output
+
+
 # ------------------------------------------------------------------------- resume
 
 def test_a_second_identical_plate_runs_nothing_and_says_so(plate, aws):
@@ -256,6 +264,21 @@ def test_an_illumination_pipeline_that_saves_no_function_for_a_channel_is_refuse
     assert refused.exit_code == 1
     assert ("illumination pipeline illum.cppipe does not save IllumER.npy (a SaveImages of IllumER with a single "
             "file name IllumER, format npy, into the Default Output Folder)") in refused.output
+
+
+def test_swapped_pipelines_are_named_as_swapped_not_sent_to_an_option_cpb_plate_lacks(plate, aws):
+    """New-user review: --illum-pipeline cellpainting.cppipe --analysis-pipeline illum.cppipe said
+    `pass --illum <illumination output> so the CSV loads it`, an option cpb plate does not have."""
+    swapped = CliRunner().invoke(cli, ["plate", str(plate["images"]), "--illum-pipeline", str(plate["analysis"]),
+                                       "--analysis-pipeline", str(plate["illum"]), "--pattern", "phenix",
+                                       "--channel", "1=DNA", "--channel", "2=ER", "--plate", "P1", "--dry-run"])
+    assert swapped.exit_code == 1
+    assert swapped.output.splitlines()[-1] == (
+        "cpb: the pipelines look swapped: --illum-pipeline analysis.cppipe reads the illumination functions IllumDNA, "
+        "IllumER as an analysis pipeline does; --analysis-pipeline illum.cppipe reads none and saves IllumDNA.npy, "
+        "IllumER.npy as an illumination pipeline does: pass --illum-pipeline illum.cppipe --analysis-pipeline "
+        "analysis.cppipe (the illumination pipeline makes the functions, the analysis applies them)")
+    assert "--illum " not in swapped.output and queued(aws) == []
 
 
 def test_a_folder_with_two_plates_is_refused(aws, tmp_path, monkeypatch):

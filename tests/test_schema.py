@@ -125,6 +125,17 @@ def test_error_names_field_entry_and_fix():
                           "ask for at most 61440, or raise the stack's max memory")
 
 
+def test_a_pipeline_key_is_refused_as_the_worker_and_cpb_submit_refuse_it():
+    """Review nit: the Lambda said `give the key of a .cppipe (or .cpproj) file` and accepted a
+    .cpproj, which the worker (image/cpb_worker/pipeline.py) and cpb submit refuse."""
+    for key, text in (("pipelines/plate1.cpproj", "'pipelines/plate1.cpproj' is a CellProfiler project (.cpproj), "
+                                                  "not a pipeline; in CellProfiler use File > Export > Pipeline"),
+                      ("pipelines/plate1.txt", "give the key of a .cppipe file")):
+        with pytest.raises(MessageError) as caught:
+            parse_body(json.dumps(corpus.good_message(pipeline=key)), LIMITS)
+        assert caught.value.field == "pipeline" and text in str(caught.value) and ".cpproj) file" not in str(caught.value)
+
+
 @pytest.mark.parametrize("case", [c for c in corpus.CORPUS if not c.needs_bucket], ids=lambda c: c.name)
 def test_corpus_cases_rejected_by_the_schema_alone(case):
     with pytest.raises(MessageError) as caught:
