@@ -219,7 +219,10 @@ def test_ctrl_c_during_the_demo_leaves_nothing_running(cp, tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "cpb", "demo", "--out", str(tmp_path / "demo"), "--wells", "2",
                              "--sites", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ), start_new_session=True)
+                            env=dict(os.environ), start_new_session=True,
+                            # as from a terminal: a runner started in the background (nohup, `&`) passes
+                            # SIGINT on ignored, and a Python started so never raises KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines, endpoint = [], None
     try:
         for line in proc.stdout:
