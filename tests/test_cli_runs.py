@@ -645,3 +645,50 @@ def test_resending_a_corrected_message_to_an_output_holding_only_its_refusal_war
     put(aws, "plates/o10/a.tif", b"II*\x00")
     sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/o10", "--output", "results/o10")
     assert sent.exit_code == 0 and "already holds results" not in sent.output, sent.output
+
+
+def test_an_old_invalid_message_still_redelivered_does_not_fail_the_corrected_run(aws):
+    """Adversary: an invalid message is retried until maxReceiveCount (~30 minutes); each delivery
+    moves the refusal record's `at` forward. The scientist fixed the message and sent it again; the
+    corrected run began (and succeeded) while the old one was still being redelivered, and `cpb
+    status` said FAILED with the old message's reason: the refusal was judged by its latest delivery,
+    not by when the message was first refused (before the current run began, so replaced by it)."""
+    write_lease(aws, "results/o11", RUN_B, None, 1, message_id="message-b", created_at="2026-11-30T10:10:00+00:00")
+    write_record(aws, "results/o11", RUN_B, None, 1, 1, 1)
+    put(aws, "results/o11/_cpb/refusal-message-a.json", json.dumps(
+        {"message_id": "message-a", "sqs_message_id": "sqs-a", "entry": None, "kind": "invalid", "field": "pipeline",
+         "reason": "pipeline: missing", "receive_count": 4, "first_at": "2026-11-30T10:00:00+00:00",
+         "at": "2026-11-30T10:20:00+00:00"}))
+    status = run("status", "results/o11", "--no-dlq")
+    assert status.exit_code == 0 and "results/o11/: SUCCEEDED" in status.output, status.output
+    assert "refused" not in status.output
+
+
+@pytest.mark.race
+def test_a_message_from_here_refused_as_invalid_never_keeps_the_corrected_run_waiting(aws, tmp_path):
+    """Adversary: a message sent from here was refused as invalid (it never runs: then the DLQ, or a
+    purge). Its receipt stayed 'not taken' for SQS's 14-day retention, so once the corrected message's
+    run had begun (the refusal, older, no longer shown) `cpb status` said WAITING for a message that
+    will never come, and `cpb results` refused the corrected run without --run, saying the refused
+    message 'waits in the queue ... and runs once that run has ended'."""
+    import datetime as dt
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/rv/a.tif", b"II*\x00")
+    flags = ("--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/rv", "--output", "results/rv")
+    assert run("submit", *flags).exit_code == 0 and run("submit", *flags).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpb-home" / "submissions.jsonl").read_text().splitlines()]
+    bad, good = rows[0]["identity"], rows[1]["identity"]
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = lambda s: (now + dt.timedelta(seconds=s)).isoformat(timespec="seconds")  # noqa: E731
+    put(aws, f"results/rv/_cpb/refusal-{bad}.json", json.dumps(
+        {"message_id": bad, "sqs_message_id": "sqs-bad", "entry": None, "kind": "invalid", "field": "pipeline",
+         "reason": "pipeline: not found", "receive_count": 5, "first_at": stamp(5), "at": stamp(5)}))
+    job = batch_job(aws, "results/rv", name="good")
+    write_lease(aws, "results/rv", run_id_for(good), None, 1, jobs=[{"job_id": job, "job_name": "good"}],
+                message_id=good, created_at=stamp(30))
+    submission(aws, "results/rv", good, job, None, 1)
+    write_record(aws, "results/rv", run_id_for(good), None, 1, 1, 1)
+    status = run("status", "results/rv", "--no-dlq")
+    assert status.exit_code == 0 and "results/rv/: SUCCEEDED" in status.output, status.output
+    got = run("results", "results/rv", "--to", str(tmp_path / "rv"))
+    assert got.exit_code == 0, got.output
