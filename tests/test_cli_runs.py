@@ -692,3 +692,42 @@ def test_a_message_from_here_refused_as_invalid_never_keeps_the_corrected_run_wa
     assert status.exit_code == 0 and "results/rv/: SUCCEEDED" in status.output, status.output
     got = run("results", "results/rv", "--to", str(tmp_path / "rv"))
     assert got.exit_code == 0, got.output
+
+
+@pytest.mark.race
+def test_an_interrupted_download_over_an_earlier_run_never_passes_for_either_run(aws, tmp_path, monkeypatch):
+    """Adversary: run A downloaded and converted; `cpb results` of run B over it is interrupted (Ctrl-C,
+    a full disk) while the merged files move into the folder. B's Image.csv sat beside A's Cells.csv,
+    A's single_cell.parquet and A's `_cpb/runs.json`: `cpb report`/`to_parquet` read the folder as run A,
+    half of it run B's; a rerun of `cpb results` then kept A's leftovers. Now the folder says it is a
+    download in progress (the analysis refuses it) and the rerun still removes A's leftovers."""
+    import shutil as shutil_mod
+    from cpb.analysis import AnalysisError
+    from cpb.analysis.parquet import run_id_of
+    dest = tmp_path / "CP2"
+    write_lease(aws, "results/cp2", RUN_A, None, 2)
+    write_record(aws, "results/cp2", RUN_A, None, 1, 2, 2, files={"Image.csv": table([(1, 5), (2, 6)]),
+                                                                  "Cells.csv": table([(1, 1), (2, 1)])})
+    assert run("results", "results/cp2", "--to", str(dest)).exit_code == 0
+    (dest / "single_cell.parquet").write_bytes(b"made from run A")
+    write_lease(aws, "results/cp2", RUN_B, None, 2, previous_run_id=RUN_A)
+    write_record(aws, "results/cp2", RUN_B, None, 1, 2, 2, files={"Image.csv": table([(1, 7), (2, 8)]),
+                                                                  "Nuclei.csv": table([(1, 2), (2, 2)])})
+    real_move, moved = shutil_mod.move, []
+
+    def interrupted(src, dst, *args, **kwargs):
+        if str(dst).startswith(str(dest)) and moved:
+            raise KeyboardInterrupt
+        moved.append(dst)
+        return real_move(src, dst, *args, **kwargs)
+    monkeypatch.setattr(shutil_mod, "move", interrupted)
+    run("results", "results/cp2", "--to", str(dest))
+    monkeypatch.setattr(shutil_mod, "move", real_move)
+    assert "1,7" in (dest / "Image.csv").read_text()  # one of B's files got there
+    assert not (dest / "single_cell.parquet").exists() and not (dest / "Cells.csv").exists()
+    with pytest.raises(AnalysisError, match="cpb results"):
+        run_id_of(dest)
+    again = run("results", "results/cp2", "--to", str(dest))
+    assert again.exit_code == 0, again.output
+    assert not (dest / "Cells.csv").exists() and (dest / "Nuclei.csv").is_file()
+    assert run_id_of(dest) == RUN_B
