@@ -23,7 +23,7 @@ from cpb.aws import Clients, make_clients
 from cpb.lease import read_lease
 from cpb.progress import LazyBar, say
 from cpb.render import explainer, not_taken_line, render_dlq, render_logs, render_status
-from cpb.runrecords import list_keys, run_state, short, taken_by_lambda
+from cpb.runrecords import list_keys, no_longer_coming, run_state, short
 from cpb.stack import StackConfig, StackError, discover
 from cpb.urls import UrlError, s3_url, split_url, to_prefix
 
@@ -304,7 +304,7 @@ def results(stack: StackConfig, output: str, dest: Path, parts: Optional[int], r
     keys = list_keys(clients.s3, stack.bucket, output)
     state = run_state(clients.s3, stack.bucket, output, parts, keys=keys)
     waiting = receipts.not_taken(stack.bucket, output, state.lease,
-                                 taken=taken_by_lambda(clients.s3, stack.bucket, output, keys))
+                                 taken=no_longer_coming(clients.s3, stack.bucket, output, keys, state.lease))
     if waiting and run_id is None:
         line = not_taken_line(waiting[-1], state.lease, output, stack.command("status", "--watch", output))
         raise results_mod.IncompleteRun(f"{s3_url(stack.bucket, output)}: {line}")

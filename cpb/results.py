@@ -306,10 +306,14 @@ def collect(s3, bucket: str, output: str, dest: Path, expected: Optional[int] = 
         for relative, copies in sorted(staged.items()):
             merge_file(relative, sorted(copies, key=lambda c: c.first), merged, report)
             report.files.append(relative)
+        # Until the last file is in place the folder says so (an interrupted move leaves this run's files
+        # beside the earlier run's): the analysis refuses it, and the next `cpb results` still knows
+        # both runs' files. The earlier run's leftovers and what was made from them go first.
+        _mark_downloading(dest, state, report.files)
+        report.removed = remove_stale(held, state, dest, report.files)
         for relative in report.files:
             (dest / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(merged / relative), str(dest / relative))
-    report.removed = remove_stale(held, state, dest, report.files)
     if held is not None and held.output == state.output.strip("/") and held.run_ids == ({state.run_id} - {None}):
         report.derived = sorted(derived_files(dest))
     _write_provenance(state, dest)
@@ -394,6 +398,25 @@ def remove_stale(held: Optional[HeldResults], state: RunState, dest: Path, writt
             path.unlink()
             removed.append(relative)
     return removed
+
+
+#: The `status` of the record `_cpb/runs.json` holds while `cpb results` moves files into the folder.
+DOWNLOADING = "downloading"
+
+
+def _mark_downloading(dest: Path, state: RunState, files: list[str]) -> None:
+    """Keep the folder's earlier run records and add one saying this run is being downloaded."""
+    target = dest / PROVENANCE
+    try:
+        earlier = json.loads(target.read_text())
+    except (OSError, ValueError):
+        earlier = []
+    earlier = [r for r in earlier if isinstance(r, dict)] if isinstance(earlier, list) else []
+    marker = {"part": None, "status": DOWNLOADING, "run_id": state.run_id, "output": state.output.strip("/"),
+              "files": [{"key": f} for f in files],
+              "reason": "cpb results was interrupted while moving this run's files here: run it again"}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(earlier + [marker], indent=2, sort_keys=True))
 
 
 def _write_provenance(state: RunState, dest: Path) -> None:

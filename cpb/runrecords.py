@@ -220,6 +220,35 @@ def taken_by_lambda(s3, bucket: str, output: str, keys: dict[str, int]):
     return taken
 
 
+REFUSAL_PREFIX = "_cpb/refusal-"
+
+
+def refusal_first_at(record: Optional[dict]) -> str:
+    """When the Lambda first refused a message (its refusal record's `first_at`; `at` moves with every
+    redelivery of it), to the second, as the lease's `created_at` is compared."""
+    return str((record or {}).get("first_at") or (record or {}).get("at") or "")[:19]
+
+
+def no_longer_coming(s3, bucket: str, output: str, keys: dict[str, int], lease: Optional[dict]):
+    """A check `identity -> bool` for this machine's receipts: the Lambda took that message for `output`
+    (`taken_by_lambda`), or refused it as invalid before the current run began. An invalid message never
+    runs as it is (it ends in the dead-letter queue, or is purged): the run that began after it is the one
+    sent to replace it, and its receipt must not keep the output WAITING for SQS's 14-day retention."""
+    taken = taken_by_lambda(s3, bucket, output, keys)
+    since = str((lease or {}).get("created_at") or "")[:19]
+
+    def settled(identity: str) -> bool:
+        if taken(identity):
+            return True
+        key = f"{REFUSAL_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', identity)}.json"
+        if not since or key not in keys:
+            return False
+        record = read_json(s3, bucket, f"{output.strip('/')}/{key}")
+        return (bool(record) and record.get("message_id") == identity and record.get("kind") == "invalid"
+                and bool(refusal_first_at(record)) and refusal_first_at(record) < since)
+    return settled
+
+
 def dependency_failure(after: Iterable[str], failed: Iterable[str] = (), they: bool = False) -> str:
     """Why a part was not run when Batch failed it by dependency, and what to do (one line): `failed`
     are the `after` outputs whose run did not succeed (all of `after` when none is known)."""

@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Optional
 from cpb import receipts
 from cpb.lease import lease_jobs, message_identity, read_lease
 from cpb.runrecords import (DEPENDENCY_FAILED, RunState, dependency_failure, list_keys, load_submissions,
-                             part_name, read_json, run_state, short, taken_by_lambda)
+                             part_name, read_json, refusal_first_at, run_state, short,
+                             taken_by_lambda, no_longer_coming)
 
 #: `<output>/_cpb/refusal-<id>.json`: why the ingress Lambda refused a message (`handlers.refusals`).
 REFUSAL_PREFIX = "_cpb/refusal-"
@@ -54,7 +55,7 @@ class OutputStatus:
     upstream: list[tuple[str, str]] = field(default_factory=list)  # (after output, its verdict)
     not_taken: list[dict] = field(default_factory=list)  # receipts of messages the Lambda has not taken
     skipped_note: Optional[str] = None  # `cpb plate` found this step up to date and sent nothing
-    taken: Optional[Callable[[str], bool]] = None  # identity -> the Lambda took it (its submission record)
+    taken: Optional[Callable[[str], bool]] = None  # identity -> taken by the Lambda, or refused as invalid before this run
     refusals: list[dict] = field(default_factory=list)  # the Lambda's refusal records of messages not taken
 
     @property
@@ -185,8 +186,8 @@ def _refusals(s3, bucket: str, output: str, keys: dict[str, int], lease: Optiona
         identity = str((record or {}).get("message_id") or "")
         if not record or not identity or identity == (lease or {}).get("message_id") or taken(identity):
             continue
-        if since and str(record.get("at") or "")[:19] < since:
-            continue  # refused before the current run began: a later message replaced it
+        if since and refusal_first_at(record) < since:
+            continue  # first refused before the current run began (its redeliveries since change nothing): replaced
         found.append(record)
     return sorted(found, key=lambda r: str(r.get("at")))
 
@@ -337,7 +338,7 @@ def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] =
         jobs.append(view)
     _mark_record_failures(jobs, run, replaced)
     taken = taken_by_lambda(s3, bucket, output, keys)
-    state = OutputStatus(output, jobs, run, [m for m in messages if m], taken=taken,
+    state = OutputStatus(output, jobs, run, [m for m in messages if m], taken=no_longer_coming(s3, bucket, output, keys, lease),
                          refusals=_refusals(s3, bucket, output, keys, lease, taken))
     if lease is not None and follow_after:
         for after in lease.get("after") or []:

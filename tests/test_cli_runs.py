@@ -645,3 +645,89 @@ def test_resending_a_corrected_message_to_an_output_holding_only_its_refusal_war
     put(aws, "plates/o10/a.tif", b"II*\x00")
     sent = run("submit", "--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/o10", "--output", "results/o10")
     assert sent.exit_code == 0 and "already holds results" not in sent.output, sent.output
+
+
+def test_an_old_invalid_message_still_redelivered_does_not_fail_the_corrected_run(aws):
+    """Adversary: an invalid message is retried until maxReceiveCount (~30 minutes); each delivery
+    moves the refusal record's `at` forward. The scientist fixed the message and sent it again; the
+    corrected run began (and succeeded) while the old one was still being redelivered, and `cpb
+    status` said FAILED with the old message's reason: the refusal was judged by its latest delivery,
+    not by when the message was first refused (before the current run began, so replaced by it)."""
+    write_lease(aws, "results/o11", RUN_B, None, 1, message_id="message-b", created_at="2026-11-30T10:10:00+00:00")
+    write_record(aws, "results/o11", RUN_B, None, 1, 1, 1)
+    put(aws, "results/o11/_cpb/refusal-message-a.json", json.dumps(
+        {"message_id": "message-a", "sqs_message_id": "sqs-a", "entry": None, "kind": "invalid", "field": "pipeline",
+         "reason": "pipeline: missing", "receive_count": 4, "first_at": "2026-11-30T10:00:00+00:00",
+         "at": "2026-11-30T10:20:00+00:00"}))
+    status = run("status", "results/o11", "--no-dlq")
+    assert status.exit_code == 0 and "results/o11/: SUCCEEDED" in status.output, status.output
+    assert "refused" not in status.output
+
+
+@pytest.mark.race
+def test_a_message_from_here_refused_as_invalid_never_keeps_the_corrected_run_waiting(aws, tmp_path):
+    """Adversary: a message sent from here was refused as invalid (it never runs: then the DLQ, or a
+    purge). Its receipt stayed 'not taken' for SQS's 14-day retention, so once the corrected message's
+    run had begun (the refusal, older, no longer shown) `cpb status` said WAITING for a message that
+    will never come, and `cpb results` refused the corrected run without --run, saying the refused
+    message 'waits in the queue ... and runs once that run has ended'."""
+    import datetime as dt
+    put(aws, "pipelines/nuclei.cppipe", (Path(__file__).parent.parent / "cpb/pipelines/nuclei.cppipe").read_text())
+    put(aws, "plates/rv/a.tif", b"II*\x00")
+    flags = ("--pipeline", "pipelines/nuclei.cppipe", "--input", "plates/rv", "--output", "results/rv")
+    assert run("submit", *flags).exit_code == 0 and run("submit", *flags).exit_code == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpb-home" / "submissions.jsonl").read_text().splitlines()]
+    bad, good = rows[0]["identity"], rows[1]["identity"]
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = lambda s: (now + dt.timedelta(seconds=s)).isoformat(timespec="seconds")  # noqa: E731
+    put(aws, f"results/rv/_cpb/refusal-{bad}.json", json.dumps(
+        {"message_id": bad, "sqs_message_id": "sqs-bad", "entry": None, "kind": "invalid", "field": "pipeline",
+         "reason": "pipeline: not found", "receive_count": 5, "first_at": stamp(5), "at": stamp(5)}))
+    job = batch_job(aws, "results/rv", name="good")
+    write_lease(aws, "results/rv", run_id_for(good), None, 1, jobs=[{"job_id": job, "job_name": "good"}],
+                message_id=good, created_at=stamp(30))
+    submission(aws, "results/rv", good, job, None, 1)
+    write_record(aws, "results/rv", run_id_for(good), None, 1, 1, 1)
+    status = run("status", "results/rv", "--no-dlq")
+    assert status.exit_code == 0 and "results/rv/: SUCCEEDED" in status.output, status.output
+    got = run("results", "results/rv", "--to", str(tmp_path / "rv"))
+    assert got.exit_code == 0, got.output
+
+
+@pytest.mark.race
+def test_an_interrupted_download_over_an_earlier_run_never_passes_for_either_run(aws, tmp_path, monkeypatch):
+    """Adversary: run A downloaded and converted; `cpb results` of run B over it is interrupted (Ctrl-C,
+    a full disk) while the merged files move into the folder. B's Image.csv sat beside A's Cells.csv,
+    A's single_cell.parquet and A's `_cpb/runs.json`: `cpb report`/`to_parquet` read the folder as run A,
+    half of it run B's; a rerun of `cpb results` then kept A's leftovers. Now the folder says it is a
+    download in progress (the analysis refuses it) and the rerun still removes A's leftovers."""
+    import shutil as shutil_mod
+    from cpb.analysis import AnalysisError
+    from cpb.analysis.parquet import run_id_of
+    dest = tmp_path / "CP2"
+    write_lease(aws, "results/cp2", RUN_A, None, 2)
+    write_record(aws, "results/cp2", RUN_A, None, 1, 2, 2, files={"Image.csv": table([(1, 5), (2, 6)]),
+                                                                  "Cells.csv": table([(1, 1), (2, 1)])})
+    assert run("results", "results/cp2", "--to", str(dest)).exit_code == 0
+    (dest / "single_cell.parquet").write_bytes(b"made from run A")
+    write_lease(aws, "results/cp2", RUN_B, None, 2, previous_run_id=RUN_A)
+    write_record(aws, "results/cp2", RUN_B, None, 1, 2, 2, files={"Image.csv": table([(1, 7), (2, 8)]),
+                                                                  "Nuclei.csv": table([(1, 2), (2, 2)])})
+    real_move, moved = shutil_mod.move, []
+
+    def interrupted(src, dst, *args, **kwargs):
+        if str(dst).startswith(str(dest)) and moved:
+            raise KeyboardInterrupt
+        moved.append(dst)
+        return real_move(src, dst, *args, **kwargs)
+    monkeypatch.setattr(shutil_mod, "move", interrupted)
+    run("results", "results/cp2", "--to", str(dest))
+    monkeypatch.setattr(shutil_mod, "move", real_move)
+    assert "1,7" in (dest / "Image.csv").read_text()  # one of B's files got there
+    assert not (dest / "single_cell.parquet").exists() and not (dest / "Cells.csv").exists()
+    with pytest.raises(AnalysisError, match="cpb results"):
+        run_id_of(dest)
+    again = run("results", "results/cp2", "--to", str(dest))
+    assert again.exit_code == 0, again.output
+    assert not (dest / "Cells.csv").exists() and (dest / "Nuclei.csv").is_file()
+    assert run_id_of(dest) == RUN_B

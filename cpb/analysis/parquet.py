@@ -116,6 +116,9 @@ def run_id_of(folder: Path) -> Optional[str]:
     if not path.is_file():
         return None
     records = json.loads(path.read_text())
+    if any(isinstance(r, dict) and r.get("status") == "downloading" for r in records):
+        raise AnalysisError(f"{path}: a `cpb results` into {folder} was interrupted, so it holds files of two runs: "
+                            "run `cpb results` again")
     ids = sorted({r.get("run_id") for r in records if isinstance(r, dict) and r.get("run_id")})
     if len(ids) > 1:
         raise AnalysisError(f"{path} mixes runs {', '.join(ids)}: download the output again with `cpb results`")

@@ -125,6 +125,9 @@ def read_records(folder: Path) -> List[dict]:
             records = value if many else [dict(value, part="")]
             if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
                 raise AnalysisError(f"{path} is not a list of run records: download the results again")
+            if any(r.get("status") == "downloading" for r in records):
+                raise AnalysisError(f"{path}: a `cpb results` into {folder} was interrupted, so it holds files of "
+                                    "two runs: run `cpb results` again")
             return records
     return []
 
