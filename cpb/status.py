@@ -41,6 +41,7 @@ class JobView:
     array_index: Optional[int] = None  # set on a retried array child (requeue or out of memory)
     array_offset: int = 0              # part index of child 0 (runs of more than 10,000 children)
     depends_on: list[str] = field(default_factory=list)
+    stopped_at: dict = field(default_factory=dict)  # part index (None: the job itself) -> Batch's stoppedAt (ms)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class OutputStatus:
     skipped_note: Optional[str] = None  # `cpb plate` found this step up to date and sent nothing
     taken: Optional[Callable[[str], bool]] = None  # identity -> taken by the Lambda, or refused as invalid before this run
     refusals: list[dict] = field(default_factory=list)  # the Lambda's refusal records of messages not taken
+    oom_pending: set = field(default_factory=set)  # (job id, part index or None) out of memory, retry on its way
 
     @property
     def invalid_refusals(self) -> list[dict]:
@@ -90,8 +92,10 @@ class OutputStatus:
         """`succeeded`, `failed`, `running`, `waiting` (for the Lambda or an `after` output)."""
         if self.lease and self.lease.get("state") == "cancelled":
             return "failed"
-        if any(j.status == "FAILED" or j.failed_children for j in self.jobs):
+        if any(self._failed(j) for j in self.jobs):
             return "failed"
+        if self.oom_pending:
+            return "running"  # the job-events Lambda is resubmitting them with more memory
         if any(j.status in ACTIVE for j in self.jobs):
             if self.waiting_for and all(_not_started(j) for j in self.jobs if j.status in ACTIVE):
                 return "waiting"
@@ -110,6 +114,12 @@ class OutputStatus:
             return "failed"
         return "waiting"
 
+    def _failed(self, job: JobView) -> bool:
+        """Failed, not counting out-of-memory failures whose retry the job-events Lambda is making."""
+        if job.failed_children:
+            return any((job.job_id, index) not in self.oom_pending for index, _, _ in job.failed_children)
+        return job.status == "FAILED" and (job.job_id, None) not in self.oom_pending
+
     def problems(self) -> list[str]:
         """Reasons, one line each, for anything not succeeded.
 
@@ -124,6 +134,8 @@ class OutputStatus:
             if job.status == "FAILED" and not job.failed_children:
                 if job.reason.startswith(DEPENDENCY_FAILED):
                     lines.append(f"job {job.name} ({job.job_id}) not run: {self._dependency_failure(False)}")
+                elif (job.job_id, None) in self.oom_pending:
+                    lines.append(f"job {job.name} ({job.job_id}) {OOM_PENDING}")
                 else:
                     lines.append(f"job {job.name} ({job.job_id}) failed: {job.reason or 'no reason given'}"
                                  + _memory_hint(job.reason, memory.get(job.job_id))
@@ -132,6 +144,10 @@ class OutputStatus:
             blocked = []  # children Batch failed by dependency: one line for all of them
             for index, reason, log in job.failed_children:
                 part = parts.get(index)
+                if (job.job_id, index) in self.oom_pending:
+                    lines.append(f"job {job.name} child {index} {OOM_PENDING}")
+                    explained.add(index)
+                    continue
                 if (reason or "").startswith(DEPENDENCY_FAILED) or (part is not None and part.not_run):
                     blocked.append(index)
                     continue
@@ -211,6 +227,43 @@ def _lease_memory(lease: Optional[dict]) -> dict[str, object]:
     return memory
 
 
+#: how long after an out-of-memory failure status waits for the job-events Lambda's retry (it runs
+#: within seconds of Batch's event; beyond this, the failure stands and says why)
+OOM_RETRY_GRACE_SECONDS = 300
+OOM_PENDING = ("ran out of memory; the job-events Lambda is resubmitting it with more memory (RUNNING: "
+               "the retry replaces it)")
+
+
+def _out_of_memory(reason: str) -> bool:
+    return "OutOfMemoryError" in (reason or "") or "exit code 137" in (reason or "")
+
+
+def _oom_pending(s3, bucket: str, output: str, keys: dict[str, int], jobs: list[JobView],
+                 now: Optional[float] = None) -> set:
+    """(job id, part index or None) of out-of-memory failures whose retry is still being made: no job
+    event yet, or one holding a retry claim without the retry, within OOM_RETRY_GRACE_SECONDS of the
+    failure. Without this, status said FAILED (and --watch gave up) in the seconds before the retry."""
+    now = time.time() if now is None else now
+    found = set()
+    for job in jobs:
+        failures = ([(i, r) for i, r, _ in job.failed_children] if job.failed_children else
+                    [(None, job.reason)] if job.status == "FAILED" else [])
+        for index, reason in failures:
+            if not _out_of_memory(reason):
+                continue
+            stopped = job.stopped_at.get(index)
+            if stopped and now - stopped / 1000 > OOM_RETRY_GRACE_SECONDS:
+                continue
+            child = job.job_id if index is None or not job.array_size else _child_id(job, index)
+            key = f"_cpb/events/{child}.json"
+            if key in keys:
+                event = read_json(s3, bucket, f"{output}/{key}") or {}
+                if event.get("retried_by") or not event.get("retry_claim"):
+                    continue  # retried (the lease names it) or decided without a retry
+            found.add((job.job_id, index))
+    return found
+
+
 def _memory_hint(reason: str, memory_mib: object) -> str:
     """For a failure out of memory that no retry replaced: why, and what to do."""
     if "OutOfMemoryError" not in (reason or "") and "exit code 137" not in (reason or ""):
@@ -275,7 +328,8 @@ def job_view(batch, job: dict, offset: int = 0) -> JobView:
     container = job.get("container") or {}
     view = JobView(job_id=job["jobId"], name=job.get("jobName", ""), status=job.get("status", "?"),
                    reason=_reason(job), log_stream=container.get("logStreamName", ""), array_offset=offset,
-                   depends_on=[d.get("jobId", "") for d in job.get("dependsOn") or []])
+                   depends_on=[d.get("jobId", "") for d in job.get("dependsOn") or []],
+                   stopped_at={None: job.get("stoppedAt")})
     array = job.get("arrayProperties") or {}
     if array.get("size"):
         view.array_size = int(array["size"])
@@ -289,6 +343,7 @@ def job_view(batch, job: dict, offset: int = 0) -> JobView:
                 index = int(str(child["jobId"]).rsplit(":", 1)[-1])
                 view.failed_children.append(
                     (offset + index, _reason(d), (d.get("container") or {}).get("logStreamName", "")))
+                view.stopped_at[offset + index] = d.get("stoppedAt")
         if view.children.get("FAILED") and view.status not in ACTIVE:
             view.status = "FAILED"
     return view
@@ -339,7 +394,8 @@ def output_status(s3, batch, bucket: str, output: str, expected: Optional[int] =
     _mark_record_failures(jobs, run, replaced)
     taken = taken_by_lambda(s3, bucket, output, keys)
     state = OutputStatus(output, jobs, run, [m for m in messages if m], taken=no_longer_coming(s3, bucket, output, keys, lease),
-                         refusals=_refusals(s3, bucket, output, keys, lease, taken))
+                         refusals=_refusals(s3, bucket, output, keys, lease, taken),
+                         oom_pending=_oom_pending(s3, bucket, output, keys, jobs))
     if lease is not None and follow_after:
         for after in lease.get("after") or []:
             upstream = output_status(s3, batch, bucket, after, follow_after=False)

@@ -204,11 +204,51 @@ def test_status_says_what_to_do_when_out_of_memory_was_not_retried(aws):
     write_lease(aws, "results/oom2", RUN_B, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
                                                          "array_offset": 0, "vcpus": 4, "memory_mib": 61440}])
     write_record(aws, "results/oom2", RUN_B, 0, 1, 2, 4)
+    # the job-events Lambda's outcome at the stack's maximum: recorded, no retry claimed
+    aws["s3"].put_object(Bucket=BUCKET, Key=f"results/oom2/_cpb/events/{job}:1.json", Body=json.dumps(
+        {"job_id": f"{job}:1", "status": "FAILED", "retried_by": None, "out_of_memory": True}).encode())
     status = run("status", "results/oom2", "--no-dlq")
     assert status.exit_code == 1, status.output
     assert "child 1 failed: OutOfMemoryError: Container killed due to memory usage; exit code 137 (out of memory at " \
            "60.0 GiB, and no retry with more memory followed" in status.output
     assert "raise jobMaxMemoryMib" in status.output
+
+
+def _oom_child(aws, output: str) -> str:
+    oom = "OutOfMemoryError: Container killed due to memory usage"
+    job = batch_job(aws, output, 2, {":1": ("FAILED", oom, 137)})
+    write_lease(aws, output, RUN_B, 2, 4, jobs=[{"job_id": job, "job_name": "plate", "array_size": 2,
+                                                 "array_offset": 0, "vcpus": 4, "memory_mib": 4096}])
+    write_record(aws, output, RUN_B, 0, 1, 2, 4)
+    return job
+
+
+@pytest.mark.race
+def test_out_of_memory_before_the_events_lambda_has_retried_it_is_running_not_failed(aws):
+    """Adversary: in the seconds between Batch failing a child for memory and the job-events Lambda
+    resubmitting it, status said FAILED ("no retry with more memory followed") and --watch gave up
+    on a run that then succeeded. No job event yet, or one holding a retry claim: it is RUNNING."""
+    job = _oom_child(aws, "results/oomp")
+    status = run("status", "results/oomp", "--no-dlq")
+    assert "RUNNING" in status.output and status.exit_code != 1, status.output
+    assert "child 1 ran out of memory; the job-events Lambda is resubmitting it with more memory" in status.output
+    assert "no retry with more memory followed" not in status.output
+    claim = {"job_id": f"{job}:1", "status": "FAILED", "retried_by": None,
+             "retry_claim": {"job_name": "plate-oom1-1", "owner": "x", "until": 0}}
+    aws["s3"].put_object(Bucket=BUCKET, Key=f"results/oomp/_cpb/events/{job}:1.json",
+                         Body=json.dumps(claim).encode())
+    status = run("status", "results/oomp", "--no-dlq")
+    assert "RUNNING" in status.output and status.exit_code != 1, status.output
+
+
+@pytest.mark.race
+def test_out_of_memory_with_no_retry_in_sight_fails_after_the_grace(aws, monkeypatch):
+    import cpb.status
+    _oom_child(aws, "results/oomg")
+    monkeypatch.setattr(cpb.status, "OOM_RETRY_GRACE_SECONDS", 0)  # the events Lambda never came
+    status = run("status", "results/oomg", "--no-dlq")
+    assert status.exit_code == 1 and "FAILED" in status.output, status.output
+    assert "no retry with more memory followed" in status.output
 
 
 @pytest.mark.race
