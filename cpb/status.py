@@ -190,10 +190,27 @@ def refusal_line(refusal: dict) -> str:
             "message and send it again (and purge the queue, or the old one keeps failing until then)")
 
 
+#: a message left on the queue because its output was in use is redelivered every visibility timeout
+#: (6 x lambdaTimeoutSeconds, at most 90 minutes); with no delivery for this long it was purged or
+#: dead-lettered and no longer keeps its output WAITING
+BUSY_STALE_SECONDS = 2 * 3600
+
+
+def _age_seconds(stamp: object, now: Optional[float] = None) -> float:
+    """Seconds since an ISO time of the Lambda's (0 when it cannot be read: treated as recent)."""
+    import datetime as dt
+    try:
+        when = dt.datetime.strptime(str(stamp)[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return 0.0
+    return (time.time() if now is None else now) - when.timestamp()
+
+
 def _refusals(s3, bucket: str, output: str, keys: dict[str, int], lease: Optional[dict],
-              taken: Callable[[str], bool]) -> list[dict]:
+              taken: Callable[[str], bool], now: Optional[float] = None) -> list[dict]:
     """The Lambda's refusal records of messages not taken since the current run began (all of them for an
-    output without a lease), oldest first. Both times are the Lambda's clock."""
+    output without a lease), oldest first. Both times are the Lambda's clock; a busy refusal not
+    delivered again for BUSY_STALE_SECONDS is left out (the message was purged or dead-lettered)."""
     names = sorted(k for k in keys if k.startswith(REFUSAL_PREFIX) and k.endswith(".json"))[-50:]
     since = str((lease or {}).get("created_at") or "")[:19]
     found = []
@@ -204,6 +221,8 @@ def _refusals(s3, bucket: str, output: str, keys: dict[str, int], lease: Optiona
             continue
         if since and refusal_first_at(record) < since:
             continue  # first refused before the current run began (its redeliveries since change nothing): replaced
+        if record.get("kind") == "busy" and _age_seconds(record.get("at"), now) > BUSY_STALE_SECONDS:
+            continue  # not delivered again for hours: purged or dead-lettered, it will not come
         found.append(record)
     return sorted(found, key=lambda r: str(r.get("at")))
 

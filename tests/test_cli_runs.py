@@ -625,18 +625,39 @@ def test_a_refusal_before_the_current_run_or_of_the_message_that_runs_is_not_sho
     assert "refused" not in status.output
 
 
+def _minutes_ago(minutes: float) -> str:
+    import datetime as dt
+    return (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
 def test_a_message_sent_another_way_for_an_output_in_use_is_shown_waiting(aws):
     job = batch_job(aws, "results/o9", name="one")
     write_lease(aws, "results/o9", RUN_A, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id="message-a",
-                created_at="2026-11-30T10:00:00+00:00")
+                created_at=_minutes_ago(10))
     write_record(aws, "results/o9", RUN_A, None, 1, 1, 1)
     busy = (f"output: results/o9 is in use by run {RUN_A} of message message-a (job {job} RUNNING); wait for it to "
             "finish (cpb status results/o9) or choose another output")
-    refusal_record(aws, "results/o9", "sqs-second", "busy", busy, "2026-11-30T10:01:00+00:00")
+    refused_at = _minutes_ago(9)
+    refusal_record(aws, "results/o9", "sqs-second", "busy", busy, refused_at)
     status = run("status", "results/o9", "--no-dlq")
     assert status.exit_code == 3 and "results/o9/: WAITING" in status.output, status.output
-    assert "message sqs-second waits in the queue (refused for now, delivery 1, 2026-11-30T10:01:00+00:00)" in status.output
+    assert f"message sqs-second waits in the queue (refused for now, delivery 1, {refused_at})" in status.output
     assert "visibility timeout" in status.output
+
+
+def test_a_busy_message_not_delivered_for_hours_no_longer_keeps_the_output_waiting(aws):
+    """Adversary: a message refused while the output was in use, then purged (as the status line
+    advises) or dead-lettered, kept the output WAITING for good (`cpb status --watch` never ended).
+    With no delivery for two hours (redeliveries come every visibility timeout, at most 90 minutes),
+    it is gone: the run there stands."""
+    job = batch_job(aws, "results/o11", name="one")
+    write_lease(aws, "results/o11", RUN_A, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id="message-a",
+                created_at=_minutes_ago(200))
+    write_record(aws, "results/o11", RUN_A, None, 1, 1, 1)
+    refusal_record(aws, "results/o11", "sqs-purged", "busy", "output: results/o11 is in use", _minutes_ago(180))
+    status = run("status", "results/o11", "--no-dlq")
+    assert status.exit_code == 0 and "results/o11/: SUCCEEDED" in status.output, status.output
+    assert "sqs-purged" not in status.output
 
 
 def test_resending_a_corrected_message_to_an_output_holding_only_its_refusal_warns_of_nothing(aws):
