@@ -650,13 +650,13 @@ def test_a_busy_message_not_delivered_for_hours_no_longer_keeps_the_output_waiti
     advises) or dead-lettered, kept the output WAITING for good (`cpb status --watch` never ended).
     With no delivery for two hours (redeliveries come every visibility timeout, at most 90 minutes),
     it is gone: the run there stands."""
-    job = batch_job(aws, "results/o11", name="one")
-    write_lease(aws, "results/o11", RUN_A, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id="message-a",
+    job = batch_job(aws, "results/o12", name="one")
+    write_lease(aws, "results/o12", RUN_A, None, 1, jobs=[{"job_id": job, "job_name": "one"}], message_id="message-a",
                 created_at=_minutes_ago(200))
-    write_record(aws, "results/o11", RUN_A, None, 1, 1, 1)
-    refusal_record(aws, "results/o11", "sqs-purged", "busy", "output: results/o11 is in use", _minutes_ago(180))
-    status = run("status", "results/o11", "--no-dlq")
-    assert status.exit_code == 0 and "results/o11/: SUCCEEDED" in status.output, status.output
+    write_record(aws, "results/o12", RUN_A, None, 1, 1, 1)
+    refusal_record(aws, "results/o12", "sqs-purged", "busy", "output: results/o12 is in use", _minutes_ago(180))
+    status = run("status", "results/o12", "--no-dlq")
+    assert status.exit_code == 0 and "results/o12/: SUCCEEDED" in status.output, status.output
     assert "sqs-purged" not in status.output
 
 
