@@ -26,6 +26,25 @@ from botocore.awsrequest import AWSResponse
 
 from handlers import ingress
 
+
+class SimulatedTimeout(BaseException):
+    """The Lambda runtime killing the invocation: nothing after this point runs (not an Exception)."""
+
+
+def crash_when(client, operation: str, predicate):
+    """Kill the 'invocation' when a request of `operation` matching `predicate(body)` is about to be
+    sent; returns the function that removes the hook."""
+    def hook(request, **_):
+        body = request.body.read() if hasattr(request.body, "read") else request.body
+        if hasattr(request.body, "seek"):
+            request.body.seek(0)
+        if predicate(body or b""):
+            raise SimulatedTimeout(operation)
+    event = f"before-send.{client.meta.service_model.endpoint_prefix}.{operation}"
+    client.meta.events.register_first(event, hook)
+    return lambda: client.meta.events.unregister(event, hook)
+
+
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 BUCKET = "cpb-test-data"

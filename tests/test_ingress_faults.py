@@ -11,8 +11,8 @@ import time
 import pytest
 
 from handlers import ingress, submission
-from ingress_moto import (DATA_FILE, FaultInjector, LambdaContext, failed_ids, jobs_keep_running, message, moto_stack,
-                          sqs_event, sqs_record)
+from ingress_moto import (DATA_FILE, FaultInjector, LambdaContext, SimulatedTimeout, crash_when, failed_ids,
+                          jobs_keep_running, message, moto_stack, sqs_event, sqs_record)
 
 __all__ = ["moto_stack", "jobs_keep_running"]
 
@@ -21,23 +21,6 @@ __all__ = ["moto_stack", "jobs_keep_running"]
 def quick_backoff(monkeypatch):
     """Keep our own SubmitJob backoff short in tests (botocore's own backoff is left as is)."""
     monkeypatch.setattr(submission, "SUBMIT_BACKOFF_BASE_S", 0.01)
-
-
-class SimulatedTimeout(BaseException):
-    """The Lambda runtime killing the invocation: nothing after this point runs (not an Exception)."""
-
-
-def crash_when(client, operation: str, predicate):
-    """Kill the 'invocation' when a request of `operation` matching `predicate(body)` is about to be sent."""
-    def hook(request, **_):
-        body = request.body.read() if hasattr(request.body, "read") else request.body
-        if hasattr(request.body, "seek"):
-            request.body.seek(0)
-        if predicate(body or b""):
-            raise SimulatedTimeout(operation)
-    event = f"before-send.{client.meta.service_model.endpoint_prefix}.{operation}"
-    client.meta.events.register_first(event, hook)
-    return lambda: client.meta.events.unregister(event, hook)
 
 
 def run(*records, remaining_s: float = 300.0):

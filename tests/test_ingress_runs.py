@@ -15,8 +15,8 @@ import time
 import pytest
 
 from handlers import ingress, submission
-from ingress_moto import (BUCKET, DATA_FILE, PIPELINE, CallCounter, LambdaContext, environment, failed_ids,
-                          jobs_keep_running, lease, loaddata_pipeline, logs, message, moto_stack, redriven_record,
+from ingress_moto import (BUCKET, DATA_FILE, PIPELINE, CallCounter, LambdaContext, SimulatedTimeout, crash_when,
+                          environment, failed_ids, jobs_keep_running, lease, loaddata_pipeline, logs, message, moto_stack, redriven_record,
                           set_job_state, sqs_event, sqs_record)
 
 __all__ = ["moto_stack", "logs", "jobs_keep_running"]  # fixtures, imported for pytest
@@ -36,22 +36,6 @@ def run_later(*records: dict, seconds: float = 900.0) -> dict:
     later = time.time() + seconds
     return ingress.process_event(sqs_event(*records), LambdaContext(300, clock=lambda: later), ingress.services(),
                                  clock=lambda: later)
-
-
-class SimulatedTimeout(BaseException):
-    """The Lambda runtime killing the invocation: nothing after this point runs."""
-
-
-def crash_on(client, operation: str, predicate):
-    def hook(request, **_):
-        body = request.body.read() if hasattr(request.body, "read") else request.body
-        if hasattr(request.body, "seek"):
-            request.body.seek(0)
-        if predicate(body or b""):
-            raise SimulatedTimeout(operation)
-    event = f"before-send.{client.meta.service_model.endpoint_prefix}.{operation}"
-    client.meta.events.register_first(event, hook)
-    return lambda: client.meta.events.unregister(event, hook)
 
 
 def live_jobs(stack, output: str) -> list:
@@ -173,7 +157,7 @@ def test_two_messages_for_one_output_in_one_batch_start_one_run(moto_stack, jobs
 def test_a_message_arriving_while_another_is_mid_submission_waits_then_is_refused(moto_stack, jobs_keep_running):
     """Invocation A dies after SubmitJob and before recording it; B, delivered meanwhile, is deferred (A's lease
     is live), and once A's lease is over B finds A's job by its name in Batch: still running, so refused."""
-    stop = crash_on(ingress.services().s3, "PutObject", lambda body: b'"state": "submitted"' in body)
+    stop = crash_when(ingress.services().s3, "PutObject", lambda body: b'"state": "submitted"' in body)
     a = sqs_record(json.dumps(message(output="results/p3")))
     with pytest.raises(SimulatedTimeout):
         run(a, remaining_s=600)
@@ -193,7 +177,7 @@ def test_a_message_arriving_while_another_is_mid_submission_waits_then_is_refuse
 @pytest.mark.race
 def test_an_abandoned_pending_lease_with_no_job_in_batch_is_replaced(moto_stack, jobs_keep_running):
     """A's invocation died before SubmitJob: nothing of its run exists, so B may take the output after A's lease."""
-    stop = crash_on(ingress.services().batch_submit, "SubmitJob", lambda body: True)
+    stop = crash_when(ingress.services().batch_submit, "SubmitJob", lambda body: True)
     a = sqs_record(json.dumps(message(output="results/p4")))
     with pytest.raises(SimulatedTimeout):
         run(a, remaining_s=600)
@@ -228,7 +212,7 @@ def test_duplicate_sends_processed_by_two_invocations_at_once_submit_once(moto_s
     """Copy 1's invocation dies after SubmitJob; copy 2 waits for its lease, then adopts the job by name."""
     body = json.dumps([message(output="results/dup-a", client_token="tok-list-00000001"),
                        message(output="results/dup-b", client_token="tok-list-00000001")])
-    stop = crash_on(ingress.services().s3, "PutObject", lambda b: b'"status": "submitted"' in b)
+    stop = crash_when(ingress.services().s3, "PutObject", lambda b: b'"status": "submitted"' in b)
     with pytest.raises(SimulatedTimeout):
         run(sqs_record(body), remaining_s=600)
     stop()
@@ -265,7 +249,7 @@ def test_list_half_submitted_then_failing_is_rolled_back_and_a_dlq_redrive_submi
     body = json.dumps([message(output="results/l0"), message(output="results/l1", data_file=entry1_data)])
     record = sqs_record(body)
     # Delivery 1 submits entry 0, then the invocation times out while submitting entry 1.
-    stop = crash_on(ingress.services().batch_submit, "SubmitJob", lambda b: b"results/l1" in b)
+    stop = crash_when(ingress.services().batch_submit, "SubmitJob", lambda b: b"results/l1" in b)
     with pytest.raises(SimulatedTimeout):
         run(record, remaining_s=600)
     stop()
@@ -305,7 +289,7 @@ def test_entries_already_submitted_are_not_checked_again(moto_stack, jobs_keep_r
     body = json.dumps([message(output="results/c0", pipeline="pipelines/only-once.cppipe"),
                        message(output="results/c1")])
     record = sqs_record(body)
-    stop = crash_on(ingress.services().batch_submit, "SubmitJob", lambda b: b"results/c1" in b)
+    stop = crash_when(ingress.services().batch_submit, "SubmitJob", lambda b: b"results/c1" in b)
     with pytest.raises(SimulatedTimeout):
         run(record, remaining_s=600)
     stop()
