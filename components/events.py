@@ -21,7 +21,8 @@ import pulumi
 import pulumi_aws as aws
 
 from components import iam
-from components.ingress import DLQ_RETENTION_SECONDS, LAMBDA_RUNTIME, tls_only_queue_policy
+from components.ingress import (DLQ_RETENTION_SECONDS, LAMBDA_RUNTIME, lambda_log_group_and_role,
+                                 tls_only_queue_policy)
 from components.partition import Partition
 
 EVENTS_HANDLER = "handlers.events.handler"
@@ -103,12 +104,9 @@ class JobEvents(pulumi.ComponentResource):
             opts=child)
 
         function_name = f"{args.name_prefix}-job-events"
-        log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/aws/lambda/{function_name}",
-                                            retention_in_days=args.log_retention_days, opts=child)
-        role = aws.iam.Role(
-            f"{name}-role", description="Job-events Lambda: record job outcomes, resubmit out-of-memory jobs",
-            assume_role_policy=json.dumps(iam.assume_role_policy(args.partition.service_principal("lambda"))),
-            opts=child)
+        log_group, role = lambda_log_group_and_role(
+            name, function_name, "Job-events Lambda: record job outcomes, resubmit out-of-memory jobs",
+            args.partition, args.log_retention_days, child)
         policy = aws.iam.RolePolicy(
             f"{name}-role-policy", role=role.id,
             policy=pulumi.Output.all(args.job_queue_arn, args.job_definition_arn, args.bucket_arn, log_group.arn,

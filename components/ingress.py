@@ -51,6 +51,19 @@ class JobIngressArgs:
     alarm_email: str = ""
 
 
+def lambda_log_group_and_role(name: str, function_name: str, role_description: str, partition: Partition,
+                              retention_days: int, opts: pulumi.ResourceOptions) -> tuple[Any, Any]:
+    """A Lambda's own log group (`/aws/lambda/<function_name>`, with retention) and its execution role
+    (assumable by Lambda only); the caller attaches the role's policy. Shared by JobIngress and JobEvents."""
+    log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/aws/lambda/{function_name}",
+                                        retention_in_days=retention_days, opts=opts)
+    role = aws.iam.Role(
+        f"{name}-role", description=role_description,
+        assume_role_policy=json.dumps(iam.assume_role_policy(partition.service_principal("lambda"))),
+        opts=opts)
+    return log_group, role
+
+
 def tls_only_queue_policy(queue_arn: str) -> dict[str, Any]:
     """Queue policy refusing any request not made over TLS."""
     return {"Version": "2012-10-17", "Statement": [{
@@ -107,12 +120,9 @@ class JobIngress(pulumi.ComponentResource):
                                 opts=child)
 
         function_name = f"{args.name_prefix}-ingress"
-        log_group = aws.cloudwatch.LogGroup(f"{name}-logs", name=f"/aws/lambda/{function_name}",
-                                            retention_in_days=args.log_retention_days, opts=child)
-        role = aws.iam.Role(
-            f"{name}-role", description="Ingress Lambda: submit this stack's Batch jobs from its queue",
-            assume_role_policy=json.dumps(iam.assume_role_policy(args.partition.service_principal("lambda"))),
-            opts=child)
+        log_group, role = lambda_log_group_and_role(
+            name, function_name, "Ingress Lambda: submit this stack's Batch jobs from its queue", args.partition,
+            args.log_retention_days, child)
         allowed = list(args.allowed_job_arns)
         policy = aws.iam.RolePolicy(
             f"{name}-role-policy", role=role.id,
